@@ -1,0 +1,63 @@
+//! The one error type of berthd. Its mapping to gRPC codes lives in
+//! `cri/status.rs` and nowhere else.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("config {origin}: {message}")]
+    Config { origin: String, message: String },
+
+    #[error("metadata store: {0}")]
+    Store(String),
+
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("another berthd is already serving {}: {detail}", socket.display())]
+    AlreadyRunning { socket: PathBuf, detail: String },
+
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    #[error("{0}")]
+    NotFound(String),
+
+    #[error("{0}")]
+    AlreadyExists(String),
+
+    #[error("{0}")]
+    FailedPrecondition(String),
+
+    #[error("{0} is not implemented by berth yet")]
+    Unimplemented(&'static str),
+
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl Error {
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+}
+
+/// Adds a description of what was being done to an `io::Result`.
+pub trait IoContext<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn context(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(what(), e))
+    }
+}

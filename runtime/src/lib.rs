@@ -1,0 +1,12 @@
+//! berthd, the Berth CRI daemon, as a library: the binary in `main.rs` only
+//! parses arguments and calls in here.
+
+pub mod cgroups;
+pub mod config;
+pub mod cri;
+pub mod daemon;
+pub mod error;
+pub mod logging;
+pub mod network;
+pub mod server;
+pub mod store;

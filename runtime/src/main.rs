@@ -1,0 +1,79 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use berth_runtime::config::Config;
+use berth_runtime::daemon::Daemon;
+use berth_runtime::error::Result;
+use berth_runtime::{logging, server};
+use clap::{Parser, Subcommand};
+
+/// berthd: the Berth Kubernetes container runtime (CRI v1 over a unix socket).
+#[derive(Parser)]
+#[command(name = "berthd", version)]
+struct Cli {
+    /// Config file; every key is optional.
+    #[arg(long, global = true, value_name = "PATH")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Inspect the configuration.
+    Config {
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigAction {
+    /// Print the full default configuration.
+    Default,
+    /// Load the configuration and print it with defaults filled in.
+    Show,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Config { action: ConfigAction::Default }) => {
+            print!("{}", Config::default_toml());
+            Ok(())
+        }
+        Some(Command::Config { action: ConfigAction::Show }) => Config::load(cli.config.as_deref())
+            .map(|c| print!("{}", toml::to_string_pretty(&c).unwrap_or_default())),
+        None => run(cli.config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berthd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(config_path: Option<PathBuf>) -> Result<()> {
+    let config = Config::load(config_path.as_deref())?;
+    logging::init(&config.log);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| berth_runtime::error::Error::io("start tokio runtime", e))?;
+    runtime.block_on(async move {
+        // The socket lock comes first so a second daemon is told about the
+        // socket, not about the store being busy.
+        let socket = server::CriSocket::bind(&config.socket_path())?;
+        let daemon = Daemon::open(config)?;
+        tracing::info!(
+            version = berth_runtime::daemon::RUNTIME_VERSION,
+            cgroup = daemon.cgroup_mode.version(),
+            root = %daemon.config.root_dir.display(),
+            "berthd started"
+        );
+        server::serve(daemon, socket, server::termination_signal()).await
+    })
+}

@@ -1,0 +1,123 @@
+//! The records kept in the store. Fields added later get `#[serde(default)]`
+//! so older records still read; incompatible changes bump `VERSION`.
+
+use serde::{Deserialize, Serialize};
+
+use super::Record;
+
+/// An ordered key/value pair (labels, annotations) that keeps JSON stable.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct KeyValue {
+    pub key: String,
+    pub value: String,
+}
+
+impl KeyValue {
+    pub fn new(key: impl Into<String>, value: impl Into<String>) -> Self {
+        KeyValue {
+            key: key.into(),
+            value: value.into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxState {
+    #[default]
+    Ready,
+    NotReady,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SandboxRecord {
+    pub id: String,
+    pub name: String,
+    pub namespace: String,
+    pub uid: String,
+    pub attempt: u32,
+    pub state: SandboxState,
+    pub created_at_ns: i64,
+    pub runtime_handler: String,
+    pub labels: Vec<KeyValue>,
+    pub annotations: Vec<KeyValue>,
+    pub log_directory: String,
+    /// The CRI `PodSandboxConfig` as JSON, kept whole so status and later
+    /// container creation see exactly what kubelet asked for.
+    pub config_json: String,
+}
+
+impl Record for SandboxRecord {
+    const TABLE: &'static str = "sandboxes";
+    const VERSION: u32 = 1;
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContainerState {
+    #[default]
+    Created,
+    Running,
+    Exited,
+    Unknown,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ContainerRecord {
+    pub id: String,
+    pub sandbox_id: String,
+    pub name: String,
+    pub attempt: u32,
+    pub image_ref: String,
+    pub image_id: String,
+    pub state: ContainerState,
+    pub created_at_ns: i64,
+    pub started_at_ns: i64,
+    pub finished_at_ns: i64,
+    pub exit_code: i32,
+    pub reason: String,
+    pub message: String,
+    pub log_path: String,
+    pub labels: Vec<KeyValue>,
+    pub annotations: Vec<KeyValue>,
+    /// The CRI `ContainerConfig` as JSON.
+    pub config_json: String,
+}
+
+impl Record for ContainerRecord {
+    const TABLE: &'static str = "containers";
+    const VERSION: u32 = 1;
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImageRecord {
+    /// The config digest, `sha256:...`.
+    pub id: String,
+    pub repo_tags: Vec<String>,
+    pub repo_digests: Vec<String>,
+    pub size: u64,
+    pub pinned: bool,
+    /// Layer digests (compressed, as in the manifest), base first.
+    pub layers: Vec<String>,
+    /// Chain ids of the unpacked snapshots, base first.
+    pub chain_ids: Vec<String>,
+    /// The OCI image config as JSON.
+    pub config_json: String,
+}
+
+impl Record for ImageRecord {
+    const TABLE: &'static str = "images";
+    const VERSION: u32 = 1;
+    fn key(&self) -> &str {
+        &self.id
+    }
+}
