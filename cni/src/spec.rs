@@ -84,7 +84,10 @@ mod tests {
     fn error_json_matches_spec_shape() {
         let e = ErrorResult::new("1.0.0", ErrorCode::InvalidConfig, "bad subnet");
         let v: serde_json::Value = serde_json::to_value(&e).unwrap();
-        assert_eq!(v, serde_json::json!({"cniVersion":"1.0.0","code":7,"msg":"bad subnet"}));
+        assert_eq!(
+            v,
+            serde_json::json!({"cniVersion":"1.0.0","code":7,"msg":"bad subnet"})
+        );
     }
 
     #[test]

@@ -1,1 +1,24 @@
+//! berth-e2e: the end-to-end harness every scenario test and the benchmark
+//! stand on: a real registry on loopback, OCI test images built from Debian's
+//! busybox-static and pushed to it, a berthd started on temporary dirs, and a
+//! CRI client on its socket. Everything a harness starts is stopped and
+//! removed when it is dropped, also when a test panics.
 
+pub mod berthd;
+pub mod cri;
+pub mod http;
+pub mod images;
+pub mod process;
+pub mod registry;
+
+pub use berthd::{Berthd, BerthdOptions};
+pub use images::{BuiltImage, TestImages};
+pub use registry::Registry;
+
+/// Fails fast with a clear message when a test needs root.
+pub fn require_root() {
+    assert!(
+        nix::unistd::geteuid().is_root(),
+        "berth e2e tests need root (namespaces, mounts, the CRI socket)"
+    );
+}

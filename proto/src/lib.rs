@@ -71,23 +71,38 @@ mod tests {
     fn request_round_trips_through_a_stream() {
         let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
         let req = ShimRequest {
-            request: Some(shim_request::Request::Kill(KillRequest { signal: 15, all: true })),
+            request: Some(shim_request::Request::Kill(KillRequest {
+                signal: 15,
+                all: true,
+            })),
         };
         write_frame(&mut a, &req).unwrap();
-        write_frame(&mut a, &ShimRequest { request: Some(shim_request::Request::Start(StartRequest {})) }).unwrap();
+        write_frame(
+            &mut a,
+            &ShimRequest {
+                request: Some(shim_request::Request::Start(StartRequest {})),
+            },
+        )
+        .unwrap();
         drop(a);
         assert_eq!(read_frame::<ShimRequest>(&mut b).unwrap(), req);
         assert!(matches!(
             read_frame::<ShimRequest>(&mut b).unwrap().request,
             Some(shim_request::Request::Start(_))
         ));
-        assert!(matches!(read_frame::<ShimRequest>(&mut b), Err(FrameError::Closed)));
+        assert!(matches!(
+            read_frame::<ShimRequest>(&mut b),
+            Err(FrameError::Closed)
+        ));
     }
 
     #[test]
     fn oversized_length_is_refused_without_allocating() {
         let mut input: &[u8] = &[0xff, 0xff, 0xff, 0xff];
-        assert!(matches!(read_frame::<ShimResponse>(&mut input), Err(FrameError::TooLarge(_))));
+        assert!(matches!(
+            read_frame::<ShimResponse>(&mut input),
+            Err(FrameError::TooLarge(_))
+        ));
     }
 
     #[test]

@@ -181,7 +181,9 @@ impl Config {
             "# Berth daemon configuration. Every key is optional; these are the defaults.\n\
              # socket_path defaults to <state_dir>/berth.sock.\n\n",
         );
-        text.push_str(&toml::to_string_pretty(&Config::default()).expect("default config serializes"));
+        text.push_str(
+            &toml::to_string_pretty(&Config::default()).expect("default config serializes"),
+        );
         text
     }
 
@@ -207,7 +209,10 @@ impl Config {
         }
         for (key, dir) in [("root_dir", &self.root_dir), ("state_dir", &self.state_dir)] {
             if !dir.is_absolute() {
-                return Err(bad(format!("{key} must be an absolute path, got {}", dir.display())));
+                return Err(bad(format!(
+                    "{key} must be an absolute path, got {}",
+                    dir.display()
+                )));
             }
         }
         if let Some(sock) = &self.socket_path
@@ -218,14 +223,23 @@ impl Config {
                 sock.display()
             )));
         }
-        if self.streaming.address.parse::<std::net::SocketAddr>().is_err() {
+        if self
+            .streaming
+            .address
+            .parse::<std::net::SocketAddr>()
+            .is_err()
+        {
             return Err(bad(format!(
                 "streaming.address must be ip:port, got {:?}",
                 self.streaming.address
             )));
         }
-        tracing_subscriber::EnvFilter::try_new(&self.log.level)
-            .map_err(|e| bad(format!("log.level {:?} is not a valid filter: {e}", self.log.level)))?;
+        tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
+            bad(format!(
+                "log.level {:?} is not a valid filter: {e}",
+                self.log.level
+            ))
+        })?;
         Ok(())
     }
 }

@@ -80,9 +80,13 @@ impl Daemon {
             ("config".into(), config),
             (
                 "cgroup".into(),
-                serde_json::json!({"version": self.cgroup_mode.version(), "driver": "cgroupfs"}).to_string(),
+                serde_json::json!({"version": self.cgroup_mode.version(), "driver": "cgroupfs"})
+                    .to_string(),
             ),
-            ("cniConfig".into(), serde_json::Value::String(cni_config).to_string()),
+            (
+                "cniConfig".into(),
+                serde_json::Value::String(cni_config).to_string(),
+            ),
             (
                 "podCIDR".into(),
                 serde_json::Value::String(self.pod_cidr().unwrap_or_default()).to_string(),
@@ -110,12 +114,12 @@ impl Daemon {
 /// dual-stack, as kubelet sends it.
 fn validate_cidr(cidr: &str) -> Result<()> {
     for part in cidr.split(',') {
-        let (addr, len) = part
-            .split_once('/')
-            .ok_or_else(|| Error::InvalidArgument(format!("pod CIDR {part:?} has no prefix length")))?;
-        let addr: std::net::IpAddr = addr
-            .parse()
-            .map_err(|_| Error::InvalidArgument(format!("pod CIDR {part:?} has an invalid address")))?;
+        let (addr, len) = part.split_once('/').ok_or_else(|| {
+            Error::InvalidArgument(format!("pod CIDR {part:?} has no prefix length"))
+        })?;
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| {
+            Error::InvalidArgument(format!("pod CIDR {part:?} has an invalid address"))
+        })?;
         let max = if addr.is_ipv4() { 32 } else { 128 };
         match len.parse::<u8>() {
             Ok(n) if n <= max => {}

@@ -38,11 +38,15 @@ enum ConfigAction {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Some(Command::Config { action: ConfigAction::Default }) => {
+        Some(Command::Config {
+            action: ConfigAction::Default,
+        }) => {
             print!("{}", Config::default_toml());
             Ok(())
         }
-        Some(Command::Config { action: ConfigAction::Show }) => Config::load(cli.config.as_deref())
+        Some(Command::Config {
+            action: ConfigAction::Show,
+        }) => Config::load(cli.config.as_deref())
             .map(|c| print!("{}", toml::to_string_pretty(&c).unwrap_or_default())),
         None => run(cli.config),
     };

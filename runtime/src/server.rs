@@ -32,9 +32,9 @@ impl CriSocket {
     /// Takes the socket's lock and binds it, replacing a stale socket file
     /// only when nothing answers on it.
     pub fn bind(path: &Path) -> Result<CriSocket> {
-        let dir = path
-            .parent()
-            .ok_or_else(|| Error::InvalidArgument(format!("socket path {} has no directory", path.display())))?;
+        let dir = path.parent().ok_or_else(|| {
+            Error::InvalidArgument(format!("socket path {} has no directory", path.display()))
+        })?;
         prepare_private_dir(dir)?;
 
         let lock_path = PathBuf::from(format!("{}.lock", path.display()));
@@ -53,12 +53,18 @@ impl CriSocket {
                 drop(file);
                 return Err(Error::AlreadyRunning {
                     socket: path.to_path_buf(),
-                    detail: format!("its lock {} is held by pid {}", lock_path.display(), holder.trim()),
+                    detail: format!(
+                        "its lock {} is held by pid {}",
+                        lock_path.display(),
+                        holder.trim()
+                    ),
                 });
             }
         };
-        lock.set_len(0).context(|| format!("truncate {}", lock_path.display()))?;
-        write!(*lock, "{}", std::process::id()).context(|| format!("write {}", lock_path.display()))?;
+        lock.set_len(0)
+            .context(|| format!("truncate {}", lock_path.display()))?;
+        write!(*lock, "{}", std::process::id())
+            .context(|| format!("write {}", lock_path.display()))?;
 
         remove_stale_socket(path)?;
 
@@ -70,7 +76,9 @@ impl CriSocket {
             .context(|| format!("chmod {}", path.display()))?;
         nix::unistd::chown(path, Some(0.into()), Some(0.into()))
             .map_err(|e| Error::io(format!("chown {}", path.display()), e.into()))?;
-        listener.set_nonblocking(true).context(|| "socket nonblocking".into())?;
+        listener
+            .set_nonblocking(true)
+            .context(|| "socket nonblocking".into())?;
         let listener = UnixListener::from_std(listener).context(|| "register socket".into())?;
         Ok(CriSocket {
             path: path.to_path_buf(),
@@ -133,6 +141,9 @@ fn remove_stale_socket(path: &Path) -> Result<()> {
     std::fs::remove_file(path).context(|| format!("remove stale socket {}", path.display()))
 }
 
+/// How long in-flight calls get to finish after SIGTERM.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serves CRI on `socket` until `shutdown` resolves, then lets in-flight
 /// calls finish. Containers are not touched: they belong to their shims.
 pub async fn serve(
@@ -142,7 +153,8 @@ pub async fn serve(
 ) -> Result<()> {
     let incoming = UnixListenerStream::new(socket.take_listener());
     tracing::info!(socket = %socket.path.display(), "serving CRI v1");
-    tonic::transport::Server::builder()
+    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tonic::transport::Server::builder()
         .trace_fn(|req| {
             tracing::info_span!(
                 "cri",
@@ -152,11 +164,27 @@ pub async fn serve(
                 image = tracing::field::Empty,
             )
         })
-        .add_service(RuntimeServiceServer::new(RuntimeService::new(daemon.clone())))
+        .add_service(RuntimeServiceServer::new(RuntimeService::new(
+            daemon.clone(),
+        )))
         .add_service(ImageServiceServer::new(ImageService::new(daemon)))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .map_err(|e| Error::Internal(format!("gRPC server: {e}")))?;
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown.await;
+            let _ = stopping_tx.send(());
+        });
+    // Graceful shutdown waits for clients to acknowledge it; one that never
+    // does (a hung kubelet) must not keep berthd from exiting.
+    let deadline = async move {
+        if stopping_rx.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    tokio::select! {
+        result = server => result.map_err(|e| Error::Internal(format!("gRPC server: {e}")))?,
+        _ = deadline => tracing::warn!(grace = ?SHUTDOWN_GRACE, "in-flight calls did not finish in time; exiting anyway"),
+    }
     tracing::info!("CRI server stopped");
     drop(socket);
     Ok(())

@@ -19,7 +19,9 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         _ => {
-            eprintln!("berth-shim: running containers is not implemented yet; only --version is supported");
+            eprintln!(
+                "berth-shim: running containers is not implemented yet; only --version is supported"
+            );
             ExitCode::from(2)
         }
     }

@@ -12,9 +12,10 @@ impl From<Error> for Status {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unimplemented(_) => Code::Unimplemented,
-            Error::Store(_) | Error::Io { .. } | Error::Internal(_) | Error::AlreadyRunning { .. } => {
-                Code::Internal
-            }
+            Error::Store(_)
+            | Error::Io { .. }
+            | Error::Internal(_)
+            | Error::AlreadyRunning { .. } => Code::Internal,
         };
         if code == Code::Internal {
             tracing::error!(error = %err, "request failed");

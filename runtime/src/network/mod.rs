@@ -27,17 +27,29 @@ pub fn find_network_config(conf_dir: &Path) -> Result<PathBuf, String> {
         }
     }
     if problems.is_empty() {
-        Err(format!("no CNI network config found in {}", conf_dir.display()))
+        Err(format!(
+            "no CNI network config found in {}",
+            conf_dir.display()
+        ))
     } else {
-        Err(format!("no valid CNI network config in {} ({})", conf_dir.display(), problems.join("; ")))
+        Err(format!(
+            "no valid CNI network config in {} ({})",
+            conf_dir.display(),
+            problems.join("; ")
+        ))
     }
 }
 
 fn check_network_file(file: &Path) -> Result<(), String> {
     let text = std::fs::read_to_string(file).map_err(|e| e.to_string())?;
-    let doc: serde_json::Value = serde_json::from_str(&text).map_err(|e| format!("invalid JSON: {e}"))?;
+    let doc: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| format!("invalid JSON: {e}"))?;
     let is_list = file.extension().and_then(|e| e.to_str()) == Some("conflist");
-    if doc.get("name").and_then(|n| n.as_str()).is_none_or(str::is_empty) {
+    if doc
+        .get("name")
+        .and_then(|n| n.as_str())
+        .is_none_or(str::is_empty)
+    {
         return Err("missing \"name\"".into());
     }
     if is_list {
@@ -48,7 +60,10 @@ fn check_network_file(file: &Path) -> Result<(), String> {
         if plugins.is_empty() {
             return Err("empty \"plugins\" list".into());
         }
-        if plugins.iter().any(|p| p.get("type").and_then(|t| t.as_str()).is_none()) {
+        if plugins
+            .iter()
+            .any(|p| p.get("type").and_then(|t| t.as_str()).is_none())
+        {
             return Err("a plugin has no \"type\"".into());
         }
     } else if doc.get("type").and_then(|t| t.as_str()).is_none() {
@@ -64,14 +79,22 @@ mod tests {
     #[test]
     fn picks_first_valid_file() {
         let dir = tempfile::tempdir().unwrap();
-        assert!(find_network_config(dir.path()).unwrap_err().contains("no CNI network config"));
+        assert!(
+            find_network_config(dir.path())
+                .unwrap_err()
+                .contains("no CNI network config")
+        );
         std::fs::write(dir.path().join("05-bad.conflist"), "{not json").unwrap();
         std::fs::write(
             dir.path().join("10-net.conflist"),
             r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge"}]}"#,
         )
         .unwrap();
-        std::fs::write(dir.path().join("20-x.conf"), r#"{"name":"x","type":"loopback"}"#).unwrap();
+        std::fs::write(
+            dir.path().join("20-x.conf"),
+            r#"{"name":"x","type":"loopback"}"#,
+        )
+        .unwrap();
         assert_eq!(
             find_network_config(dir.path()).unwrap(),
             dir.path().join("10-net.conflist")
@@ -81,7 +104,11 @@ mod tests {
     #[test]
     fn invalid_only_reports_why() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("a.conflist"), r#"{"name":"n","plugins":[]}"#).unwrap();
+        std::fs::write(
+            dir.path().join("a.conflist"),
+            r#"{"name":"n","plugins":[]}"#,
+        )
+        .unwrap();
         let err = find_network_config(dir.path()).unwrap_err();
         assert!(err.contains("empty \"plugins\""), "{err}");
     }

@@ -52,7 +52,8 @@ impl Store {
     /// Opens (or creates) the store. Fails if another process holds it.
     pub fn open(path: &Path) -> Result<Store> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+            std::fs::create_dir_all(dir)
+                .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
         let db = redb::Database::create(path)
             .map_err(|e| Error::Store(format!("open {}: {e}", path.display())))?;
@@ -63,8 +64,10 @@ impl Store {
 
     fn create_tables(&self) -> Result<()> {
         let txn = self.db.begin_write().map_err(store_err)?;
-        txn.open_table(table::<SandboxRecord>()).map_err(store_err)?;
-        txn.open_table(table::<ContainerRecord>()).map_err(store_err)?;
+        txn.open_table(table::<SandboxRecord>())
+            .map_err(store_err)?;
+        txn.open_table(table::<ContainerRecord>())
+            .map_err(store_err)?;
         txn.open_table(table::<ImageRecord>()).map_err(store_err)?;
         txn.open_table(SETTINGS).map_err(store_err)?;
         txn.commit().map_err(store_err)
@@ -80,7 +83,8 @@ impl Store {
         let txn = self.db.begin_write().map_err(store_err)?;
         {
             let mut t = txn.open_table(table::<R>()).map_err(store_err)?;
-            t.insert(record.key(), bytes.as_slice()).map_err(store_err)?;
+            t.insert(record.key(), bytes.as_slice())
+                .map_err(store_err)?;
         }
         txn.commit().map_err(store_err)
     }
@@ -128,7 +132,9 @@ impl Store {
     pub fn setting(&self, key: &str) -> Result<Option<String>> {
         let txn = self.db.begin_read().map_err(store_err)?;
         let t = txn.open_table(SETTINGS).map_err(store_err)?;
-        Ok(t.get(key).map_err(store_err)?.map(|v| v.value().to_string()))
+        Ok(t.get(key)
+            .map_err(store_err)?
+            .map(|v| v.value().to_string()))
     }
 }
 
@@ -187,7 +193,10 @@ mod tests {
         assert_eq!(all, vec![sandbox("a")]);
         assert_eq!(store.get::<SandboxRecord>("a").unwrap(), Some(sandbox("a")));
         assert_eq!(store.get::<ContainerRecord>("a").unwrap(), None);
-        assert_eq!(store.setting("pod_cidr").unwrap().as_deref(), Some("10.88.0.0/16"));
+        assert_eq!(
+            store.setting("pod_cidr").unwrap().as_deref(),
+            Some("10.88.0.0/16")
+        );
     }
 
     #[test]

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages Berth builds and tests with, when missing.
+# Sourced by scripts/run-berthd and scripts/test; safe to run again.
+set -euo pipefail
+
+berth_install_packages() {
+    local missing=()
+    for pkg in "$@"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if ((${#missing[@]})); then
+        echo "installing: ${missing[*]}" >&2
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    fi
+}
+
+# Build: protoc for the CRI bindings, libseccomp for the container runtime library.
+BERTH_BUILD_PACKAGES=(protobuf-compiler libseccomp-dev pkg-config)
+# Tests: a real registry, busybox for test images, skopeo to push them, the
+# reference CNI plugins and nftables for networking tests.
+BERTH_TEST_PACKAGES=(docker-registry busybox-static skopeo containernetworking-plugins nftables iproute2)
