@@ -38,6 +38,11 @@ pub enum Error {
     #[error("{0} is not implemented by berth yet")]
     Unimplemented(&'static str),
 
+    /// An image whose content cannot be used safely (a layer entry escaping
+    /// its snapshot, a digest mismatch, a malformed manifest).
+    #[error("{0}")]
+    BadImage(String),
+
     #[error("{0}")]
     Internal(String),
 }

@@ -5,6 +5,7 @@ pub mod cgroups;
 pub mod config;
 pub mod cri;
 pub mod daemon;
+pub mod image;
 pub mod error;
 pub mod logging;
 pub mod network;

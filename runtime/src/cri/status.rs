@@ -7,7 +7,7 @@ use crate::error::Error;
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
         let code = match &err {
-            Error::InvalidArgument(_) | Error::Config { .. } => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::Config { .. } | Error::BadImage(_) => Code::InvalidArgument,
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,

@@ -1,0 +1,3 @@
+//! Images: references, registry pulls, the content store, snapshots.
+
+pub mod unpack;

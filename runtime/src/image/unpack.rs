@@ -1,0 +1,1 @@
+//! Safe layer unpacking (in progress).
