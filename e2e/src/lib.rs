@@ -12,8 +12,10 @@ pub mod process;
 pub mod registry;
 
 pub use berthd::{Berthd, BerthdOptions};
-pub use images::{BuiltImage, TestImages};
-pub use registry::Registry;
+pub use images::{
+    BuiltImage, BuiltIndex, Compression, Image, ImageSettings, Malicious, Platform, TestImages,
+};
+pub use registry::{Registry, RegistryOptions};
 
 /// Fails fast with a clear message when a test needs root.
 pub fn require_root() {

@@ -9,6 +9,7 @@ use serde::Serialize;
 use crate::cgroups::CgroupMode;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::image::Images;
 use crate::network;
 use crate::store::Store;
 
@@ -20,7 +21,8 @@ const POD_CIDR_SETTING: &str = "pod_cidr";
 
 pub struct Daemon {
     pub config: Config,
-    pub store: Store,
+    pub store: Arc<Store>,
+    pub images: Images,
     pub cgroup_mode: CgroupMode,
 }
 
@@ -46,11 +48,13 @@ impl Condition {
 
 impl Daemon {
     pub fn open(config: Config) -> Result<Arc<Daemon>> {
-        let store = Store::open(&config.store_path())?;
+        let store = Arc::new(Store::open(&config.store_path())?);
+        let images = Images::open(&config.root_dir, &config.registry, store.clone())?;
         let cgroup_mode = CgroupMode::detect(std::path::Path::new("/sys/fs/cgroup"));
         Ok(Arc::new(Daemon {
             config,
             store,
+            images,
             cgroup_mode,
         }))
     }

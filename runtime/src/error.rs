@@ -35,6 +35,12 @@ pub enum Error {
     #[error("{0}")]
     FailedPrecondition(String),
 
+    #[error("{0}")]
+    Unauthenticated(String),
+
+    #[error("{0}")]
+    Unavailable(String),
+
     #[error("{0} is not implemented by berth yet")]
     Unimplemented(&'static str),
 

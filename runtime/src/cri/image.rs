@@ -1,15 +1,18 @@
-//! CRI v1 ImageService.
+//! CRI v1 ImageService: translation between CRI messages and `image::Images`.
 
 use std::sync::Arc;
 
 use k8s_cri::v1::image_service_server::ImageService as CriImageService;
 use k8s_cri::v1::*;
+use tonic::{Request, Response, Status};
 
 use super::cri_service;
 use crate::daemon::Daemon;
+use crate::error::Error;
+use crate::image::{Credentials, Images, Usage};
+use crate::store::ImageRecord;
 
 pub struct ImageService {
-    #[allow(dead_code)] // used once image pulls land
     daemon: Arc<Daemon>,
 }
 
@@ -17,15 +20,163 @@ impl ImageService {
     pub fn new(daemon: Arc<Daemon>) -> Self {
         ImageService { daemon }
     }
+
+    fn images(&self) -> &Images {
+        &self.daemon.images
+    }
+}
+
+fn image_ref(spec: Option<&ImageSpec>) -> Result<&str, Status> {
+    match spec.map(|s| s.image.as_str()) {
+        Some(r) if !r.is_empty() => {
+            tracing::Span::current().record("image", r);
+            Ok(r)
+        }
+        _ => Err(Error::InvalidArgument("image reference is required".into()).into()),
+    }
+}
+
+/// `USER` of the image config as CRI wants it: a numeric uid, or a name.
+fn image_user(user: &str) -> (Option<i64>, String) {
+    let user = user.split(':').next().unwrap_or_default();
+    if user.is_empty() {
+        return (None, String::new());
+    }
+    match user.parse::<i64>() {
+        Ok(uid) => (Some(uid), String::new()),
+        Err(_) => (None, user.to_string()),
+    }
+}
+
+fn to_cri(record: &ImageRecord) -> Image {
+    let (uid, username) = image_user(&record.process_config().user);
+    Image {
+        id: record.id.clone(),
+        repo_tags: record.repo_tags.clone(),
+        repo_digests: record.repo_digests.clone(),
+        size: record.size,
+        uid: uid.map(|value| Int64Value { value }),
+        username,
+        spec: Some(ImageSpec {
+            image: record.id.clone(),
+            ..Default::default()
+        }),
+        pinned: record.pinned,
+    }
+}
+
+fn fs_usage(now: i64, (mountpoint, usage): (std::path::PathBuf, Usage)) -> FilesystemUsage {
+    FilesystemUsage {
+        timestamp: now,
+        fs_id: Some(FilesystemIdentifier {
+            mountpoint: mountpoint.display().to_string(),
+        }),
+        used_bytes: Some(UInt64Value { value: usage.bytes }),
+        inodes_used: Some(UInt64Value {
+            value: usage.inodes,
+        }),
+    }
 }
 
 cri_service! {
-    impl CriImageService for ImageService {}
-    unimplemented "ImageService" {
-        list_images(ListImagesRequest) -> ListImagesResponse = "ListImages";
-        image_status(ImageStatusRequest) -> ImageStatusResponse = "ImageStatus";
-        pull_image(PullImageRequest) -> PullImageResponse = "PullImage";
-        remove_image(RemoveImageRequest) -> RemoveImageResponse = "RemoveImage";
-        image_fs_info(ImageFsInfoRequest) -> ImageFsInfoResponse = "ImageFsInfo";
+    impl CriImageService for ImageService {
+        async fn pull_image(&self, request: Request<PullImageRequest>) -> Result<Response<PullImageResponse>, Status> {
+            let request = request.into_inner();
+            let reference = image_ref(request.image.as_ref())?;
+            let creds = request
+                .auth
+                .map(|a| Credentials {
+                    username: a.username,
+                    password: a.password,
+                    auth: a.auth,
+                    server_address: a.server_address,
+                    identity_token: a.identity_token,
+                    registry_token: a.registry_token,
+                })
+                .unwrap_or_default();
+            let record = self.images().pull(reference, &creds).await?;
+            Ok(Response::new(PullImageResponse { image_ref: record.id }))
+        }
+
+        async fn list_images(&self, request: Request<ListImagesRequest>) -> Result<Response<ListImagesResponse>, Status> {
+            let wanted = request
+                .into_inner()
+                .filter
+                .and_then(|f| f.image)
+                .map(|s| s.image)
+                .filter(|s| !s.is_empty());
+            let images = match wanted {
+                Some(reference) => self.images().resolve(&reference)?.into_iter().collect(),
+                None => self.images().list()?,
+            };
+            Ok(Response::new(ListImagesResponse {
+                images: images.iter().map(to_cri).collect(),
+            }))
+        }
+
+        async fn image_status(&self, request: Request<ImageStatusRequest>) -> Result<Response<ImageStatusResponse>, Status> {
+            let request = request.into_inner();
+            let reference = image_ref(request.image.as_ref())?;
+            let Some(record) = self.images().resolve(reference)? else {
+                return Ok(Response::new(ImageStatusResponse::default()));
+            };
+            let mut info = std::collections::HashMap::new();
+            if request.verbose {
+                let config: serde_json::Value = serde_json::from_str(&record.config_json).unwrap_or_default();
+                let detail = serde_json::json!({
+                    "imageSpec": config,
+                    "chainIDs": record.chain_ids,
+                    "diffIDs": record.diff_ids,
+                    "layers": record.layers,
+                    "manifestDigests": record.manifest_digests,
+                    "snapshotDirs": self.images().snapshot_dirs(&record),
+                    "size": record.size,
+                });
+                info.insert("info".to_string(), detail.to_string());
+            }
+            Ok(Response::new(ImageStatusResponse {
+                image: Some(to_cri(&record)),
+                info,
+            }))
+        }
+
+        async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
+            let request = request.into_inner();
+            let reference = image_ref(request.image.as_ref())?;
+            self.images().remove(reference).await?;
+            Ok(Response::new(RemoveImageResponse {}))
+        }
+
+        async fn image_fs_info(&self, _request: Request<ImageFsInfoRequest>) -> Result<Response<ImageFsInfoResponse>, Status> {
+            let images = self.daemon.clone();
+            let (image_fs, container_fs) = tokio::task::spawn_blocking(move || {
+                (images.images.image_fs_usage(), images.images.container_fs_usage())
+            })
+            .await
+            .map_err(|e| Status::internal(format!("filesystem usage task: {e}")))?;
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or_default();
+            Ok(Response::new(ImageFsInfoResponse {
+                image_filesystems: vec![fs_usage(now, image_fs)],
+                container_filesystems: vec![fs_usage(now, container_fs)],
+            }))
+        }
+    }
+    unimplemented "ImageService" {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn users() {
+        assert_eq!(image_user(""), (None, String::new()));
+        assert_eq!(image_user("1000"), (Some(1000), String::new()));
+        assert_eq!(image_user("1000:2000"), (Some(1000), String::new()));
+        assert_eq!(image_user("berth"), (None, "berth".to_string()));
+        assert_eq!(image_user("berth:extra"), (None, "berth".to_string()));
     }
 }

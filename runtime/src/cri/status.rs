@@ -7,11 +7,15 @@ use crate::error::Error;
 impl From<Error> for Status {
     fn from(err: Error) -> Status {
         let code = match &err {
-            Error::InvalidArgument(_) | Error::Config { .. } | Error::BadImage(_) => Code::InvalidArgument,
+            Error::InvalidArgument(_) | Error::Config { .. } | Error::BadImage(_) => {
+                Code::InvalidArgument
+            }
             Error::NotFound(_) => Code::NotFound,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unimplemented(_) => Code::Unimplemented,
+            Error::Unauthenticated(_) => Code::Unauthenticated,
+            Error::Unavailable(_) => Code::Unavailable,
             Error::Store(_)
             | Error::Io { .. }
             | Error::Internal(_)

@@ -85,6 +85,9 @@ pub struct ContainerRecord {
     pub log_path: String,
     pub labels: Vec<KeyValue>,
     pub annotations: Vec<KeyValue>,
+    /// Snapshots the container's rootfs stands on; they outlive the image
+    /// record while the container exists.
+    pub snapshot_chain_ids: Vec<String>,
     /// The CRI `ContainerConfig` as JSON.
     pub config_json: String,
 }
@@ -110,6 +113,10 @@ pub struct ImageRecord {
     pub layers: Vec<String>,
     /// Chain ids of the unpacked snapshots, base first.
     pub chain_ids: Vec<String>,
+    /// Digests of the uncompressed layers, base first.
+    pub diff_ids: Vec<String>,
+    /// The manifest and, for an index, the index: kept in the content store.
+    pub manifest_digests: Vec<String>,
     /// The OCI image config as JSON.
     pub config_json: String,
 }

@@ -1,0 +1,170 @@
+//! The pod's shared namespaces, created without any process: a throwaway
+//! thread unshares them, configures them (hostname, loopback, sysctls) and
+//! bind-mounts its `/proc/thread-self/ns/*` files under the sandbox's state
+//! dir, which keeps them alive after the thread is gone.
+
+use std::path::{Path, PathBuf};
+
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sched::{CloneFlags, unshare};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Net,
+    Ipc,
+    Uts,
+}
+
+impl Kind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Net => "net",
+            Kind::Ipc => "ipc",
+            Kind::Uts => "uts",
+        }
+    }
+
+    fn flag(self) -> CloneFlags {
+        match self {
+            Kind::Net => CloneFlags::CLONE_NEWNET,
+            Kind::Ipc => CloneFlags::CLONE_NEWIPC,
+            Kind::Uts => CloneFlags::CLONE_NEWUTS,
+        }
+    }
+}
+
+/// What to create and how to set it up.
+#[derive(Debug, Clone, Default)]
+pub struct NamespaceSetup {
+    pub kinds: Vec<Kind>,
+    pub hostname: Option<String>,
+    /// `(key, value)` sysctls, already validated against the namespaces.
+    pub sysctls: Vec<(String, String)>,
+}
+
+/// Creates the namespaces and pins them as `<dir>/<kind>`. On error nothing
+/// stays mounted.
+pub fn create(dir: &Path, setup: NamespaceSetup) -> Result<Vec<(Kind, PathBuf)>> {
+    if setup.kinds.is_empty() {
+        return Ok(Vec::new());
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    let dir = dir.to_path_buf();
+    // A thread of its own: unsharing changes only this thread's namespaces,
+    // and the thread is never reused for anything else.
+    std::thread::Builder::new()
+        .name("berth-netns".into())
+        .spawn(move || create_in_thread(&dir, &setup))
+        .map_err(|e| Error::io("spawn namespace thread", e))?
+        .join()
+        .map_err(|_| Error::Internal("namespace thread panicked".into()))?
+}
+
+fn create_in_thread(dir: &Path, setup: &NamespaceSetup) -> Result<Vec<(Kind, PathBuf)>> {
+    let flags = setup
+        .kinds
+        .iter()
+        .fold(CloneFlags::empty(), |f, k| f | k.flag());
+    unshare(flags).map_err(|e| Error::Internal(format!("unshare pod namespaces: {e}")))?;
+    if setup.kinds.contains(&Kind::Uts)
+        && let Some(h) = &setup.hostname
+    {
+        nix::unistd::sethostname(h)
+            .map_err(|e| Error::InvalidArgument(format!("set hostname {h:?}: {e}")))?;
+    }
+    if setup.kinds.contains(&Kind::Net) {
+        loopback_up()?;
+    }
+    for (key, value) in &setup.sysctls {
+        let path = PathBuf::from("/proc/sys").join(key.replace('.', "/"));
+        std::fs::write(&path, value)
+            .map_err(|e| Error::InvalidArgument(format!("sysctl {key}={value}: {e}")))?;
+    }
+    let mut pinned = Vec::new();
+    for kind in &setup.kinds {
+        let target = dir.join(kind.name());
+        let result = std::fs::File::create(&target)
+            .map_err(|e| Error::io(format!("create {}", target.display()), e))
+            .and_then(|_| {
+                let source = format!("/proc/thread-self/ns/{}", kind.name());
+                mount(
+                    Some(source.as_str()),
+                    &target,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| {
+                    Error::Internal(format!(
+                        "pin {} namespace at {}: {e}",
+                        kind.name(),
+                        target.display()
+                    ))
+                })
+            });
+        if let Err(e) = result {
+            for (_, p) in &pinned {
+                let _ = unpin(p);
+            }
+            let _ = std::fs::remove_file(&target);
+            return Err(e);
+        }
+        pinned.push((*kind, target));
+    }
+    Ok(pinned)
+}
+
+/// Unmounts and removes a pinned namespace file; fine if already gone.
+pub fn unpin(path: &Path) -> Result<()> {
+    match umount2(path, MntFlags::MNT_DETACH) {
+        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
+        Err(e) => return Err(Error::Internal(format!("unmount {}: {e}", path.display()))),
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
+    }
+}
+
+/// Whether `path` is a pinned namespace (an nsfs bind mount).
+pub fn is_pinned(path: &Path) -> bool {
+    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 == NSFS_MAGIC)
+}
+
+const NSFS_MAGIC: nix::sys::statfs::FsType_t = 0x6e736673;
+
+/// `ip link set lo up`, with the classic ioctl: no netlink needed for one flag.
+fn loopback_up() -> Result<()> {
+    let sock = nix::sys::socket::socket(
+        nix::sys::socket::AddressFamily::Inet,
+        nix::sys::socket::SockType::Datagram,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .map_err(|e| Error::Internal(format!("socket for loopback: {e}")))?;
+    use std::os::fd::AsRawFd;
+    // SAFETY: ifreq is plain data; the ioctls read and write only it.
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo\0".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) < 0 {
+            return Err(Error::io(
+                "read loopback flags",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        if libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &req) < 0 {
+            return Err(Error::io(
+                "bring loopback up",
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
+    Ok(())
+}
