@@ -1,9 +1,13 @@
 //! Which cgroup hierarchy this host runs, detected once at start.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use nix::sys::statfs::{CGROUP2_SUPER_MAGIC, statfs};
+use nix::sys::statfs::{CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
 use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+pub const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -29,6 +33,90 @@ impl CgroupMode {
             CgroupMode::Legacy => "v1",
         }
     }
+}
+
+/// The hierarchy roots a cgroup path lives in: one per v1 controller
+/// mount, or the unified root.
+pub fn hierarchies(mode: CgroupMode) -> Vec<PathBuf> {
+    if mode == CgroupMode::Unified {
+        return vec![PathBuf::from(CGROUP_ROOT)];
+    }
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir(CGROUP_ROOT) else {
+        return out;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        // Symlinks (cpu -> cpu,cpuacct) name a hierarchy twice.
+        if entry.file_type().map(|t| t.is_symlink()).unwrap_or(true) {
+            continue;
+        }
+        if statfs(&path).is_ok_and(|fs| fs.filesystem_type() == CGROUP_SUPER_MAGIC) {
+            out.push(path);
+        }
+    }
+    out.sort();
+    out
+}
+
+fn relative(path: &str) -> Result<&str> {
+    let rel = path.trim_start_matches('/');
+    if rel.is_empty() || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        return Err(Error::InvalidArgument(format!("cgroup path {path:?} is invalid")));
+    }
+    Ok(rel)
+}
+
+/// Creates the cgroup `path` in every hierarchy; returns whether it did
+/// not exist before (then it is ours to remove).
+pub fn create_dir(mode: CgroupMode, path: &str) -> Result<bool> {
+    let rel = relative(path)?;
+    let mut created = false;
+    for root in hierarchies(mode) {
+        let target = root.join(rel);
+        if target.is_dir() {
+            continue;
+        }
+        // Create level by level: a new v1 cpuset cgroup is unusable until
+        // it has cpus and mems, which we copy from its parent.
+        let mut current = root.clone();
+        for component in rel.split('/') {
+            let next = current.join(component);
+            if !next.is_dir() {
+                std::fs::create_dir(&next).map_err(|e| Error::io(format!("create cgroup {}", next.display()), e))?;
+                created = true;
+                for file in ["cpuset.cpus", "cpuset.mems"] {
+                    if let Ok(value) = std::fs::read_to_string(current.join(file)) {
+                        let _ = std::fs::write(next.join(file), value.trim());
+                    }
+                }
+            }
+            current = next;
+        }
+    }
+    Ok(created)
+}
+
+/// Removes the cgroup `path` (not its ancestors) from every hierarchy.
+pub fn remove_dir(mode: CgroupMode, path: &str) -> Result<()> {
+    let rel = relative(path)?;
+    for root in hierarchies(mode) {
+        let target = root.join(rel);
+        let mut attempt = 0;
+        loop {
+            match std::fs::remove_dir(&target) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                // Exiting processes leave the cgroup a moment after they die.
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && attempt < 50 => {
+                    attempt += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(Error::io(format!("remove cgroup {}", target.display()), e)),
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -63,6 +63,12 @@ pub enum CgroupDriver {
 pub struct CniConfig {
     pub conf_dir: PathBuf,
     pub bin_dirs: Vec<PathBuf>,
+    /// Seconds a plugin may run before the pod's setup fails.
+    pub plugin_timeout_secs: u64,
+    /// Write a default conflist (bridge `berth0`, host-local IPAM on
+    /// `default_subnet`, portmap, loopback) when the conf dir has none.
+    pub write_default_conflist: bool,
+    pub default_subnet: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -134,6 +140,9 @@ impl Default for CniConfig {
         CniConfig {
             conf_dir: PathBuf::from("/etc/cni/net.d"),
             bin_dirs: vec![PathBuf::from("/opt/cni/bin")],
+            plugin_timeout_secs: 60,
+            write_default_conflist: false,
+            default_subnet: "10.88.0.0/16".into(),
         }
     }
 }

@@ -2,7 +2,8 @@
 //! mode, and the runtime-wide answers behind Version, Status and
 //! RuntimeConfig. The CRI layer only translates these.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
@@ -10,8 +11,16 @@ use crate::cgroups::CgroupMode;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::image::Images;
-use crate::network;
-use crate::store::Store;
+use crate::network::{self, Network};
+use crate::store::{ContainerRecord, SandboxRecord, Store};
+
+pub fn sandbox_name_key(s: &SandboxRecord) -> String {
+    format!("sandbox/{}/{}/{}/{}", s.namespace, s.name, s.uid, s.attempt)
+}
+
+pub fn container_name_key(sandbox_id: &str, name: &str, attempt: u32) -> String {
+    format!("container/{sandbox_id}/{name}/{attempt}")
+}
 
 pub const RUNTIME_NAME: &str = "berth";
 pub const RUNTIME_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -23,7 +32,32 @@ pub struct Daemon {
     pub config: Config,
     pub store: Arc<Store>,
     pub images: Images,
+    pub network: Network,
     pub cgroup_mode: CgroupMode,
+    /// Sandbox and container names in use (kubelet's uniqueness rules),
+    /// name → id.
+    names: Mutex<HashMap<String, String>>,
+}
+
+/// A name held for an object being created; released on drop unless kept.
+pub struct NameReservation<'a> {
+    daemon: &'a Daemon,
+    key: String,
+    kept: bool,
+}
+
+impl NameReservation<'_> {
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for NameReservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.daemon.names.lock().unwrap().remove(&self.key);
+        }
+    }
 }
 
 /// One readiness condition as `Status` reports it.
@@ -51,12 +85,46 @@ impl Daemon {
         let store = Arc::new(Store::open(&config.store_path())?);
         let images = Images::open(&config.root_dir, &config.registry, store.clone())?;
         let cgroup_mode = CgroupMode::detect(std::path::Path::new("/sys/fs/cgroup"));
+        let mut names = HashMap::new();
+        for s in store.list::<SandboxRecord>()? {
+            names.insert(sandbox_name_key(&s), s.id.clone());
+        }
+        for c in store.list::<ContainerRecord>()? {
+            names.insert(container_name_key(&c.sandbox_id, &c.name, c.attempt), c.id.clone());
+        }
+        if config.cni.write_default_conflist
+            && let Some(path) = network::write_default_conflist(&config.cni.conf_dir, &config.cni.default_subnet)?
+        {
+            tracing::info!(path = %path.display(), "wrote the default CNI network config");
+        }
+        let network = Network::new(&config);
         Ok(Arc::new(Daemon {
             config,
             store,
             images,
+            network,
             cgroup_mode,
+            names: Mutex::new(names),
         }))
+    }
+
+    /// Reserves a unique name for `id`; AlreadyExists when taken.
+    pub fn reserve_name(&self, key: &str, id: &str) -> Result<NameReservation<'_>> {
+        let mut names = self.names.lock().unwrap();
+        if let Some(owner) = names.get(key) {
+            return Err(Error::AlreadyExists(format!("name {key} is already in use by {owner}")));
+        }
+        names.insert(key.to_string(), id.to_string());
+        Ok(NameReservation {
+            daemon: self,
+            key: key.to_string(),
+            kept: false,
+        })
+    }
+
+    /// Frees every name held by `id`.
+    pub fn release_name(&self, id: &str) {
+        self.names.lock().unwrap().retain(|_, owner| owner != id);
     }
 
     /// RuntimeReady and NetworkReady, in that order.

@@ -41,6 +41,9 @@ pub enum Error {
     #[error("{0}")]
     Unavailable(String),
 
+    #[error("{0}")]
+    DeadlineExceeded(String),
+
     #[error("{0} is not implemented by berth yet")]
     Unimplemented(&'static str),
 

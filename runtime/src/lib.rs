@@ -3,11 +3,14 @@
 
 pub mod cgroups;
 pub mod config;
+pub mod container;
 pub mod cri;
 pub mod daemon;
 pub mod error;
 pub mod image;
 pub mod logging;
 pub mod network;
+pub mod oci;
+pub mod sandbox;
 pub mod server;
 pub mod store;

@@ -1,6 +1,7 @@
 //! The CRI v1 gRPC layer: thin services that translate CRI messages into calls
 //! on berthd's domain modules and their answers back into CRI messages.
 
+mod convert;
 mod image;
 mod runtime;
 mod status;

@@ -9,7 +9,11 @@ use tonic::{Request, Response, Status};
 
 use super::cri_service;
 use crate::daemon::{self, Daemon};
+use crate::container;
 use crate::error::Error;
+use crate::sandbox::{self, namespaces::Kind};
+
+use super::convert;
 
 pub struct RuntimeService {
     daemon: Arc<Daemon>,
@@ -91,25 +95,191 @@ cri_service! {
             Ok(Response::new(UpdateRuntimeConfigResponse {}))
         }
 
+
+        async fn run_pod_sandbox(&self, request: Request<RunPodSandboxRequest>) -> Result<Response<RunPodSandboxResponse>, Status> {
+            let request = request.into_inner();
+            let config = request.config.ok_or_else(|| Error::InvalidArgument("sandbox config is required".into()))?;
+            let id = sandbox::run(&self.daemon, config, &request.runtime_handler).await?;
+            Ok(Response::new(RunPodSandboxResponse { pod_sandbox_id: id }))
+        }
+
+        async fn stop_pod_sandbox(&self, request: Request<StopPodSandboxRequest>) -> Result<Response<StopPodSandboxResponse>, Status> {
+            let id = request.into_inner().pod_sandbox_id;
+            let mut record = match sandbox::find(&self.daemon, &id) {
+                Ok(r) => r,
+                // Stopping what is gone is done, as kubelet expects.
+                Err(Error::NotFound(_)) => return Ok(Response::new(StopPodSandboxResponse {})),
+                Err(e) => return Err(e.into()),
+            };
+            tracing::Span::current().record("pod_id", record.id.as_str());
+            for c in container::of_sandbox(&self.daemon, &record.id)? {
+                container::stop(&self.daemon, &c.id, 0).await?;
+            }
+            sandbox::stop(&self.daemon, &mut record).await?;
+            Ok(Response::new(StopPodSandboxResponse {}))
+        }
+
+        async fn remove_pod_sandbox(&self, request: Request<RemovePodSandboxRequest>) -> Result<Response<RemovePodSandboxResponse>, Status> {
+            let id = request.into_inner().pod_sandbox_id;
+            let record = match sandbox::find(&self.daemon, &id) {
+                Ok(r) => r,
+                Err(Error::NotFound(_)) => return Ok(Response::new(RemovePodSandboxResponse {})),
+                Err(e) => return Err(e.into()),
+            };
+            tracing::Span::current().record("pod_id", record.id.as_str());
+            for c in container::of_sandbox(&self.daemon, &record.id)? {
+                container::remove(&self.daemon, &c.id).await?;
+            }
+            sandbox::remove(&self.daemon, &record).await?;
+            Ok(Response::new(RemovePodSandboxResponse {}))
+        }
+
+        async fn pod_sandbox_status(&self, request: Request<PodSandboxStatusRequest>) -> Result<Response<PodSandboxStatusResponse>, Status> {
+            let request = request.into_inner();
+            let record = sandbox::find(&self.daemon, &request.pod_sandbox_id)?;
+            tracing::Span::current().record("pod_id", record.id.as_str());
+            let ctx = sandbox::context(&self.daemon, record)?;
+            let status = convert::pod_sandbox_status(&ctx.record, &ctx.config);
+            let mut info = std::collections::HashMap::new();
+            if request.verbose {
+                let detail = serde_json::json!({
+                    "stateDir": ctx.dir,
+                    "cgroupParent": ctx.record.cgroup_parent,
+                    "namespaces": {
+                        "network": ctx.namespace_path(Kind::Net),
+                        "ipc": ctx.namespace_path(Kind::Ipc),
+                        "uts": ctx.namespace_path(Kind::Uts),
+                    },
+                    "config": ctx.config,
+                });
+                info.insert("info".to_string(), detail.to_string());
+            }
+            let mut containers_statuses = Vec::new();
+            for c in container::of_sandbox(&self.daemon, &ctx.record.id)? {
+                let c = container::refresh(&self.daemon, c)?;
+                let config: Option<ContainerConfig> = serde_json::from_str(&c.config_json).ok();
+                containers_statuses.push(convert::container_status(&c, config.as_ref()));
+            }
+            Ok(Response::new(PodSandboxStatusResponse {
+                status: Some(status),
+                info,
+                containers_statuses,
+                timestamp: 0,
+            }))
+        }
+
+        async fn list_pod_sandbox(&self, request: Request<ListPodSandboxRequest>) -> Result<Response<ListPodSandboxResponse>, Status> {
+            let filter = request.into_inner().filter;
+            let mut items = Vec::new();
+            for r in self.daemon.store.list::<crate::store::SandboxRecord>()? {
+                if let Some(f) = &filter {
+                    if !f.id.is_empty() && !r.id.starts_with(&f.id) {
+                        continue;
+                    }
+                    if let Some(s) = &f.state
+                        && s.state != convert::sandbox_state(r.state) as i32
+                    {
+                        continue;
+                    }
+                    if !convert::labels_match(&r.labels, &f.label_selector) {
+                        continue;
+                    }
+                }
+                items.push(convert::pod_sandbox(&r));
+            }
+            items.sort_by_key(|s| s.created_at);
+            Ok(Response::new(ListPodSandboxResponse { items }))
+        }
+
+        async fn create_container(&self, request: Request<CreateContainerRequest>) -> Result<Response<CreateContainerResponse>, Status> {
+            let request = request.into_inner();
+            let config = request.config.ok_or_else(|| Error::InvalidArgument("container config is required".into()))?;
+            let id = container::create(&self.daemon, &request.pod_sandbox_id, config, request.sandbox_config).await?;
+            Ok(Response::new(CreateContainerResponse { container_id: id }))
+        }
+
+        async fn start_container(&self, request: Request<StartContainerRequest>) -> Result<Response<StartContainerResponse>, Status> {
+            container::start(&self.daemon, &request.into_inner().container_id).await?;
+            Ok(Response::new(StartContainerResponse {}))
+        }
+
+        async fn stop_container(&self, request: Request<StopContainerRequest>) -> Result<Response<StopContainerResponse>, Status> {
+            let request = request.into_inner();
+            container::stop(&self.daemon, &request.container_id, request.timeout).await?;
+            Ok(Response::new(StopContainerResponse {}))
+        }
+
+        async fn remove_container(&self, request: Request<RemoveContainerRequest>) -> Result<Response<RemoveContainerResponse>, Status> {
+            container::remove(&self.daemon, &request.into_inner().container_id).await?;
+            Ok(Response::new(RemoveContainerResponse {}))
+        }
+
+        async fn list_containers(&self, request: Request<ListContainersRequest>) -> Result<Response<ListContainersResponse>, Status> {
+            let filter = request.into_inner().filter;
+            let mut containers = Vec::new();
+            for r in self.daemon.store.list::<crate::store::ContainerRecord>()? {
+                if let Some(f) = &filter {
+                    if !f.id.is_empty() && !r.id.starts_with(&f.id) {
+                        continue;
+                    }
+                    if !f.pod_sandbox_id.is_empty() && !r.sandbox_id.starts_with(&f.pod_sandbox_id) {
+                        continue;
+                    }
+                    if !convert::labels_match(&r.labels, &f.label_selector) {
+                        continue;
+                    }
+                }
+                let r = container::refresh(&self.daemon, r)?;
+                if let Some(f) = &filter
+                    && let Some(s) = &f.state
+                    && s.state != convert::container_state(r.state) as i32
+                {
+                    continue;
+                }
+                containers.push(convert::container(&r));
+            }
+            containers.sort_by_key(|c| c.created_at);
+            Ok(Response::new(ListContainersResponse { containers }))
+        }
+
+        async fn container_status(&self, request: Request<ContainerStatusRequest>) -> Result<Response<ContainerStatusResponse>, Status> {
+            let request = request.into_inner();
+            let record = container::refresh(&self.daemon, container::find(&self.daemon, &request.container_id)?)?;
+            tracing::Span::current().record("container_id", record.id.as_str());
+            let config: Option<ContainerConfig> = serde_json::from_str(&record.config_json).ok();
+            let status = convert::container_status(&record, config.as_ref());
+            let mut info = std::collections::HashMap::new();
+            if request.verbose {
+                let detail = serde_json::json!({
+                    "pid": record.pid,
+                    "sandboxID": record.sandbox_id,
+                    "cgroupsPath": record.cgroups_path,
+                    "snapshotChainIDs": record.snapshot_chain_ids,
+                    "config": config,
+                });
+                info.insert("info".to_string(), detail.to_string());
+            }
+            Ok(Response::new(ContainerStatusResponse { status: Some(status), info }))
+        }
+
+        async fn exec_sync(&self, request: Request<ExecSyncRequest>) -> Result<Response<ExecSyncResponse>, Status> {
+            let request = request.into_inner();
+            let (stdout, stderr, exit_code) =
+                container::exec_sync(&self.daemon, &request.container_id, request.cmd, request.timeout).await?;
+            Ok(Response::new(ExecSyncResponse { stdout, stderr, exit_code }))
+        }
+
+        async fn reopen_container_log(&self, request: Request<ReopenContainerLogRequest>) -> Result<Response<ReopenContainerLogResponse>, Status> {
+            container::reopen_log(&self.daemon, &request.into_inner().container_id).await?;
+            Ok(Response::new(ReopenContainerLogResponse {}))
+        }
+
         async fn get_container_events(&self, _request: Request<GetEventsRequest>) -> Result<Response<Self::GetContainerEventsStream>, Status> {
             Err(Error::Unimplemented("RuntimeService/GetContainerEvents").into())
         }
     }
     unimplemented "RuntimeService" {
-        run_pod_sandbox(RunPodSandboxRequest) -> RunPodSandboxResponse = "RunPodSandbox";
-        stop_pod_sandbox(StopPodSandboxRequest) -> StopPodSandboxResponse = "StopPodSandbox";
-        remove_pod_sandbox(RemovePodSandboxRequest) -> RemovePodSandboxResponse = "RemovePodSandbox";
-        pod_sandbox_status(PodSandboxStatusRequest) -> PodSandboxStatusResponse = "PodSandboxStatus";
-        list_pod_sandbox(ListPodSandboxRequest) -> ListPodSandboxResponse = "ListPodSandbox";
-        create_container(CreateContainerRequest) -> CreateContainerResponse = "CreateContainer";
-        start_container(StartContainerRequest) -> StartContainerResponse = "StartContainer";
-        stop_container(StopContainerRequest) -> StopContainerResponse = "StopContainer";
-        remove_container(RemoveContainerRequest) -> RemoveContainerResponse = "RemoveContainer";
-        list_containers(ListContainersRequest) -> ListContainersResponse = "ListContainers";
-        container_status(ContainerStatusRequest) -> ContainerStatusResponse = "ContainerStatus";
         update_container_resources(UpdateContainerResourcesRequest) -> UpdateContainerResourcesResponse = "UpdateContainerResources";
-        reopen_container_log(ReopenContainerLogRequest) -> ReopenContainerLogResponse = "ReopenContainerLog";
-        exec_sync(ExecSyncRequest) -> ExecSyncResponse = "ExecSync";
         exec(ExecRequest) -> ExecResponse = "Exec";
         attach(AttachRequest) -> AttachResponse = "Attach";
         port_forward(PortForwardRequest) -> PortForwardResponse = "PortForward";

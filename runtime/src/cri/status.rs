@@ -16,6 +16,7 @@ impl From<Error> for Status {
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Store(_)
             | Error::Io { .. }
             | Error::Internal(_)

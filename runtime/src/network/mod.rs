@@ -1,7 +1,123 @@
-//! Pod networking. For now: whether a usable CNI configuration exists, which
-//! is what `Status` reports as NetworkReady.
+//! Pod networking through CNI: which network config is in force (what
+//! `Status` reports as NetworkReady), and setting a pod's network up and
+//! down.
+
+pub mod cni;
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_cri::v1::PodSandboxConfig;
+
+use crate::config::Config;
+use crate::error::Result;
+use cni::{Cni, NetworkList, PodNetwork, PortMapping};
+
+pub struct Network {
+    conf_dir: PathBuf,
+    cni: Cni,
+}
+
+impl Network {
+    pub fn new(config: &Config) -> Network {
+        Network {
+            conf_dir: config.cni.conf_dir.clone(),
+            cni: Cni {
+                bin_dirs: config.cni.bin_dirs.clone(),
+                cache_dir: config.state_dir.join("cni"),
+                timeout: Duration::from_secs(config.cni.plugin_timeout_secs.max(1)),
+                ifname: "eth0".into(),
+            },
+        }
+    }
+
+    /// Runs the network list for a pod; returns its IPs. Without any CNI
+    /// config the pod keeps a loopback-only network (kubelet does not
+    /// schedule such pods while NetworkReady is false).
+    pub async fn setup(&self, sandbox_id: &str, netns: &Path, config: &PodSandboxConfig) -> Result<Vec<String>> {
+        let source = match find_network_config(&self.conf_dir) {
+            Ok(p) => p,
+            Err(why) => {
+                tracing::warn!(pod_id = sandbox_id, reason = %why, "no CNI network: pod gets loopback only");
+                return Ok(Vec::new());
+            }
+        };
+        let network = NetworkList::load(&source)?;
+        let meta = config.metadata.clone().unwrap_or_default();
+        let pod = PodNetwork {
+            sandbox_id: sandbox_id.to_string(),
+            netns: netns.to_path_buf(),
+            pod_namespace: meta.namespace,
+            pod_name: meta.name,
+            pod_uid: meta.uid,
+            port_mappings: config
+                .port_mappings
+                .iter()
+                .filter(|m| m.host_port > 0)
+                .map(|m| PortMapping {
+                    host_port: m.host_port,
+                    container_port: m.container_port,
+                    protocol: match m.protocol {
+                        1 => "udp".into(),
+                        2 => "sctp".into(),
+                        _ => "tcp".into(),
+                    },
+                    host_ip: m.host_ip.clone(),
+                })
+                .collect(),
+            dns: config.dns_config.as_ref().map(|d| {
+                serde_json::json!({"nameservers": d.servers, "search": d.searches, "options": d.options})
+            }),
+        };
+        let result = self.cni.add(&network, &pod).await?;
+        let ips = cni::result_ips(&result);
+        tracing::info!(pod_id = sandbox_id, network = %network.name, ips = ?ips, "pod network added");
+        Ok(ips)
+    }
+
+    /// Tears a pod's network down with what setup used. Idempotent.
+    pub async fn teardown(&self, sandbox_id: &str) -> Result<()> {
+        if self.cni.has_cache(sandbox_id) {
+            self.cni.del(sandbox_id).await?;
+            tracing::info!(pod_id = sandbox_id, "pod network removed");
+        }
+        Ok(())
+    }
+}
+
+/// Writes Berth's default conflist into `conf_dir` unless a network config
+/// is already there. No masquerade: egress NAT is the operator's choice.
+pub fn write_default_conflist(conf_dir: &Path, subnet: &str) -> Result<Option<PathBuf>> {
+    if find_network_config(conf_dir).is_ok() {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(conf_dir)
+        .map_err(|e| crate::error::Error::io(format!("create {}", conf_dir.display()), e))?;
+    let conflist = serde_json::json!({
+        "cniVersion": "1.0.0",
+        "name": "berth",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": "berth0",
+                "isGateway": true,
+                "ipMasq": false,
+                "hairpinMode": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": subnet}]],
+                    "routes": [{"dst": "0.0.0.0/0"}]
+                }
+            },
+            {"type": "portmap", "capabilities": {"portMappings": true}},
+            {"type": "loopback"}
+        ]
+    });
+    let path = conf_dir.join("10-berth.conflist");
+    std::fs::write(&path, serde_json::to_vec_pretty(&conflist).unwrap_or_default())
+        .map_err(|e| crate::error::Error::io(format!("write {}", path.display()), e))?;
+    Ok(Some(path))
+}
 
 /// The CNI config berthd would use: the lexically first file in `conf_dir`
 /// that parses as a network list (`.conflist`) or a single network

@@ -10,11 +10,15 @@ use crate::error::{IoContext, Result};
 const HOSTS_BASE: &str = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n";
 
 /// `/etc/hosts` for a pod with its own network: localhost entries, then the
-/// pod's own addresses under its hostname.
+/// pod's own addresses under its hostname. A pod without an address (no
+/// CNI network) still resolves its hostname, to loopback.
 pub fn hosts(hostname: &str, pod_ips: &[String]) -> String {
     let mut text = String::from(HOSTS_BASE);
     for ip in pod_ips {
         text.push_str(&format!("{ip}\t{hostname}\n"));
+    }
+    if pod_ips.is_empty() && !hostname.is_empty() {
+        text.push_str(&format!("127.0.0.1\t{hostname}\n"));
     }
     text
 }
@@ -76,5 +80,9 @@ mod tests {
         let h = hosts("web-0", &["10.88.0.5".into()]);
         assert!(h.starts_with("127.0.0.1\tlocalhost\n"));
         assert!(h.ends_with("10.88.0.5\tweb-0\n"));
+        assert!(!h.contains("127.0.0.1\tweb-0"));
+        let h = hosts("web-0", &[]);
+        assert!(h.starts_with("127.0.0.1\tlocalhost\n"));
+        assert!(h.ends_with("127.0.0.1\tweb-0\n"));
     }
 }

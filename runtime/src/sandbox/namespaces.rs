@@ -82,7 +82,7 @@ fn create_in_thread(dir: &Path, setup: &NamespaceSetup) -> Result<Vec<(Kind, Pat
         std::fs::write(&path, value)
             .map_err(|e| Error::InvalidArgument(format!("sysctl {key}={value}: {e}")))?;
     }
-    let mut pinned = Vec::new();
+    let mut pinned: Vec<(Kind, PathBuf)> = Vec::new();
     for kind in &setup.kinds {
         let target = dir.join(kind.name());
         let result = std::fs::File::create(&target)
@@ -131,10 +131,10 @@ pub fn unpin(path: &Path) -> Result<()> {
 
 /// Whether `path` is a pinned namespace (an nsfs bind mount).
 pub fn is_pinned(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 == NSFS_MAGIC)
+    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as libc::c_long == NSFS_MAGIC)
 }
 
-const NSFS_MAGIC: nix::sys::statfs::FsType_t = 0x6e736673;
+const NSFS_MAGIC: libc::c_long = 0x6e736673;
 
 /// `ip link set lo up`, with the classic ioctl: no netlink needed for one flag.
 fn loopback_up() -> Result<()> {

@@ -46,6 +46,14 @@ pub struct SandboxRecord {
     /// The CRI `PodSandboxConfig` as JSON, kept whole so status and later
     /// container creation see exactly what kubelet asked for.
     pub config_json: String,
+    /// The pod's cgroup, parent of its containers' cgroups.
+    pub cgroup_parent: String,
+    /// Whether berthd created the pod cgroup (and so removes it).
+    pub created_cgroup: bool,
+    pub hostname: String,
+    pub pod_ips: Vec<String>,
+    /// The infra process holding a shared PID namespace (0: none).
+    pub infra_pid: i32,
 }
 
 impl Record for SandboxRecord {
@@ -88,6 +96,10 @@ pub struct ContainerRecord {
     /// Snapshots the container's rootfs stands on; they outlive the image
     /// record while the container exists.
     pub snapshot_chain_ids: Vec<String>,
+    /// The container's cgroup path, relative to the hierarchy roots.
+    pub cgroups_path: String,
+    /// The container's init as seen from the host, once started.
+    pub pid: i32,
     /// The CRI `ContainerConfig` as JSON.
     pub config_json: String,
 }

@@ -1,0 +1,149 @@
+//! berthd's side of the shim protocol: launching a shim, calling it, and
+//! reading what it leaves in its directory.
+
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use berth_proto::shim::{
+    ExitRecord, ShimConfig, ShimRequest, ShimResponse, shim_error, shim_request, shim_response,
+};
+use berth_proto::{read_frame, write_frame};
+use prost::Message;
+
+use crate::error::{Error, IoContext, Result};
+
+/// `<state_dir>/shims/<id>`: config.pb, shim.sock, shim.pid, exit.pb.
+pub fn shim_dir(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("shims").join(id)
+}
+
+/// The shim binaries live next to berthd unless `BERTH_SHIM` says otherwise.
+pub fn shim_binary() -> PathBuf {
+    binary("BERTH_SHIM", "berth-shim")
+}
+
+pub fn container_helper_binary() -> PathBuf {
+    binary("BERTH_CONTAINER", "berth-container")
+}
+
+fn binary(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(|d| d.join(name)))
+        .unwrap_or_else(|| PathBuf::from(name))
+}
+
+/// Writes the shim's config and runs `berth-shim start`, which returns once
+/// the container exists (or failed to be created).
+pub async fn launch(dir: &Path, config: &ShimConfig) -> Result<()> {
+    std::fs::create_dir_all(dir).context(|| format!("create {}", dir.display()))?;
+    std::fs::write(dir.join("config.pb"), config.encode_to_vec())
+        .context(|| format!("write {}/config.pb", dir.display()))?;
+    let output = tokio::process::Command::new(shim_binary())
+        .arg("start")
+        .arg(dir)
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .output()
+        .await
+        .map_err(|e| Error::io(format!("run {}", shim_binary().display()), e))?;
+    let mut out = output.stdout.as_slice();
+    match read_frame::<ShimResponse>(&mut out) {
+        Ok(resp) => into_result(resp).map(|_| ()),
+        Err(_) => Err(Error::Internal(format!(
+            "shim for {} failed to start ({}): {}",
+            config.id,
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        ))),
+    }
+}
+
+/// One request to the shim of `dir`.
+pub async fn call(dir: &Path, request: shim_request::Request, timeout: Duration) -> Result<shim_response::Response> {
+    let socket = dir.join("shim.sock");
+    tokio::task::spawn_blocking(move || {
+        let mut stream = connect_socket(&socket)
+            .map_err(|e| Error::FailedPrecondition(format!("shim at {} is not reachable: {e}", socket.display())))?;
+        stream.set_read_timeout(Some(timeout)).ok();
+        stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
+        write_frame(&mut stream, &ShimRequest { request: Some(request) })
+            .map_err(|e| Error::Internal(format!("send to shim {}: {e}", socket.display())))?;
+        let resp: ShimResponse = read_frame(&mut stream)
+            .map_err(|e| Error::Internal(format!("answer from shim {}: {e}", socket.display())))?;
+        into_result(resp)
+    })
+    .await
+    .map_err(|e| Error::Internal(format!("shim call task: {e}")))?
+}
+
+/// Connects to a shim socket. A socket address holds at most 107 bytes and
+/// a long state dir makes `<state>/shims/<64 hex id>/shim.sock` longer:
+/// such a path is reached through an `O_PATH` descriptor of its directory
+/// (`/proc/self/fd/<fd>/shim.sock`), as the shim binds it from inside the
+/// directory.
+fn connect_socket(socket: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    if socket.as_os_str().len() < 100 {
+        return UnixStream::connect(socket);
+    }
+    let (Some(dir), Some(name)) = (socket.parent(), socket.file_name()) else {
+        return UnixStream::connect(socket);
+    };
+    let dir = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC)
+        .open(dir)?;
+    let short = Path::new("/proc/self/fd")
+        .join(dir.as_raw_fd().to_string())
+        .join(name);
+    UnixStream::connect(short)
+}
+
+fn into_result(resp: ShimResponse) -> Result<shim_response::Response> {
+    match resp.response {
+        Some(shim_response::Response::Error(e)) => Err(match shim_error::Code::try_from(e.code) {
+            Ok(shim_error::Code::InvalidArgument) => Error::InvalidArgument(e.message),
+            Ok(shim_error::Code::FailedPrecondition) => Error::FailedPrecondition(e.message),
+            Ok(shim_error::Code::NotFound) => Error::NotFound(e.message),
+            Ok(shim_error::Code::DeadlineExceeded) => Error::DeadlineExceeded(e.message),
+            _ => Error::Internal(e.message),
+        }),
+        Some(other) => Ok(other),
+        None => Err(Error::Internal("empty answer from shim".into())),
+    }
+}
+
+/// The exit the shim recorded, if the container has exited.
+pub fn read_exit(dir: &Path) -> Option<ExitRecord> {
+    let bytes = std::fs::read(dir.join("exit.pb")).ok()?;
+    ExitRecord::decode(bytes.as_slice()).ok()
+}
+
+/// Whether the shim process of `dir` is alive (and is a shim, not a
+/// recycled pid).
+pub fn is_alive(dir: &Path) -> bool {
+    let Some(pid) = std::fs::read_to_string(dir.join("shim.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+    else {
+        return false;
+    };
+    let mut cmdline = Vec::new();
+    let ok = std::fs::File::open(format!("/proc/{pid}/cmdline")).and_then(|mut f| f.read_to_end(&mut cmdline));
+    ok.is_ok() && cmdline.windows(10).any(|w| w == b"berth-shim") && !is_zombie(pid)
+}
+
+fn is_zombie(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .unwrap_or(true)
+}

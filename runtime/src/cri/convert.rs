@@ -1,0 +1,144 @@
+//! Records → CRI messages, and CRI filters.
+
+use std::collections::HashMap;
+
+use k8s_cri::v1 as cri;
+
+use crate::sandbox::NamespaceOptionsView;
+use crate::store::{ContainerRecord, ContainerState, KeyValue, SandboxRecord, SandboxState};
+
+pub fn map(pairs: &[KeyValue]) -> HashMap<String, String> {
+    pairs.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect()
+}
+
+pub fn labels_match(labels: &[KeyValue], selector: &HashMap<String, String>) -> bool {
+    selector
+        .iter()
+        .all(|(k, v)| labels.iter().any(|kv| &kv.key == k && &kv.value == v))
+}
+
+pub fn sandbox_state(s: SandboxState) -> cri::PodSandboxState {
+    match s {
+        SandboxState::Ready => cri::PodSandboxState::SandboxReady,
+        SandboxState::NotReady => cri::PodSandboxState::SandboxNotready,
+    }
+}
+
+pub fn container_state(s: ContainerState) -> cri::ContainerState {
+    match s {
+        ContainerState::Created => cri::ContainerState::ContainerCreated,
+        ContainerState::Running => cri::ContainerState::ContainerRunning,
+        ContainerState::Exited => cri::ContainerState::ContainerExited,
+        ContainerState::Unknown => cri::ContainerState::ContainerUnknown,
+    }
+}
+
+pub fn sandbox_metadata(r: &SandboxRecord) -> cri::PodSandboxMetadata {
+    cri::PodSandboxMetadata {
+        name: r.name.clone(),
+        uid: r.uid.clone(),
+        namespace: r.namespace.clone(),
+        attempt: r.attempt,
+    }
+}
+
+pub fn pod_sandbox(r: &SandboxRecord) -> cri::PodSandbox {
+    cri::PodSandbox {
+        id: r.id.clone(),
+        metadata: Some(sandbox_metadata(r)),
+        state: sandbox_state(r.state).into(),
+        created_at: r.created_at_ns,
+        labels: map(&r.labels),
+        annotations: map(&r.annotations),
+        runtime_handler: r.runtime_handler.clone(),
+    }
+}
+
+pub fn pod_sandbox_status(r: &SandboxRecord, config: &cri::PodSandboxConfig) -> cri::PodSandboxStatus {
+    let ns = NamespaceOptionsView::of(config);
+    let network = if ns.network == cri::NamespaceMode::Node {
+        None
+    } else {
+        Some(cri::PodSandboxNetworkStatus {
+            ip: r.pod_ips.first().cloned().unwrap_or_default(),
+            additional_ips: r.pod_ips.iter().skip(1).map(|ip| cri::PodIp { ip: ip.clone() }).collect(),
+        })
+    };
+    cri::PodSandboxStatus {
+        id: r.id.clone(),
+        metadata: Some(sandbox_metadata(r)),
+        state: sandbox_state(r.state).into(),
+        created_at: r.created_at_ns,
+        network,
+        linux: Some(cri::LinuxPodSandboxStatus {
+            namespaces: Some(cri::Namespace {
+                options: Some(cri::NamespaceOption {
+                    network: ns.network.into(),
+                    pid: ns.pid.into(),
+                    ipc: ns.ipc.into(),
+                    ..Default::default()
+                }),
+            }),
+        }),
+        labels: map(&r.labels),
+        annotations: map(&r.annotations),
+        runtime_handler: r.runtime_handler.clone(),
+    }
+}
+
+pub fn container_metadata(r: &ContainerRecord) -> cri::ContainerMetadata {
+    cri::ContainerMetadata {
+        name: r.name.clone(),
+        attempt: r.attempt,
+    }
+}
+
+pub fn container(r: &ContainerRecord) -> cri::Container {
+    cri::Container {
+        id: r.id.clone(),
+        pod_sandbox_id: r.sandbox_id.clone(),
+        metadata: Some(container_metadata(r)),
+        image: Some(cri::ImageSpec {
+            image: r.image_ref.clone(),
+            ..Default::default()
+        }),
+        image_ref: r.image_id.clone(),
+        state: container_state(r.state).into(),
+        created_at: r.created_at_ns,
+        labels: map(&r.labels),
+        annotations: map(&r.annotations),
+        image_id: r.image_id.clone(),
+    }
+}
+
+pub fn container_status(r: &ContainerRecord, config: Option<&cri::ContainerConfig>) -> cri::ContainerStatus {
+    cri::ContainerStatus {
+        id: r.id.clone(),
+        metadata: Some(container_metadata(r)),
+        state: container_state(r.state).into(),
+        created_at: r.created_at_ns,
+        started_at: r.started_at_ns,
+        finished_at: r.finished_at_ns,
+        exit_code: r.exit_code,
+        image: Some(cri::ImageSpec {
+            image: r.image_ref.clone(),
+            ..Default::default()
+        }),
+        image_ref: r.image_id.clone(),
+        reason: r.reason.clone(),
+        message: r.message.clone(),
+        labels: map(&r.labels),
+        annotations: map(&r.annotations),
+        mounts: config.map(|c| c.mounts.clone()).unwrap_or_default(),
+        log_path: r.log_path.clone(),
+        resources: config
+            .and_then(|c| c.linux.as_ref())
+            .and_then(|l| l.resources.clone())
+            .map(|linux| cri::ContainerResources {
+                linux: Some(linux),
+                ..Default::default()
+            }),
+        image_id: r.image_id.clone(),
+        user: None,
+    }
+}
