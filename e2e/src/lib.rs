@@ -4,10 +4,12 @@
 //! CRI client on its socket. Everything a harness starts is stopped and
 //! removed when it is dropped, also when a test panics.
 
+pub mod bench;
 pub mod berthd;
 pub mod cri;
 pub mod http;
 pub mod images;
+pub mod pods;
 pub mod process;
 pub mod registry;
 

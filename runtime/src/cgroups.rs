@@ -97,6 +97,19 @@ pub fn create_dir(mode: CgroupMode, path: &str) -> Result<bool> {
     Ok(created)
 }
 
+/// Moves `pid` into the cgroup `path` of every hierarchy.
+pub fn add_process(mode: CgroupMode, path: &str, pid: i32) -> Result<()> {
+    let rel = relative(path)?;
+    for root in hierarchies(mode) {
+        let procs = root.join(rel).join("cgroup.procs");
+        if procs.exists() {
+            std::fs::write(&procs, pid.to_string())
+                .map_err(|e| Error::io(format!("add {pid} to {}", procs.display()), e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Removes the cgroup `path` (not its ancestors) from every hierarchy.
 pub fn remove_dir(mode: CgroupMode, path: &str) -> Result<()> {
     let rel = relative(path)?;

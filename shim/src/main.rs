@@ -1,16 +1,26 @@
 //! berth-shim: the per-container monitor.
 //!
-//! The container lifecycle (namespaces, cgroups, stdio, CRI log, exit status)
-//! arrives with the pod sandboxes and containers work; until then the binary
-//! answers `--version` and refuses every other invocation with a clear
-//! message rather than pretending to run a container.
+//! ```text
+//! berth-shim start <shim_dir>   create the container from <shim_dir>/config.pb,
+//!                               print one framed ShimResponse, leave the monitor running
+//! berth-shim pause              PID 1 of a pod's shared PID namespace
+//! berth-shim --version
+//! ```
 
+use std::path::Path;
 use std::process::ExitCode;
+
+const USAGE: &str = "usage: berth-shim start <shim_dir> | berth-shim pause | berth-shim --version";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.first().map(String::as_str) {
-        Some("--version") | Some("-V") => {
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["--version"] | ["-V"] => {
             println!(
                 "berth-shim {} (protocol frame limit {} bytes)",
                 env!("CARGO_PKG_VERSION"),
@@ -18,10 +28,10 @@ fn main() -> ExitCode {
             );
             ExitCode::SUCCESS
         }
+        ["start", dir] => berth_shim::start::run(Path::new(dir)),
+        ["pause"] => berth_shim::pause::run(),
         _ => {
-            eprintln!(
-                "berth-shim: running containers is not implemented yet; only --version is supported"
-            );
+            eprintln!("{USAGE}");
             ExitCode::from(2)
         }
     }

@@ -199,9 +199,6 @@ pub async fn create(
         std::fs::create_dir_all(&bundle).context(|| format!("create {}", bundle.display()))?;
         undo.push_dir(sdir.clone());
         oci::write_spec(&spec, &bundle)?;
-        // libcontainer does not create a missing working directory; runc
-        // (and so kubelet's expectation) does.
-        oci::ensure_cwd(&spec)?;
 
         let shim_config = ShimConfig {
             id: id.clone(),

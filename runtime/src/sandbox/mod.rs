@@ -247,14 +247,16 @@ pub async fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &st
         if created_cgroup {
             undo.push_cgroup(daemon.cgroup_mode, cgroup_parent.clone());
         }
-
         let infra_pid = if shared_pid {
             let pid = infra::start(&crate::container::shim::shim_binary(), &dir.join("infra.log"))?;
             undo.push(move || infra::stop(pid));
+            // Inside the pod's cgroup, so pod limits apply to it too.
+            crate::cgroups::add_process(daemon.cgroup_mode, &cgroup_parent, pid)?;
             pid
         } else {
             0
         };
+
 
         let record = SandboxRecord {
             id: id.clone(),

@@ -1,0 +1,5 @@
+//! The `bridge` CNI plugin binary.
+
+fn main() {
+    berth_cni::plugin_main(berth_cni::Plugin::Bridge)
+}

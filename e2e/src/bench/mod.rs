@@ -1,0 +1,510 @@
+//! berth-bench: Berth and containerd+runc measured side by side over CRI.
+//!
+//! The benchmark sets up its own world: the harness registry with the
+//! test images, a large incompressible image and a pause image; a berthd
+//! on temporary dirs; with `--with-containerd`, Debian's containerd + runc
+//! on temporary dirs with a bridge CNI network of its own; and any CRI
+//! endpoint given with `--endpoint`. Each runtime is measured alone, one
+//! after the other, with the same scenarios (see [`scenarios`]); a call a
+//! runtime answers with an error shows as "n/a (reason)" and the run goes
+//! on. [`run`] is the entry point, used by the binary and the smoke test.
+
+pub mod containerd;
+pub mod host;
+pub mod report;
+pub mod scenarios;
+pub mod target;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::images::incompressible_image;
+use crate::{Berthd, BerthdOptions, Registry, TestImages};
+
+pub use report::{Cell, Report, RuntimeResult};
+use target::{Kind, PodFactory, Target};
+
+/// The command line of `berth-bench`.
+#[derive(Debug, Clone, Default, clap::Parser)]
+#[command(
+    name = "berth-bench",
+    about = "Berth and containerd+runc measured side by side over CRI",
+    long_about = "Sets up a registry with test images, a berthd (and with --with-containerd a \
+containerd + runc) on temporary dirs, measures CRI call latencies, pod start, memory and pull \
+throughput, prints a table and optionally writes JSON. Needs root. Build with \
+`cargo build --release --workspace --bins` for real numbers."
+)]
+pub struct BenchOptions {
+    /// An already running CRI runtime to measure as well (repeatable); it
+    /// must be able to pull from the benchmark's registry on 127.0.0.1 over
+    /// plain HTTP.
+    #[arg(long = "endpoint", value_name = "unix:///PATH")]
+    pub endpoints: Vec<String>,
+    /// Also measure Debian's containerd + runc (installed with apt-get when
+    /// missing), started by the benchmark.
+    #[arg(long)]
+    pub with_containerd: bool,
+    /// Measured iterations per figure [default: 30; --quick: 3].
+    #[arg(long, value_name = "N")]
+    pub iterations: Option<usize>,
+    /// Warm-up iterations, not measured [default: 3; --quick: 1].
+    #[arg(long, value_name = "W")]
+    pub warmup: Option<usize>,
+    /// Small and fast (about a minute, what CI runs): N=3, W=1, P=5, K=3,
+    /// 30 pods instead of 100, a 20 MiB image, one pull.
+    #[arg(long)]
+    pub quick: bool,
+    /// Write the results as JSON to this file.
+    #[arg(long, value_name = "PATH")]
+    pub json: Option<PathBuf>,
+    /// Do not measure the benchmark's own berthd.
+    #[arg(long)]
+    pub no_berth: bool,
+}
+
+impl BenchOptions {
+    /// What CI runs: quick, Berth only.
+    pub fn quick() -> BenchOptions {
+        BenchOptions {
+            quick: true,
+            ..Default::default()
+        }
+    }
+}
+
+/// The sizes one run uses, resolved from the options.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub quick: bool,
+    pub iterations: usize,
+    pub warmup: usize,
+    /// Pod counts started concurrently.
+    pub concurrent: Vec<usize>,
+    /// How many times each concurrent start is repeated.
+    pub concurrent_runs: usize,
+    /// Running containers for the per-container memory figure.
+    pub k: usize,
+    /// Pods (one container each) for the daemon RSS and list figures.
+    pub many: usize,
+    pub image_mib: u64,
+    pub image_layers: usize,
+    pub pull_runs: usize,
+}
+
+impl Plan {
+    pub fn from_options(o: &BenchOptions) -> Plan {
+        if o.quick {
+            Plan {
+                quick: true,
+                iterations: o.iterations.unwrap_or(3).max(1),
+                warmup: o.warmup.unwrap_or(1),
+                concurrent: vec![5],
+                concurrent_runs: 1,
+                k: 3,
+                many: 30,
+                image_mib: 20,
+                image_layers: 5,
+                pull_runs: 1,
+            }
+        } else {
+            Plan {
+                quick: false,
+                iterations: o.iterations.unwrap_or(30).max(1),
+                warmup: o.warmup.unwrap_or(3),
+                concurrent: vec![10, 30],
+                concurrent_runs: 3,
+                k: 10,
+                many: 100,
+                image_mib: 150,
+                image_layers: 5,
+                pull_runs: 3,
+            }
+        }
+    }
+}
+
+/// The pull-throughput image as pushed.
+#[derive(Debug, Clone)]
+pub struct BigImage {
+    pub reference: String,
+    /// The random layers' digests (to see them gone from a content store).
+    pub layer_digests: Vec<String>,
+    /// Every blob the pull downloads: layers and config.
+    pub bytes: u64,
+}
+
+/// Runs the whole benchmark; progress goes to stderr. Fails only when the
+/// shared world (registry, images) cannot be set up; a runtime that fails
+/// shows as n/a cells.
+pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
+    anyhow::ensure!(
+        nix::unistd::geteuid().is_root(),
+        "berth-bench needs root (namespaces, mounts, cgroups, the CRI sockets)"
+    );
+    let started = Instant::now();
+    let plan = Plan::from_options(opts);
+    let defs = report::catalogue(&plan);
+
+    let registry = Registry::start()?;
+    let work = tempfile::Builder::new().prefix("berth-bench-").tempdir()?;
+    let layouts = work.path().join("layouts");
+    std::fs::create_dir_all(&layouts)?;
+    eprintln!("berth-bench: pushing the test images to {}", registry.addr);
+    let images = TestImages::push_all(&registry, &layouts)?;
+    let big = {
+        let img = incompressible_image(plan.image_mib << 20, plan.image_layers, 0xbe47_be47)?;
+        let built = img.push(&registry, "berth-bench/random", "latest", &layouts)?;
+        BigImage {
+            reference: built.reference,
+            layer_digests: img.layers[1..].iter().map(|l| l.digest.clone()).collect(),
+            bytes: img.layers.iter().map(|l| l.blob.len() as u64).sum::<u64>()
+                + img.config.len() as u64,
+        }
+    };
+    let run_id = host::random_hex(4);
+    let factory = PodFactory {
+        run_id: run_id.clone(),
+        logs: work.path().join("logs"),
+        cgroup_root: format!("/berth-bench-{run_id}"),
+        image: images.busybox.reference.clone(),
+    };
+    std::fs::create_dir_all(&factory.logs)?;
+
+    let mut environment = BTreeMap::new();
+    environment.insert("kernel".into(), host::kernel_release());
+    environment.insert(
+        "machine".into(),
+        format!(
+            "{} cpus, {} MiB memory",
+            host::cpu_count(),
+            host::mem_total_mib()
+        ),
+    );
+    environment.insert(
+        "bench build".into(),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
+        .into(),
+    );
+    environment.insert("run id".into(), run_id.clone());
+    let mut notes = Vec::new();
+
+    let mut runtimes = Vec::new();
+    if !opts.no_berth {
+        runtimes.push(bench_berth(&registry, &factory, &plan, &big, &defs, &mut environment).await);
+        host::remove_cgroup_tree(&factory.cgroup_root);
+    }
+    if opts.with_containerd {
+        runtimes.push(bench_containerd(&registry, &factory, &plan, &big, &defs, &layouts).await);
+        host::remove_cgroup_tree(&factory.cgroup_root);
+    }
+    for (i, ep) in opts.endpoints.iter().enumerate() {
+        runtimes.push(bench_endpoint(i + 1, ep, &factory, &plan, &big, &defs).await);
+        host::remove_cgroup_tree(&factory.cgroup_root);
+    }
+    if runtimes.iter().any(|r| r.key == "containerd") {
+        notes.push(
+            "networking differs: Berth pods have loopback only (no CNI yet), containerd pods get a bridge + host-local CNI network (bench0, 10.231.0.0/16)"
+                .into(),
+        );
+    }
+    notes.push(format!(
+        "total run time {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(Report {
+        plan,
+        defs,
+        runtimes,
+        environment,
+        notes,
+    })
+}
+
+/// Everything measured against one runtime, in order; setup of the
+/// runtime is the caller's. `extra_images` are pulled first too.
+async fn bench_target(
+    t: &mut Target,
+    factory: &PodFactory,
+    plan: &Plan,
+    big: &BigImage,
+    res: &mut RuntimeResult,
+    extra_images: &[String],
+    after_first_pod: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> Result<(), String> {
+    res.version = scenarios::version(t).await?;
+    for image in std::iter::once(&factory.image).chain(extra_images) {
+        target::pull(&mut t.client, image)
+            .await
+            .map_err(|e| format!("PullImage {image}: {e}"))?;
+    }
+    // A first pod, not measured: checks the pipeline end to end (and lets
+    // the caller look at the host once a sandbox exists).
+    match target::launch(&mut t.client, factory, "probe", true).await {
+        Ok(l) => {
+            let checked = after_first_pod();
+            target::teardown(&mut t.client, &l.pod_id, Some(&l.container_id)).await;
+            checked.map_err(|e| format!("{e:#}"))?;
+        }
+        Err(e) => {
+            if let Some(p) = &e.pod_id {
+                target::teardown(&mut t.client, p, e.container_id.as_deref()).await;
+            }
+            after_first_pod().map_err(|e| format!("{e:#}"))?;
+            res.notes
+                .push(format!("the first pod failed at {}: {}", e.step, e.error));
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    res.set(report::RSS_IDLE, scenarios::daemon_rss(t));
+    scenarios::lifecycle(t, factory, plan, res).await;
+    scenarios::concurrent(t, factory, plan, res).await;
+    scenarios::memory(t, factory, plan, res).await;
+    scenarios::many(t, factory, plan, res).await;
+    scenarios::pull_throughput(t, big, plan, res).await;
+    match target::sweep(&mut t.client, &factory.run_id).await {
+        Ok((0, 0)) => {}
+        Ok((p, c)) => res.notes.push(format!(
+            "{p} pods and {c} containers were left over and removed"
+        )),
+        Err(e) => res
+            .notes
+            .push(format!("final clean-up listing failed: {e}")),
+    }
+    Ok(())
+}
+
+/// A berthd on temporary dirs with the harness registry marked insecure
+/// and quiet logging. Dropping it kills what its shims left running and
+/// unmounts what is left under its dirs (the normal path removes
+/// everything through CRI first).
+struct BerthWorld {
+    d: Berthd,
+}
+
+impl BerthWorld {
+    async fn start(registry: &Registry) -> anyhow::Result<BerthWorld> {
+        let mut d = Berthd::start(BerthdOptions {
+            extra_toml: format!("[registry]\ninsecure = [\"{}\"]\n", registry.addr),
+        })
+        .await?;
+        // The harness logs berth_runtime at debug; a benchmark wants what an
+        // operator runs: warnings only.
+        let cfg = std::fs::read_to_string(&d.config_path)?;
+        let quiet = cfg.replace("level = \"info,berth_runtime=debug\"", "level = \"warn\"");
+        if quiet != cfg {
+            std::fs::write(&d.config_path, quiet)?;
+            d.stop();
+            d.restart().await?;
+        }
+        Ok(BerthWorld { d })
+    }
+}
+
+impl Drop for BerthWorld {
+    fn drop(&mut self) {
+        let state = self.d.state_dir().display().to_string();
+        let mut left = host::processes_matching("berth-shim", &state);
+        left.extend(host::processes_matching("berth-container", &state));
+        if !left.is_empty() {
+            let tree = host::ProcessTree::snapshot();
+            let all: Vec<i32> = left.iter().flat_map(|p| tree.subtree(*p)).collect();
+            eprintln!(
+                "berth-bench: killing {} leftover berth processes",
+                all.len()
+            );
+            host::kill_all(&all);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        host::unmount_under(self.d.dir.path());
+    }
+}
+
+/// The path of a berthd binary, and whether it is an optimised build.
+fn berthd_build() -> String {
+    match crate::berthd::berthd_bin() {
+        Ok(p) => {
+            let debug = p.components().any(|c| c.as_os_str() == "debug");
+            format!(
+                "{}{}",
+                p.display(),
+                if debug {
+                    " (DEBUG build: not for real numbers)"
+                } else {
+                    ""
+                }
+            )
+        }
+        Err(e) => format!("{e}"),
+    }
+}
+
+async fn bench_berth(
+    registry: &Registry,
+    factory: &PodFactory,
+    plan: &Plan,
+    big: &BigImage,
+    defs: &[report::MetricDef],
+    environment: &mut BTreeMap<String, String>,
+) -> RuntimeResult {
+    let mut res = RuntimeResult::new("berth", "Berth");
+    environment.insert("berthd".into(), berthd_build());
+    eprintln!("berth-bench: starting berthd");
+    let world = match BerthWorld::start(registry).await {
+        Ok(w) => w,
+        Err(e) => {
+            res.fill_na(defs, &format!("berthd did not start: {e:#}"));
+            return res;
+        }
+    };
+    let client = match world.d.client().await {
+        Ok(c) => c,
+        Err(e) => {
+            res.fill_na(defs, &format!("connect to berthd: {e:#}"));
+            return res;
+        }
+    };
+    let mut t = Target {
+        key: "berth".into(),
+        client,
+        kind: Kind::Berth {
+            state_dir: world.d.state_dir(),
+            root_dir: world.d.root_dir(),
+        },
+        daemon_pid: world.d.pid().map(|p| p as i32),
+    };
+    if let Err(e) = bench_target(&mut t, factory, plan, big, &mut res, &[], &mut || Ok(())).await {
+        res.fill_na(defs, &e);
+    }
+    drop(t);
+    drop(world);
+    res
+}
+
+async fn bench_containerd(
+    registry: &Registry,
+    factory: &PodFactory,
+    plan: &Plan,
+    big: &BigImage,
+    defs: &[report::MetricDef],
+    layouts: &Path,
+) -> RuntimeResult {
+    let mut res = RuntimeResult::new("containerd", "containerd");
+    let setup = async {
+        containerd::ensure_installed()?;
+        let pause =
+            containerd::pause_image()?.push(registry, "berth-bench/pause", "3.9", layouts)?;
+        eprintln!("berth-bench: starting containerd");
+        let c = containerd::Containerd::start(&registry.addr, &pause.reference).await?;
+        anyhow::Ok((c, pause.reference))
+    };
+    let (mut ctrd, pause) = match setup.await {
+        Ok(x) => x,
+        Err(e) => {
+            res.fill_na(defs, &format!("containerd set-up failed: {e:#}"));
+            return res;
+        }
+    };
+    res.notes.push(format!(
+        "runc {}; own root/state/socket under {}; bridge CNI {} on {}; pause image {pause}",
+        runc_version(),
+        ctrd.dir.path().display(),
+        containerd::SUBNET,
+        containerd::BRIDGE
+    ));
+    let client = match ctrd.client().await {
+        Ok(c) => c,
+        Err(e) => {
+            res.fill_na(defs, &format!("connect to containerd: {e:#}"));
+            return res;
+        }
+    };
+    let mut t = Target {
+        key: "containerd".into(),
+        client,
+        kind: Kind::Containerd {
+            address: ctrd.socket.clone(),
+            root: ctrd.root.clone(),
+        },
+        daemon_pid: ctrd.pid(),
+    };
+    let route_check = &mut || ctrd.check_route();
+    let outcome = bench_target(&mut t, factory, plan, big, &mut res, &[pause], route_check).await;
+    if let Err(e) = outcome {
+        res.fill_na(defs, &e);
+        let _ = target::sweep(&mut t.client, &factory.run_id).await;
+    }
+    drop(t);
+    for n in ctrd.shutdown() {
+        res.notes.push(format!("clean-up: {n}"));
+    }
+    res
+}
+
+fn runc_version() -> String {
+    std::process::Command::new("runc")
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(|l| l.trim_start_matches("runc version ").to_string())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+async fn bench_endpoint(
+    n: usize,
+    endpoint: &str,
+    factory: &PodFactory,
+    plan: &Plan,
+    big: &BigImage,
+    defs: &[report::MetricDef],
+) -> RuntimeResult {
+    let key = format!("endpoint{n}");
+    let mut res = RuntimeResult::new(&key, endpoint);
+    let path = PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
+    let client = match crate::cri::CriClient::connect(&path).await {
+        Ok(c) => c,
+        Err(e) => {
+            res.fill_na(defs, &format!("connect to {endpoint}: {e:#}"));
+            return res;
+        }
+    };
+    let mut t = Target {
+        key,
+        client,
+        kind: Kind::External,
+        daemon_pid: None,
+    };
+    if let Err(e) = bench_target(&mut t, factory, plan, big, &mut res, &[], &mut || Ok(())).await {
+        res.fill_na(defs, &e);
+    }
+    if let Some(name) = res.version.split_whitespace().next() {
+        res.display = format!("{name} ({endpoint})");
+    }
+    let _ = target::remove_image(&mut t.client, &factory.image).await;
+    res
+}
+
+/// Prints the report and writes the JSON file if asked; what the binary
+/// does after [`run`].
+pub fn emit(report: &Report, opts: &BenchOptions) -> anyhow::Result<()> {
+    print!("{}\n{}", report.preamble(), report.table());
+    if let Some(path) = &opts.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report.to_json())?)?;
+        eprintln!("berth-bench: wrote {}", path.display());
+    }
+    Ok(())
+}
+
+/// Kept for the smoke test: the ids of every row of a plan.
+pub fn row_ids(plan: &Plan) -> Vec<String> {
+    report::catalogue(plan).into_iter().map(|d| d.id).collect()
+}

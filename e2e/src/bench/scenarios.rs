@@ -1,0 +1,563 @@
+//! The measurements, each against one [`Target`]: pod lifecycles call by
+//! call, concurrent starts, per-container memory, many pods, pulls.
+//! Every failure becomes an "n/a (reason)" cell; nothing here aborts the
+//! run.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use k8s_cri::v1::*;
+
+use super::host;
+use super::report::{self, Cell, Collector, LIFECYCLE, RuntimeResult};
+use super::target::{
+    self, Kind, Launched, PAYLOAD_CMDLINE, PodFactory, Target, call, launch, ms, teardown,
+    teardown_many, timed,
+};
+use super::{BigImage, Plan};
+
+fn progress(t: &Target, what: &str) {
+    eprintln!("berth-bench [{}] {what}", t.key);
+}
+
+/// The daemon's RSS in MiB.
+pub fn daemon_rss(t: &Target) -> Cell {
+    match t.daemon_pid {
+        None => Cell::na("daemon pid unknown"),
+        Some(pid) => match host::rss_kib(pid) {
+            Some(kib) => Cell::value(kib as f64 / 1024.0),
+            None => Cell::na(format!("cannot read /proc/{pid}/status")),
+        },
+    }
+}
+
+/// N pod lifecycles (after W warm-ups), every CRI call timed:
+/// RunPodSandbox, CreateContainer, StartContainer, (first log line),
+/// ExecSync, ContainerStatus, StopContainer, RemoveContainer,
+/// StopPodSandbox, RemovePodSandbox. A failed call is recorded and the
+/// lifecycle goes on with what still makes sense.
+pub async fn lifecycle(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut RuntimeResult) {
+    let mut cols: HashMap<&str, Collector> = LIFECYCLE
+        .iter()
+        .map(|(id, _)| (*id, Collector::default()))
+        .chain([(report::E2E, Collector::default())])
+        .collect();
+    // Why a metric got no sample at all, when it was never reached.
+    let mut blocked: HashMap<&str, String> = HashMap::new();
+    let total = plan.warmup + plan.iterations;
+    for i in 0..total {
+        let rec = i >= plan.warmup;
+        if i == 0 || (i + 1) % 10 == 0 || i + 1 == total {
+            progress(t, &format!("lifecycle {}/{total}", i + 1));
+        }
+        let note =
+            |cols: &mut HashMap<&str, Collector>, id: &'static str, r: Result<Duration, String>| {
+                if let Some(c) = cols.get_mut(id)
+                    && rec
+                {
+                    match r {
+                        Ok(d) => c.push(ms(d)),
+                        Err(e) => c.fail(e),
+                    }
+                }
+            };
+        let c = &mut t.client;
+        let config = f.pod("lc");
+        let log_file = std::path::Path::new(&config.log_directory).join("c.log");
+        let t0 = Instant::now();
+        let pod = timed(c.runtime.run_pod_sandbox(RunPodSandboxRequest {
+            config: Some(config.clone()),
+            runtime_handler: String::new(),
+        }))
+        .await;
+        let pod_id = match pod {
+            Ok((r, d)) => {
+                note(&mut cols, "run_pod_sandbox", Ok(d));
+                r.pod_sandbox_id
+            }
+            Err(e) => {
+                note(&mut cols, "run_pod_sandbox", Err(e.clone()));
+                for (id, _) in &LIFECYCLE[1..] {
+                    blocked
+                        .entry(id)
+                        .or_insert(format!("RunPodSandbox failed: {e}"));
+                }
+                blocked
+                    .entry(report::E2E)
+                    .or_insert(format!("RunPodSandbox failed: {e}"));
+                continue;
+            }
+        };
+        let created = timed(c.runtime.create_container(CreateContainerRequest {
+            pod_sandbox_id: pod_id.clone(),
+            config: Some(f.container()),
+            sandbox_config: Some(config),
+        }))
+        .await;
+        let ctr = match created {
+            Ok((r, d)) => {
+                note(&mut cols, "create_container", Ok(d));
+                Some(r.container_id)
+            }
+            Err(e) => {
+                note(&mut cols, "create_container", Err(e.clone()));
+                for id in [
+                    "start_container",
+                    "exec_sync",
+                    "container_status",
+                    "stop_container",
+                    "remove_container",
+                    report::E2E,
+                ] {
+                    blocked
+                        .entry(id)
+                        .or_insert(format!("CreateContainer failed: {e}"));
+                }
+                None
+            }
+        };
+        if let Some(ctr) = &ctr {
+            let started = timed(c.runtime.start_container(StartContainerRequest {
+                container_id: ctr.clone(),
+            }))
+            .await;
+            let running = started.is_ok();
+            if let Err(e) = &started {
+                for id in ["exec_sync", report::E2E] {
+                    blocked
+                        .entry(id)
+                        .or_insert(format!("StartContainer failed: {e}"));
+                }
+            }
+            note(&mut cols, "start_container", started.map(|(_, d)| d));
+            if running {
+                let ready = target::wait_log_line(&log_file, t0).await;
+                note(&mut cols, report::E2E, ready);
+                let exec = timed(c.runtime.exec_sync(ExecSyncRequest {
+                    container_id: ctr.clone(),
+                    cmd: vec!["echo".into(), "hi".into()],
+                    timeout: 10,
+                }))
+                .await
+                .and_then(|(r, d)| {
+                    if r.exit_code == 0 && r.stdout == b"hi\n" {
+                        Ok(d)
+                    } else {
+                        Err(format!(
+                            "echo hi: exit {}, stdout {:?}, stderr {:?}",
+                            r.exit_code,
+                            String::from_utf8_lossy(&r.stdout),
+                            String::from_utf8_lossy(&r.stderr)
+                        ))
+                    }
+                });
+                note(&mut cols, "exec_sync", exec);
+            }
+            let status = timed(c.runtime.container_status(ContainerStatusRequest {
+                container_id: ctr.clone(),
+                verbose: false,
+            }))
+            .await
+            .and_then(|(r, d)| {
+                let state = r.status.map(|s| s.state).unwrap_or(-1);
+                if !running || state == ContainerState::ContainerRunning as i32 {
+                    Ok(d)
+                } else {
+                    Err(format!("state {state}, not RUNNING"))
+                }
+            });
+            note(&mut cols, "container_status", status);
+            let stopped = timed(c.runtime.stop_container(StopContainerRequest {
+                container_id: ctr.clone(),
+                timeout: 0,
+            }))
+            .await;
+            note(&mut cols, "stop_container", stopped.map(|(_, d)| d));
+            let removed = timed(c.runtime.remove_container(RemoveContainerRequest {
+                container_id: ctr.clone(),
+            }))
+            .await;
+            note(&mut cols, "remove_container", removed.map(|(_, d)| d));
+        }
+        let stopped = timed(c.runtime.stop_pod_sandbox(StopPodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        }))
+        .await;
+        note(&mut cols, "stop_pod_sandbox", stopped.map(|(_, d)| d));
+        let removed = timed(c.runtime.remove_pod_sandbox(RemovePodSandboxRequest {
+            pod_sandbox_id: pod_id.clone(),
+        }))
+        .await;
+        let removed_ok = removed.is_ok();
+        note(&mut cols, "remove_pod_sandbox", removed.map(|(_, d)| d));
+        if !removed_ok {
+            // Whatever failed above, leave nothing behind.
+            teardown(c, &pod_id, ctr.as_deref()).await;
+        }
+    }
+    for (id, col) in cols {
+        let missing = blocked
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| "not measured".into());
+        res.set(id, col.cell(&missing));
+    }
+}
+
+/// Starts `count` pods with one container each, `parallel` at a time;
+/// returns the started ones and the failures (with what to clean up).
+async fn launch_many(
+    t: &Target,
+    f: &PodFactory,
+    count: usize,
+    parallel: usize,
+    wait_ready: bool,
+    name: &str,
+) -> (Vec<Launched>, Vec<target::LaunchError>) {
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(parallel.max(1)));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let mut c = t.client.clone();
+        let f = f.clone();
+        let sem = sem.clone();
+        let name = name.to_string();
+        set.spawn(async move {
+            let _permit = sem.acquire_owned().await;
+            launch(&mut c, &f, &name, wait_ready).await
+        });
+    }
+    let mut ok = Vec::new();
+    let mut failed = Vec::new();
+    while let Some(r) = set.join_next().await {
+        match r {
+            Ok(Ok(l)) => ok.push(l),
+            Ok(Err(e)) => failed.push(e),
+            Err(e) => failed.push(target::LaunchError {
+                step: "task",
+                error: e.to_string(),
+                pod_id: None,
+                container_id: None,
+            }),
+        }
+    }
+    (ok, failed)
+}
+
+fn cleanup_list(ok: &[Launched], failed: &[target::LaunchError]) -> Vec<(String, Option<String>)> {
+    ok.iter()
+        .map(|l| (l.pod_id.clone(), Some(l.container_id.clone())))
+        .chain(
+            failed
+                .iter()
+                .filter_map(|e| e.pod_id.clone().map(|p| (p, e.container_id.clone()))),
+        )
+        .collect()
+}
+
+fn failure_text(failed: &[target::LaunchError], of: usize) -> String {
+    let e = &failed[0];
+    format!(
+        "{} of {of} pods failed; first at {}: {}",
+        failed.len(),
+        e.step,
+        e.error
+    )
+}
+
+/// Wall time to start P pods (one container each, until its first log
+/// line) all at once.
+pub async fn concurrent(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut RuntimeResult) {
+    for &p in &plan.concurrent {
+        let mut col = Collector::default();
+        for run in 0..plan.concurrent_runs {
+            progress(
+                t,
+                &format!(
+                    "{p} pods concurrently, run {}/{}",
+                    run + 1,
+                    plan.concurrent_runs
+                ),
+            );
+            let t0 = Instant::now();
+            let (ok, failed) = launch_many(t, f, p, p, true, &format!("cc{p}")).await;
+            let wall = t0.elapsed();
+            if failed.is_empty() {
+                col.push(ms(wall));
+            } else {
+                col.fail(failure_text(&failed, p));
+            }
+            teardown_many(&t.client, cleanup_list(&ok, &failed), 8).await;
+        }
+        res.set(report::concurrent_id(p), col.cell("not measured"));
+    }
+}
+
+/// The runtime's own processes for `containers` (payload excluded), and
+/// how they were found.
+async fn runtime_processes(
+    t: &mut Target,
+    launched: &[Launched],
+) -> Result<(BTreeSet<i32>, String), String> {
+    // The payload: each container's init (verbose status) and whatever runs
+    // `sleep 1000`, with their descendants.
+    let mut payload_roots = Vec::new();
+    for l in launched {
+        if let Some(pid) = target::container_pid(&mut t.client, &l.container_id).await {
+            payload_roots.push(pid);
+        }
+    }
+    let tree = host::ProcessTree::snapshot();
+    let (roots, how): (Vec<i32>, String) = match &t.kind {
+        Kind::Berth { state_dir, .. } => {
+            let mut shims = Vec::new();
+            for l in launched {
+                let file = state_dir
+                    .join("shims")
+                    .join(&l.container_id)
+                    .join("shim.pid");
+                match std::fs::read_to_string(&file)
+                    .ok()
+                    .and_then(|s| s.trim().parse::<i32>().ok())
+                {
+                    Some(pid) if host::alive(pid) => shims.push(pid),
+                    _ => return Err(format!("no live shim pid in {}", file.display())),
+                }
+            }
+            (
+                shims,
+                "berth-shim monitors (shims/*/shim.pid) and their children".into(),
+            )
+        }
+        Kind::Containerd { address, .. } => {
+            let shims =
+                host::processes_matching("containerd-shim-runc-v2", &address.display().to_string());
+            if shims.is_empty() {
+                return Err("no containerd-shim-runc-v2 process found".into());
+            }
+            let mut roots = shims;
+            // The pause processes (children of the shims; added in case).
+            for l in launched {
+                if let Some(pid) = target::sandbox_pid(&mut t.client, &l.pod_id).await {
+                    roots.push(pid);
+                }
+            }
+            (
+                roots,
+                "containerd-shim-runc-v2 processes and their children (pause)".into(),
+            )
+        }
+        Kind::External => return Err("process layout unknown for an external endpoint".into()),
+    };
+    let mut payload = BTreeSet::new();
+    for p in &payload_roots {
+        payload.extend(tree.subtree(*p));
+    }
+    let mut procs = BTreeSet::new();
+    for r in roots {
+        for p in tree.subtree(r) {
+            if payload.contains(&p) {
+                continue;
+            }
+            if host::cmdline(p).is_some_and(|c| c == PAYLOAD_CMDLINE) {
+                continue;
+            }
+            procs.insert(p);
+        }
+    }
+    Ok((procs, how))
+}
+
+/// PSS of every process the runtime adds per container, at K running
+/// containers, per container.
+pub async fn memory(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut RuntimeResult) {
+    progress(t, &format!("memory at K={}", plan.k));
+    let (ok, failed) = launch_many(t, f, plan.k, 4, true, "mem").await;
+    let cell = if !failed.is_empty() {
+        Cell::na(failure_text(&failed, plan.k))
+    } else {
+        // Let the runtime's processes settle after start.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match runtime_processes(t, &ok).await {
+            Err(e) => Cell::na(e),
+            Ok((procs, how)) => {
+                let mut pss = 0u64;
+                let mut rss = 0u64;
+                for p in &procs {
+                    pss += host::pss_kib(*p).unwrap_or(0);
+                    rss += host::rss_kib(*p).unwrap_or(0);
+                }
+                let k = plan.k as f64;
+                res.notes.push(format!(
+                    "per-container memory: {} processes for {} containers ({how}); PSS {:.2} MiB, summed RSS {:.2} MiB per container",
+                    procs.len(),
+                    plan.k,
+                    pss as f64 / 1024.0 / k,
+                    rss as f64 / 1024.0 / k
+                ));
+                Cell::value(pss as f64 / 1024.0 / k)
+            }
+        }
+    };
+    res.set(report::PSS, cell);
+    teardown_many(&t.client, cleanup_list(&ok, &failed), 8).await;
+}
+
+/// `plan.many` pods with one container each: the daemon's RSS, then
+/// ListContainers and ListContainerStats timed N times.
+pub async fn many(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut RuntimeResult) {
+    progress(t, &format!("starting {} pods", plan.many));
+    let t0 = Instant::now();
+    let (ok, failed) = launch_many(t, f, plan.many, 8, false, "many").await;
+    progress(
+        t,
+        &format!(
+            "{} pods started in {:.1} s ({} failed)",
+            ok.len(),
+            t0.elapsed().as_secs_f64(),
+            failed.len()
+        ),
+    );
+    if ok.is_empty() {
+        let why = if failed.is_empty() {
+            "no pod started".to_string()
+        } else {
+            failure_text(&failed, plan.many)
+        };
+        for id in [
+            report::RSS_MANY,
+            report::LIST_CONTAINERS,
+            report::LIST_STATS,
+        ] {
+            res.set(id, Cell::na(why.clone()));
+        }
+    } else {
+        let partial = (!failed.is_empty()).then(|| failure_text(&failed, plan.many));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let mut rss = daemon_rss(t);
+        if let (Some(p), Cell::Samples { note, .. }) = (&partial, &mut rss) {
+            *note = Some(format!("only {} pods: {p}", ok.len()));
+        }
+        res.set(report::RSS_MANY, rss);
+
+        let mut col = Collector::default();
+        for _ in 0..plan.iterations {
+            match timed(
+                t.client
+                    .runtime
+                    .list_containers(ListContainersRequest { filter: None }),
+            )
+            .await
+            {
+                Ok((r, d)) => {
+                    col.push(ms(d));
+                    if r.containers.len() < ok.len() {
+                        col.note(format!(
+                            "listed {} of {} containers",
+                            r.containers.len(),
+                            ok.len()
+                        ));
+                    }
+                }
+                Err(e) => {
+                    col.fail(e);
+                    break;
+                }
+            }
+        }
+        if let Some(p) = &partial {
+            col.note(format!("only {} containers: {p}", ok.len()));
+        }
+        res.set(report::LIST_CONTAINERS, col.cell("not measured"));
+
+        let mut col = Collector::default();
+        for _ in 0..plan.iterations {
+            match timed(
+                t.client
+                    .runtime
+                    .list_container_stats(ListContainerStatsRequest { filter: None }),
+            )
+            .await
+            {
+                Ok((r, d)) => {
+                    col.push(ms(d));
+                    if r.stats.len() < ok.len() {
+                        col.note(format!(
+                            "stats for {} of {} containers",
+                            r.stats.len(),
+                            ok.len()
+                        ));
+                    }
+                }
+                Err(e) => {
+                    col.fail(e);
+                    break;
+                }
+            }
+        }
+        if let Some(p) = &partial {
+            col.note(format!("only {} containers: {p}", ok.len()));
+        }
+        res.set(report::LIST_STATS, col.cell("not measured"));
+    }
+    progress(t, "removing the pods");
+    teardown_many(&t.client, cleanup_list(&ok, &failed), 8).await;
+}
+
+/// Pull + unpack throughput of the incompressible image from a cold
+/// start: the image removed, its blobs gone, the page cache dropped.
+pub async fn pull_throughput(t: &mut Target, big: &BigImage, plan: &Plan, res: &mut RuntimeResult) {
+    let mut col = Collector::default();
+    for run in 0..plan.pull_runs {
+        progress(t, &format!("pull {}/{}", run + 1, plan.pull_runs));
+        // Before the first run the image is normally absent (NotFound).
+        if let Err(e) = target::remove_image(&mut t.client, &big.reference).await
+            && run > 0
+        {
+            col.fail(format!("RemoveImage: {e}"));
+            break;
+        }
+        // A pull that finds its layers still in the content store is no
+        // measure of download + unpack.
+        let blobs: Vec<_> = big
+            .layer_digests
+            .iter()
+            .filter_map(|d| t.blob_path(d))
+            .collect();
+        let gone = host_wait(Duration::from_secs(5), || blobs.iter().all(|b| !b.exists())).await;
+        if !gone {
+            col.note("layer blobs were still in the content store after RemoveImage");
+        }
+        if let Err(e) = host::drop_caches() {
+            col.note(format!("could not drop caches: {e}"));
+        }
+        match target::pull(&mut t.client, &big.reference).await {
+            Ok((_, d)) => col.push(big.bytes as f64 / 1e6 / d.as_secs_f64()),
+            Err(e) => {
+                col.fail(e);
+                break;
+            }
+        }
+    }
+    let _ = target::remove_image(&mut t.client, &big.reference).await;
+    res.set(report::PULL, col.cell("not measured"));
+}
+
+async fn host_wait(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    check()
+}
+
+/// `Version`: `name version (CRI api)`.
+pub async fn version(t: &mut Target) -> Result<String, String> {
+    let v = call(t.client.runtime.version(VersionRequest::default())).await?;
+    Ok(format!(
+        "{} {} (CRI {})",
+        v.runtime_name, v.runtime_version, v.runtime_api_version
+    ))
+}

@@ -1,0 +1,25 @@
+//! berth-bench: Berth and containerd+runc measured side by side over CRI.
+//! See `berth-bench --help` and the `berth_e2e::bench` module.
+
+use std::process::ExitCode;
+
+use berth_e2e::bench::{self, BenchOptions};
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let opts = BenchOptions::parse();
+    // Everything the run set up is owned by the `run` future: on Ctrl-C it
+    // is dropped, which stops the daemons and removes what they left.
+    let result = tokio::select! {
+        r = bench::run(&opts) => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    match result.and_then(|report| bench::emit(&report, &opts)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("berth-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! One control connection on `shim.sock`: non-blocking, framed
+//! (4-byte big-endian length + protobuf, as `berth_proto::write_frame`),
+//! one request in flight at a time, any number of requests per connection.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use berth_proto::MAX_FRAME_LEN;
+use berth_proto::shim::{ShimRequest, ShimResponse};
+use prost::Message;
+
+use crate::sys;
+
+#[derive(Debug)]
+pub struct Conn {
+    pub id: u64,
+    pub fd: OwnedFd,
+    inbuf: Vec<u8>,
+    outbuf: Vec<u8>,
+    out_pos: usize,
+    /// A request is being handled; its answer is not sent yet.
+    pub busy: bool,
+    /// The peer closed its side (or broke the protocol).
+    pub eof: bool,
+    pub broken: bool,
+}
+
+/// Outcome of parsing the input buffer.
+pub enum Parsed {
+    Request(ShimRequest),
+    Incomplete,
+    Bad(String),
+}
+
+impl Conn {
+    pub fn new(id: u64, fd: OwnedFd) -> Self {
+        Conn {
+            id,
+            fd,
+            inbuf: Vec::new(),
+            outbuf: Vec::new(),
+            out_pos: 0,
+            busy: false,
+            eof: false,
+            broken: false,
+        }
+    }
+
+    pub fn wants_write(&self) -> bool {
+        self.out_pos < self.outbuf.len()
+    }
+
+    /// Reads what is available.
+    pub fn fill(&mut self) {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match sys::read(self.fd.as_raw_fd(), &mut chunk) {
+                Ok(0) => {
+                    self.eof = true;
+                    return;
+                }
+                Ok(n) => {
+                    self.inbuf.extend_from_slice(&chunk[..n]);
+                    if self.inbuf.len() > MAX_FRAME_LEN + 4 {
+                        // More than one maximal frame queued: stop reading
+                        // until it is consumed.
+                        return;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.broken = true;
+                    return;
+                }
+            }
+        }
+    }
+
+    pub fn next_request(&mut self) -> Parsed {
+        if self.inbuf.len() < 4 {
+            return Parsed::Incomplete;
+        }
+        let len = u32::from_be_bytes([self.inbuf[0], self.inbuf[1], self.inbuf[2], self.inbuf[3]])
+            as usize;
+        if len > MAX_FRAME_LEN {
+            return Parsed::Bad(format!("frame of {len} bytes exceeds the limit"));
+        }
+        if self.inbuf.len() < 4 + len {
+            return Parsed::Incomplete;
+        }
+        let decoded = ShimRequest::decode(&self.inbuf[4..4 + len]);
+        self.inbuf.drain(..4 + len);
+        if self.inbuf.is_empty() && self.inbuf.capacity() > 64 * 1024 {
+            self.inbuf = Vec::new();
+        }
+        match decoded {
+            Ok(req) => Parsed::Request(req),
+            Err(e) => Parsed::Bad(format!("malformed request: {e}")),
+        }
+    }
+
+    /// Queues a framed response and tries to send it.
+    pub fn send(&mut self, resp: &ShimResponse) {
+        let len = resp.encoded_len();
+        self.outbuf.reserve(4 + len);
+        self.outbuf.extend_from_slice(&(len as u32).to_be_bytes());
+        resp.encode(&mut self.outbuf).expect("vec grows");
+        self.busy = false;
+        self.flush();
+    }
+
+    /// Writes what the socket accepts now.
+    pub fn flush(&mut self) {
+        while self.out_pos < self.outbuf.len() {
+            match sys::write(self.fd.as_raw_fd(), &self.outbuf[self.out_pos..]) {
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(_) => {
+                    self.broken = true;
+                    return;
+                }
+            }
+        }
+        self.outbuf.clear();
+        self.out_pos = 0;
+        if self.outbuf.capacity() > 64 * 1024 {
+            self.outbuf = Vec::new();
+        }
+    }
+
+    /// Finished with: broken, or closed by the peer with nothing left to do.
+    pub fn done(&self) -> bool {
+        self.broken || (self.eof && !self.busy && !self.wants_write() && !self.has_frame())
+    }
+
+    /// A whole frame (or a bad length) is buffered.
+    fn has_frame(&self) -> bool {
+        if self.inbuf.len() < 4 {
+            return false;
+        }
+        let len = u32::from_be_bytes([self.inbuf[0], self.inbuf[1], self.inbuf[2], self.inbuf[3]])
+            as usize;
+        len > MAX_FRAME_LEN || self.inbuf.len() >= 4 + len
+    }
+}

@@ -1,0 +1,95 @@
+//! Files in the shim directory (`<shim_dir>`): what berthd reads back.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use berth_proto::shim::{ExitRecord, ShimConfig};
+use prost::Message;
+
+pub const CONFIG: &str = "config.pb";
+pub const SOCKET: &str = "shim.sock";
+pub const PID: &str = "shim.pid";
+pub const EXIT: &str = "exit.pb";
+pub const LOG: &str = "shim.log";
+pub const CONSOLE_SOCKET: &str = "console.sock";
+
+pub fn read_config(dir: &Path) -> Result<ShimConfig, String> {
+    let path = dir.join(CONFIG);
+    let bytes = std::fs::read(&path).map_err(|e| format!("read {}: {e}", path.display()))?;
+    let cfg = ShimConfig::decode(bytes.as_slice())
+        .map_err(|e| format!("decode {}: {e}", path.display()))?;
+    if cfg.id.is_empty() {
+        return Err(format!("{}: empty container id", path.display()));
+    }
+    if cfg.bundle.is_empty() {
+        return Err(format!(
+            "{}: empty bundle path for {}",
+            path.display(),
+            cfg.id
+        ));
+    }
+    if cfg.runtime_root.is_empty() {
+        return Err(format!(
+            "{}: empty runtime root for {}",
+            path.display(),
+            cfg.id
+        ));
+    }
+    Ok(cfg)
+}
+
+/// Writes `data` to `dir/name` atomically: a temporary file, fsync, rename,
+/// then fsync of the directory.
+pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    std::fs::rename(&tmp, dir.join(name))?;
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+pub fn write_exit_record(dir: &Path, rec: &ExitRecord) -> io::Result<()> {
+    write_atomic(dir, EXIT, &rec.encode_to_vec())
+}
+
+/// The monitor's own diagnostics (`<shim_dir>/shim.log`); never the
+/// container's output.
+#[derive(Debug, Default)]
+pub struct Diag {
+    file: Option<File>,
+}
+
+impl Diag {
+    pub fn open(dir: &Path) -> Self {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o600)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(dir.join(LOG))
+            .ok();
+        Diag { file }
+    }
+
+    pub fn log(&mut self, args: std::fmt::Arguments) {
+        if let Some(f) = &mut self.file {
+            let ts = crate::crilog::timestamp_now();
+            let line = format!("{} {}\n", String::from_utf8_lossy(&ts), args);
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+}
