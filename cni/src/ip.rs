@@ -75,8 +75,12 @@ impl FromStr for IpNet {
         let (a, p) = s
             .split_once('/')
             .ok_or_else(|| format!("invalid CIDR address: {s}"))?;
-        let addr: IpAddr = a.parse().map_err(|_| format!("invalid CIDR address: {s}"))?;
-        let prefix: u8 = p.parse().map_err(|_| format!("invalid CIDR address: {s}"))?;
+        let addr: IpAddr = a
+            .parse()
+            .map_err(|_| format!("invalid CIDR address: {s}"))?;
+        let prefix: u8 = p
+            .parse()
+            .map_err(|_| format!("invalid CIDR address: {s}"))?;
         IpNet::new(addr, prefix).map_err(|_| format!("invalid CIDR address: {s}"))
     }
 }
@@ -198,7 +202,10 @@ mod tests {
             next_ip("255.255.255.255".parse().unwrap()).to_string(),
             "0.0.0.0"
         );
-        assert!(ip_le("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()));
+        assert!(ip_le(
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap()
+        ));
     }
 
     #[test]

@@ -12,9 +12,7 @@ pub mod nft;
 pub mod plugins;
 pub mod spec;
 
-pub use spec::{
-    CniResult, Command, Error, ErrorCode, ErrorResult, Request, Result, VersionResult,
-};
+pub use spec::{CniResult, Command, Error, ErrorCode, ErrorResult, Request, Result, VersionResult};
 
 /// One of Berth's plugins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -57,12 +55,12 @@ impl Plugin {
 /// async runtime.
 pub fn invoke(plugin: Plugin, req: &Request) -> std::result::Result<Vec<u8>, ErrorResult> {
     std::thread::scope(|s| {
-        s.spawn(|| run(plugin, req))
-            .join()
-            .unwrap_or_else(|_| {
-                Err(Error::internal(format!("{} plugin panicked", plugin.name()))
-                    .to_result(&spec::config_version(&req.config)))
-            })
+        s.spawn(|| run(plugin, req)).join().unwrap_or_else(|_| {
+            Err(
+                Error::internal(format!("{} plugin panicked", plugin.name()))
+                    .to_result(&spec::config_version(&req.config)),
+            )
+        })
     })
 }
 
@@ -113,8 +111,10 @@ pub fn plugin_main(plugin: Plugin) -> ! {
     let mut config = Vec::new();
     let read = std::io::stdin().read_to_end(&mut config);
     let outcome = match read {
-        Err(e) => Err(Error::new(ErrorCode::IoFailure, format!("failed to read stdin: {e}"))
-            .to_result(&spec::config_version(&config))),
+        Err(e) => Err(
+            Error::new(ErrorCode::IoFailure, format!("failed to read stdin: {e}"))
+                .to_result(&spec::config_version(&config)),
+        ),
         Ok(_) => match Request::from_vars(|k| std::env::var(k).ok(), config.clone()) {
             Ok(req) => invoke(plugin, &req),
             Err(e) => Err(e.to_result(&spec::config_version(&config))),

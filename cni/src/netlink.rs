@@ -268,7 +268,9 @@ impl Netlink {
     pub fn rename(&self, index: u32, name: &str) -> Result<()> {
         self.set(
             format!("failed to rename link #{index} to {name}"),
-            LinkUnspec::new_with_index(index).name(name.to_string()).build(),
+            LinkUnspec::new_with_index(index)
+                .name(name.to_string())
+                .build(),
         )
     }
 
@@ -479,9 +481,8 @@ impl Netlink {
 
 /// Opens a network namespace file (`CNI_NETNS`).
 pub fn open_netns(path: &Path) -> Result<File> {
-    File::open(path).map_err(|e| {
-        Error::internal(format!("failed to open netns {}: {e}", path.display()))
-    })
+    File::open(path)
+        .map_err(|e| Error::internal(format!("failed to open netns {}: {e}", path.display())))
 }
 
 /// Runs `f` in a new thread that has joined the network namespace `netns`.

@@ -76,7 +76,6 @@ pub fn is_supported(version: &str) -> bool {
     SUPPORTED_VERSIONS.contains(&version)
 }
 
-
 // ---------------------------------------------------------------------------
 // Errors
 // ---------------------------------------------------------------------------
@@ -340,13 +339,20 @@ pub fn valid_ifname(name: &str) -> std::result::Result<(), String> {
         return Err("interface name is empty".into());
     }
     if name.len() > 15 {
-        return Err(format!("interface name {name:?} is longer than 15 characters"));
+        return Err(format!(
+            "interface name {name:?} is longer than 15 characters"
+        ));
     }
     if name == "." || name == ".." {
         return Err(format!("interface name {name:?} is . or .."));
     }
-    if name.chars().any(|c| c == '/' || c == ':' || c.is_whitespace()) {
-        return Err(format!("interface name {name:?} contains / or : or whitespace"));
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c.is_whitespace())
+    {
+        return Err(format!(
+            "interface name {name:?} contains / or : or whitespace"
+        ));
     }
     Ok(())
 }
@@ -387,7 +393,10 @@ pub struct Attachment {
 pub fn parse_config<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     serde_json::from_slice(bytes).map_err(|e| {
         if e.is_syntax() || e.is_eof() {
-            Error::new(ErrorCode::DecodeFailure, format!("failed to parse network config: {e}"))
+            Error::new(
+                ErrorCode::DecodeFailure,
+                format!("failed to parse network config: {e}"),
+            )
         } else {
             Error::config(format!("invalid network config: {e}"))
         }
@@ -475,7 +484,11 @@ pub struct Interface {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub sandbox: String,
     /// CNI 1.1
-    #[serde(rename = "socketPath", default, skip_serializing_if = "String::is_empty")]
+    #[serde(
+        rename = "socketPath",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
     pub socket_path: String,
     /// CNI 1.1
     #[serde(rename = "pciID", default, skip_serializing_if = "String::is_empty")]
@@ -653,7 +666,12 @@ mod tests {
     #[test]
     fn netconf_errors_have_spec_codes() {
         assert_eq!(NetConf::parse(b"{not json").unwrap_err().code, 6);
-        assert_eq!(NetConf::parse(br#"{"cniVersion":"0.2.0","name":"n"}"#).unwrap_err().code, 1);
+        assert_eq!(
+            NetConf::parse(br#"{"cniVersion":"0.2.0","name":"n"}"#)
+                .unwrap_err()
+                .code,
+            1
+        );
         assert_eq!(NetConf::parse(br#"{"cniVersion":5}"#).unwrap_err().code, 7);
         assert!(NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"bridge"}"#).is_ok());
     }

@@ -51,7 +51,13 @@ fn del_chain(plugins: &[Value], name: &str, env: &Env, ports: Option<Value>, las
     }
 }
 
-fn check_chain(plugins: &[Value], name: &str, env: &Env, ports: Option<Value>, last: &Value) -> Vec<Out> {
+fn check_chain(
+    plugins: &[Value],
+    name: &str,
+    env: &Env,
+    ports: Option<Value>,
+    last: &Value,
+) -> Vec<Out> {
     plugins
         .iter()
         .map(|p| {
@@ -111,23 +117,37 @@ fn two_pods_exchange_tcp_and_host_port_reaches_pod() {
     a.results = add_chain(&plugins, &net, &a.env, Some(ports_a.clone()));
     b.results = add_chain(&plugins, &net, &b.env, None);
 
-    // Loopback result, then bridge result shape.
+    // Loopback result, then the bridge's, which extends it (prevResult).
     assert_eq!(a.results[0]["interfaces"][0]["name"], "lo");
     let ra = &a.results[1];
     let rb = &b.results[1];
     assert_eq!(ra["cniVersion"], VERSION);
-    assert_eq!(ra["interfaces"].as_array().unwrap().len(), 3);
-    assert_eq!(ra["interfaces"][0]["name"], bridge.as_str());
-    assert_eq!(ra["interfaces"][2]["name"], "eth0");
-    assert_eq!(ra["interfaces"][2]["sandbox"], a.ns.path.as_str());
-    assert_eq!(ra["ips"][0]["interface"], 2);
+    let ifaces: Vec<&str> = ra["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(ifaces.len(), 4, "{ra}");
+    assert_eq!(ifaces[0], "lo");
+    assert_eq!(ifaces[1], bridge.as_str());
+    assert!(ifaces[2].starts_with("veth"));
+    assert_eq!(ifaces[3], "eth0");
+    assert_eq!(ra["interfaces"][3]["sandbox"], a.ns.path.as_str());
+    let pod_entry = ra["ips"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["interface"] == 3)
+        .unwrap();
+    assert!(pod_entry["address"].as_str().unwrap().ends_with("/24"));
     // portmap passes its prevResult on unchanged.
     assert_eq!(&a.results[2], ra);
 
     let ip_a = pod_ip(ra);
     let ip_b = pod_ip(rb);
     assert_ne!(ip_a, ip_b);
-    let gw: IpAddr = ra["ips"][0]["gateway"].as_str().unwrap().parse().unwrap();
+    let gw: IpAddr = pod_entry["gateway"].as_str().unwrap().parse().unwrap();
     let sub: berth_cni::ip::IpNet = subnet.parse().unwrap();
     for ip in [ip_a, ip_b, gw] {
         assert!(sub.contains(ip), "{ip} not in {subnet}");
@@ -138,7 +158,7 @@ fn two_pods_exchange_tcp_and_host_port_reaches_pod() {
     assert!(br_addr.contains(&format!("{gw}/24")), "{br_addr}");
     let ports = bridge_ports(&bridge);
     assert_eq!(ports.len(), 2, "{ports:?}");
-    assert!(ports.contains(&ra["interfaces"][1]["name"].as_str().unwrap().to_string()));
+    assert!(ports.contains(&ifaces[2].to_string()));
     let (_, hp) = sh(&format!("bridge -d link show dev {}", ports[0]));
     assert!(hp.contains("hairpin on"), "{hp}");
 
@@ -165,7 +185,9 @@ fn two_pods_exchange_tcp_and_host_port_reaches_pod() {
 
     // Pod B -> pod A over TCP, no NAT between pods.
     let server = tcp_server(&a.ns, SocketAddr::new(ip_a, 8080), "pong");
-    let answer = in_ns(&b.ns, || tcp_client(SocketAddr::new(ip_a, 8080), "ping-from-b"));
+    let answer = in_ns(&b.ns, || {
+        tcp_client(SocketAddr::new(ip_a, 8080), "ping-from-b")
+    });
     assert_eq!(answer, format!("pong:{ip_b}:ping-from-b"));
     assert_eq!(server.join().unwrap(), format!("{ip_b}:ping-from-b"));
 
@@ -192,9 +214,15 @@ fn two_pods_exchange_tcp_and_host_port_reaches_pod() {
     echo.join().unwrap();
 
     // DEL in reverse order removes the veths, allocations and rules.
-    let host_veth_a = ra["interfaces"][1]["name"].as_str().unwrap().to_string();
+    let host_veth_a = ifaces[2].to_string();
     assert_eq!(ipam_files(&net_dir).len(), 2);
-    del_chain(&plugins, &net, &a.env, Some(ports_a.clone()), Some(&a.results[2]));
+    del_chain(
+        &plugins,
+        &net,
+        &a.env,
+        Some(ports_a.clone()),
+        Some(&a.results[2]),
+    );
     assert!(!bridge_ports(&bridge).contains(&host_veth_a));
     assert!(!sh(&format!("ip netns exec {} ip link show eth0", a.ns.name)).0);
     assert_eq!(ipam_files(&net_dir), vec![ip_b.to_string()]);
@@ -286,7 +314,8 @@ fn second_pod_mapping_the_same_host_port_is_refused() {
         bridge_conf(VERSION, &net, &bridge, &subnet, &data_dir, "host-local"),
         json!({"type": "portmap", "capabilities": {"portMappings": true}}),
     ];
-    let ports = json!([{"hostPort": 18941, "containerPort": 80, "protocol": "tcp", "hostIP": "127.0.0.1"}]);
+    let ports =
+        json!([{"hostPort": 18941, "containerPort": 80, "protocol": "tcp", "hostIP": "127.0.0.1"}]);
     let ns1 = Netns::new("btP");
     let ns2 = Netns::new("btQ");
     let e1 = Env::new(&format!("pm{tag}a"), &ns1.path, &berth_dir());
@@ -296,9 +325,14 @@ fn second_pod_mapping_the_same_host_port_is_refused() {
 
     let r1 = add_chain(&plugins, &net, &e1, Some(ports.clone()));
     // Second pod: bridge works, portmap refuses the taken port.
-    let rb = run(&bin("bridge"), "ADD", &e2, &chained(&plugins[0], &net, VERSION, None, None))
-        .ok()
-        .json();
+    let rb = run(
+        &bin("bridge"),
+        "ADD",
+        &e2,
+        &chained(&plugins[0], &net, VERSION, None, None),
+    )
+    .ok()
+    .json();
     let pm = chained(
         &plugins[1],
         &net,
@@ -309,13 +343,29 @@ fn second_pod_mapping_the_same_host_port_is_refused() {
     let o = run(&bin("portmap"), "ADD", &e2, &pm);
     assert_ne!(o.code, 0);
     let err = o.json();
-    assert!(err["msg"].as_str().unwrap().contains("already mapped"), "{err}");
+    assert!(
+        err["msg"].as_str().unwrap().contains("already mapped"),
+        "{err}"
+    );
     // A different host IP on the same port is fine.
-    let other = json!([{"hostPort": 18941, "containerPort": 80, "protocol": "tcp", "hostIP": "127.0.0.2"}]);
-    let pm2 = chained(&plugins[1], &net, VERSION, Some(&rb), Some(json!({"portMappings": other})));
+    let other =
+        json!([{"hostPort": 18941, "containerPort": 80, "protocol": "tcp", "hostIP": "127.0.0.2"}]);
+    let pm2 = chained(
+        &plugins[1],
+        &net,
+        VERSION,
+        Some(&rb),
+        Some(json!({"portMappings": other})),
+    );
     run(&bin("portmap"), "ADD", &e2, &pm2).ok();
     // The first pod's rules are intact.
-    let c = chained(&plugins[1], &net, VERSION, Some(&r1[1]), Some(json!({"portMappings": ports.clone()})));
+    let c = chained(
+        &plugins[1],
+        &net,
+        VERSION,
+        Some(&r1[1]),
+        Some(json!({"portMappings": ports.clone()})),
+    );
     run(&bin("portmap"), "CHECK", &e1, &c).ok();
 
     del_chain(&plugins, &net, &e2, None, Some(&rb));
@@ -350,5 +400,67 @@ fn mtu_is_applied_to_both_veth_ends() {
     assert_eq!(bridge_ports(&bridge).len(), 1);
     assert_eq!(ipam_files(&data_dir.join(&net)).len(), 1);
     run(&bin("bridge"), "DEL", &env, &conf).ok();
+    assert!(bridge_ports(&bridge).is_empty());
+}
+
+#[test]
+fn dual_stack_pod_gets_both_families() {
+    require_root!();
+    let mut cleanup = Cleanup::default();
+    let tag = rand4();
+    let bridge = format!("bt{tag}");
+    let net = format!("bt-ds-{tag}");
+    let subnet = free_subnet(35);
+    let v6 = format!("fd00:bc:{tag}::/64");
+    let data_dir = std::env::temp_dir().join(format!("berth-cni-ds-{tag}"));
+    cleanup.links.push(bridge.clone());
+    cleanup.dirs.push(data_dir.clone());
+    let mut conf = bridge_conf(VERSION, &net, &bridge, &subnet, &data_dir, "host-local");
+    conf["ipam"]["ranges"] = json!([[{"subnet": subnet}], [{"subnet": v6}]]);
+    let ns1 = Netns::new("btD");
+    let ns2 = Netns::new("btE");
+    let e1 = Env::new(&format!("ds{tag}a"), &ns1.path, &berth_dir());
+    let e2 = Env::new(&format!("ds{tag}b"), &ns2.path, &berth_dir());
+    let r1 = run(&bin("bridge"), "ADD", &e1, &conf).ok().json();
+    let r2 = run(&bin("bridge"), "ADD", &e2, &conf).ok().json();
+    assert_eq!(r1["ips"].as_array().unwrap().len(), 2, "{r1}");
+    let v6_of = |r: &Value| -> IpAddr {
+        r["ips"][1]["address"]
+            .as_str()
+            .unwrap()
+            .split('/')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (a6, b6) = (v6_of(&r1), v6_of(&r2));
+    assert!(a6.is_ipv6() && a6 != b6);
+    let addrs = ns1.exec("ip -6 -o addr show dev eth0");
+    assert!(addrs.contains(&format!("{a6}/64")), "{addrs}");
+    let line = addrs
+        .lines()
+        .find(|l| l.contains(&format!("{a6}/64")))
+        .unwrap();
+    assert!(!line.contains("tentative"), "DAD must be off: {line}");
+    let route = ns1.exec("ip -6 route show default");
+    assert!(
+        route.contains(&format!("via fd00:bc:{tag}::1 dev eth0")),
+        "{route}"
+    );
+    let (_, br) = sh(&format!("ip -6 -o addr show dev {bridge}"));
+    assert!(br.contains(&format!("fd00:bc:{tag}::1/64")), "{br}");
+
+    // Pod to pod over IPv6 (the ULA range is guarded off the default route).
+    net_guard_on();
+    assert_route_via(b6, &bridge);
+    let server = tcp_server(&ns2, SocketAddr::new(b6, 8081), "v6");
+    let answer = in_ns(&ns1, || tcp_client(SocketAddr::new(b6, 8081), "hello6"));
+    assert_eq!(answer, format!("v6:{a6}:hello6"));
+    server.join().unwrap();
+
+    run(&bin("bridge"), "DEL", &e1, &conf).ok();
+    run(&bin("bridge"), "DEL", &e2, &conf).ok();
+    assert!(ipam_files(&data_dir.join(&net)).is_empty());
     assert!(bridge_ports(&bridge).is_empty());
 }

@@ -13,6 +13,37 @@ pub struct BerthdOptions {
     pub extra_toml: String,
 }
 
+/// Keys of the generated `[cni]` table besides `conf_dir` (which is always
+/// `<tmp>/cni/net.d`, see [`Berthd::cni_conf_dir`]). `extra_toml` cannot
+/// carry them: a second `[cni]` table is a TOML error.
+#[derive(Debug, Clone, Default)]
+pub struct CniOptions {
+    /// `cni.bin_dirs`, searched in order; empty keeps berthd's default.
+    pub bin_dirs: Vec<PathBuf>,
+    /// `cni.plugin_timeout_secs`; `None` keeps berthd's default.
+    pub plugin_timeout_secs: Option<u64>,
+}
+
+impl CniOptions {
+    /// The lines of the `[cni]` table these options add.
+    fn toml_lines(&self) -> String {
+        let mut out = String::new();
+        if !self.bin_dirs.is_empty() {
+            // A JSON string is a valid TOML basic string.
+            let dirs: Vec<String> = self
+                .bin_dirs
+                .iter()
+                .map(|d| serde_json::to_string(&d.display().to_string()).unwrap())
+                .collect();
+            out.push_str(&format!("bin_dirs = [{}]\n", dirs.join(", ")));
+        }
+        if let Some(secs) = self.plugin_timeout_secs {
+            out.push_str(&format!("plugin_timeout_secs = {secs}\n"));
+        }
+        out
+    }
+}
+
 pub struct Berthd {
     pub dir: tempfile::TempDir,
     pub config_path: PathBuf,
@@ -49,6 +80,12 @@ impl Berthd {
     /// Writes a config pointing every dir into a fresh temp dir and starts
     /// berthd, returning once it answers `Version` on its socket.
     pub async fn start(options: BerthdOptions) -> anyhow::Result<Berthd> {
+        Self::start_with_cni(options, CniOptions::default()).await
+    }
+
+    /// [`Berthd::start`] with CNI plugin dirs and timeout in the generated
+    /// `[cni]` table.
+    pub async fn start_with_cni(options: BerthdOptions, cni_options: CniOptions) -> anyhow::Result<Berthd> {
         let dir = tempfile::Builder::new().prefix("berth-e2e-").tempdir()?;
         let root = dir.path().join("root");
         let state = dir.path().join("state");
@@ -58,11 +95,12 @@ impl Berthd {
         std::fs::write(
             &config_path,
             format!(
-                "root_dir = \"{}\"\nstate_dir = \"{}\"\n{}\n[log]\nlevel = \"info,berth_runtime=debug\"\n\n[cni]\nconf_dir = \"{}\"\n",
+                "root_dir = \"{}\"\nstate_dir = \"{}\"\n{}\n[log]\nlevel = \"info,berth_runtime=debug\"\n\n[cni]\nconf_dir = \"{}\"\n{}",
                 root.display(),
                 state.display(),
                 options.extra_toml,
-                cni.display()
+                cni.display(),
+                cni_options.toml_lines()
             ),
         )?;
         let mut d = Berthd {

@@ -9,11 +9,12 @@ pub mod berthd;
 pub mod cri;
 pub mod http;
 pub mod images;
+pub mod net;
 pub mod pods;
 pub mod process;
 pub mod registry;
 
-pub use berthd::{Berthd, BerthdOptions};
+pub use berthd::{Berthd, BerthdOptions, CniOptions};
 pub use images::{
     BuiltImage, BuiltIndex, Compression, Image, ImageSettings, Malicious, Platform, TestImages,
 };

@@ -18,7 +18,7 @@ use k8s_cri::v1::*;
 use tonic::Status;
 
 use crate::cri::CriClient;
-use crate::{Berthd, BerthdOptions, Registry, TestImages, require_root};
+use crate::{Berthd, BerthdOptions, CniOptions, Registry, TestImages, require_root};
 
 /// How long a test waits for a container to reach a state.
 pub const STATE_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,6 +53,11 @@ impl PodEnv {
     }
 
     pub async fn start_with(options: BerthdOptions) -> PodEnv {
+        Self::start_with_cni(options, CniOptions::default()).await
+    }
+
+    /// [`PodEnv::start_with`] with CNI plugin dirs and timeout for berthd.
+    pub async fn start_with_cni(options: BerthdOptions, cni: CniOptions) -> PodEnv {
         require_root();
         let registry = Registry::start().expect("start the harness registry");
         let work = tempfile::Builder::new()
@@ -62,7 +67,9 @@ impl PodEnv {
         let layouts = work.path().join("layouts");
         std::fs::create_dir_all(&layouts).unwrap();
         let images = TestImages::push_all(&registry, &layouts).expect("push the test images");
-        let d = Berthd::start(options).await.expect("start berthd");
+        let d = Berthd::start_with_cni(options, cni)
+            .await
+            .expect("start berthd");
         let client = d.client().await.expect("connect to berthd");
         let mut env = PodEnv {
             client,

@@ -13,8 +13,7 @@ use crate::netlink::{Link, Netlink, in_netns, open_netns};
 use crate::nft;
 use crate::plugins::delegate;
 use crate::spec::{
-    CniResult, Command, Error, Interface, IpConfig, NetConf, Request, Result, Route,
-    valid_ifname,
+    CniResult, Command, Error, Interface, IpConfig, NetConf, Request, Result, Route, valid_ifname,
 };
 
 pub const DEFAULT_BRIDGE: &str = "cni0";
@@ -168,6 +167,8 @@ fn default_route(v4: bool) -> IpNet {
 
 pub fn add(req: &Request) -> Result<CniResult> {
     let conf = BridgeConfig::parse(&req.config)?;
+    // Chained after another plugin (e.g. loopback): our result extends it.
+    let prev = NetConf::parse(&req.config)?.prev_result()?;
     let ns = open_netns(Path::new(&req.netns))?;
 
     // The container must not have the interface already.
@@ -205,9 +206,9 @@ pub fn add(req: &Request) -> Result<CniResult> {
     let ifname = req.ifname.clone();
     let cont = in_netns(&ns, || {
         let nl = Netlink::new()?;
-        let l = nl.link(&peer_name)?.ok_or_else(|| {
-            Error::internal(format!("veth peer {peer_name} is not in the netns"))
-        })?;
+        let l = nl
+            .link(&peer_name)?
+            .ok_or_else(|| Error::internal(format!("veth peer {peer_name} is not in the netns")))?;
         nl.rename(l.index, &ifname)?;
         if let Some(m) = mtu {
             nl.set_mtu(l.index, m)?;
@@ -269,6 +270,11 @@ pub fn add(req: &Request) -> Result<CniResult> {
     let cont_index = cont.index;
     in_netns(&ns, || {
         let nl = Netlink::new()?;
+        if ips.iter().any(|i| !i.address.is_ipv4()) {
+            // No duplicate address detection: the address (and routes via
+            // it) must work at once. /proc/sys/net follows this thread's netns.
+            crate::netlink::write_sysctl(&format!("net/ipv6/conf/{}/accept_dad", req.ifname), "0")?;
+        }
         for ipc in &ips {
             nl.add_address(cont_index, ipc.address)?;
         }
@@ -348,6 +354,21 @@ pub fn add(req: &Request) -> Result<CniResult> {
             ..Default::default()
         },
     ];
+    if let Some(prev) = prev {
+        let offset = prev.interfaces.len();
+        for ipc in &mut result.ips {
+            ipc.interface = ipc.interface.map(|i| i + offset);
+        }
+        let mut merged = prev;
+        merged.cni_version = result.cni_version.clone();
+        merged.interfaces.append(&mut result.interfaces);
+        merged.ips.append(&mut result.ips);
+        merged.routes.append(&mut result.routes);
+        if !result.dns.is_empty() {
+            merged.dns = result.dns;
+        }
+        result = merged;
+    }
     veth_guard.index = None;
     ipam_guard.plugin = None;
     Ok(result)
@@ -621,7 +642,11 @@ mod tests {
             r#"{"cniVersion":"1.0.0","name":"n","ipam":{}}"#,
             r#"{"cniVersion":"1.0.0","name":"n","isGateway":"yes"}"#,
         ] {
-            assert_eq!(BridgeConfig::parse(bad.as_bytes()).unwrap_err().code, 7, "{bad}");
+            assert_eq!(
+                BridgeConfig::parse(bad.as_bytes()).unwrap_err().code,
+                7,
+                "{bad}"
+            );
         }
     }
 

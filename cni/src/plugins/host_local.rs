@@ -244,9 +244,7 @@ impl IpamConfig {
                 if let Some(first) = set.first() {
                     let first: &Range = first;
                     if first.subnet.is_ipv4() != r.subnet.is_ipv4() {
-                        return Err(Error::config(format!(
-                            "range set {i} mixes IPv4 and IPv6"
-                        )));
+                        return Err(Error::config(format!("range set {i} mixes IPv4 and IPv6")));
                     }
                 }
                 for o in &set {
@@ -302,7 +300,10 @@ impl IpamConfig {
                     .filter(|d| !d.is_empty())
                     .unwrap_or_else(|| DEFAULT_DATA_DIR.to_string()),
             ),
-            resolv_conf: ipam.resolv_conf.filter(|s| !s.is_empty()).map(PathBuf::from),
+            resolv_conf: ipam
+                .resolv_conf
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
             requested,
         })
     }
@@ -488,7 +489,10 @@ fn allocate_next(
 }
 
 fn set_description(set: &[Range]) -> String {
-    set.iter().map(Range::describe).collect::<Vec<_>>().join(",")
+    set.iter()
+        .map(Range::describe)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Allocates one address per range set for (id, ifname).

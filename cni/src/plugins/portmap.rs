@@ -188,13 +188,7 @@ fn skeleton(family: &str) -> String {
     )
 }
 
-fn mapping_rules(
-    family: &str,
-    pod: IpAddr,
-    m: &PortMapping,
-    snat: bool,
-    comment: &str,
-) -> String {
+fn mapping_rules(family: &str, pod: IpAddr, m: &PortMapping, snat: bool, comment: &str) -> String {
     let kw = if family == "ip" { "ip" } else { "ip6" };
     let mut s = String::new();
     let daddr = m
@@ -235,10 +229,7 @@ fn enable_route_localnet(pod: IpAddr) -> Result<()> {
     let link = nl
         .link_by_index(oif)?
         .ok_or_else(|| Error::internal(format!("no link #{oif} for pod address {pod}")))?;
-    crate::netlink::write_sysctl(
-        &format!("net/ipv4/conf/{}/route_localnet", link.name),
-        "1",
-    )
+    crate::netlink::write_sysctl(&format!("net/ipv4/conf/{}/route_localnet", link.name), "1")
 }
 
 pub fn add(req: &Request) -> Result<CniResult> {
@@ -304,8 +295,10 @@ pub fn add(req: &Request) -> Result<CniResult> {
                     }
                 }
                 // Re-ADD: replace the container's own rules.
-                let mine: Vec<&RuleRef> =
-                    rules.iter().filter(|r| r.comment.starts_with(&owner)).collect();
+                let mine: Vec<&RuleRef> = rules
+                    .iter()
+                    .filter(|r| r.comment.starts_with(&owner))
+                    .collect();
                 script.push_str(&nft::delete_lines(family, TABLE, &mine));
             }
         }
@@ -462,7 +455,11 @@ mod tests {
             let conf = format!(
                 r#"{{"cniVersion":"1.0.0","name":"n","runtimeConfig":{{"portMappings":[{bad}]}}}}"#
             );
-            assert_eq!(PortmapConfig::parse(conf.as_bytes()).unwrap_err().code, 7, "{bad}");
+            assert_eq!(
+                PortmapConfig::parse(conf.as_bytes()).unwrap_err().code,
+                7,
+                "{bad}"
+            );
         }
     }
 

@@ -268,10 +268,13 @@ pub fn rules_with_comment(family: &str, table: &str, needle: &str) -> Vec<(Strin
 /// Installs the shared network guard (rejects private-range traffic that
 /// would leave through the default route). Panics if it cannot.
 pub fn net_guard_on() {
-    let script = ["/work/shared/tools/net-guard", "../../shared/tools/net-guard"]
-        .into_iter()
-        .map(PathBuf::from)
-        .find(|p| p.exists());
+    let script = [
+        "/work/shared/tools/net-guard",
+        "../../shared/tools/net-guard",
+    ]
+    .into_iter()
+    .map(PathBuf::from)
+    .find(|p| p.exists());
     match script {
         Some(p) => {
             let (ok, out) = sh(&format!("{} on", p.display()));
@@ -279,7 +282,9 @@ pub fn net_guard_on() {
         }
         None => {
             // The same rule, inline, when the shared tool is not there.
-            let (_, dev) = sh("ip route show default | awk '/default/ {for (i=1;i<=NF;i++) if ($i==\"dev\") {print $(i+1); exit}}'");
+            let (_, dev) = sh(
+                "ip route show default | awk '/default/ {for (i=1;i<=NF;i++) if ($i==\"dev\") {print $(i+1); exit}}'",
+            );
             let dev = dev.trim();
             if !dev.is_empty() {
                 let (ok, out) = sh(&format!(
@@ -444,7 +449,10 @@ pub fn pod_ip(result: &Value) -> IpAddr {
     let ifaces = result["interfaces"].as_array().unwrap();
     for ip in result["ips"].as_array().unwrap() {
         let idx = ip["interface"].as_u64().unwrap() as usize;
-        if ifaces[idx]["sandbox"].as_str().is_some_and(|s| !s.is_empty()) {
+        if ifaces[idx]["sandbox"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty())
+        {
             let a = ip["address"].as_str().unwrap();
             let ip: IpAddr = a.split('/').next().unwrap().parse().unwrap();
             if !ip.is_loopback() {

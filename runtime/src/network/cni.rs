@@ -82,14 +82,31 @@ pub struct Cni {
     pub ifname: String,
 }
 
-/// The IP addresses (without prefix) of a CNI result, IPv4 first.
-pub fn result_ips(result: &Value) -> Vec<String> {
+/// The pod's IP addresses (without prefix) from a CNI result, IPv4 first:
+/// those on the pod interface `ifname` when the result says which
+/// interface an address is on, never loopback ones.
+pub fn result_ips(result: &Value, ifname: &str) -> Vec<String> {
+    let pod_interfaces: Vec<u64> = result["interfaces"]
+        .as_array()
+        .map(|list| {
+            list.iter()
+                .enumerate()
+                .filter(|(_, i)| i["name"].as_str() == Some(ifname) && i["sandbox"].as_str().is_some_and(|s| !s.is_empty()))
+                .map(|(n, _)| n as u64)
+                .collect()
+        })
+        .unwrap_or_default();
     let mut ips: Vec<String> = result["ips"]
         .as_array()
         .map(|a| {
             a.iter()
+                .filter(|ip| match ip["interface"].as_u64() {
+                    Some(idx) if !pod_interfaces.is_empty() => pod_interfaces.contains(&idx),
+                    _ => true,
+                })
                 .filter_map(|ip| ip["address"].as_str())
                 .map(|addr| addr.split('/').next().unwrap_or(addr).to_string())
+                .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok_and(|a| !a.is_loopback()))
                 .collect()
         })
         .unwrap_or_default();
@@ -296,7 +313,12 @@ mod tests {
     #[test]
     fn ips_v4_first() {
         let r = json!({"ips":[{"address":"fd00::5/64"},{"address":"10.88.0.5/16","gateway":"10.88.0.1"}]});
-        assert_eq!(result_ips(&r), vec!["10.88.0.5".to_string(), "fd00::5".to_string()]);
+        assert_eq!(result_ips(&r, "eth0"), vec!["10.88.0.5".to_string(), "fd00::5".to_string()]);
+        let chained = json!({
+            "interfaces": [{"name":"lo","sandbox":"/n"},{"name":"cni0"},{"name":"veth1"},{"name":"eth0","sandbox":"/n"}],
+            "ips": [{"address":"127.0.0.1/8","interface":0},{"address":"10.88.0.7/16","interface":3}]
+        });
+        assert_eq!(result_ips(&chained, "eth0"), vec!["10.88.0.7".to_string()]);
     }
 
     #[test]

@@ -70,7 +70,7 @@ impl Network {
             }),
         };
         let result = self.cni.add(&network, &pod).await?;
-        let ips = cni::result_ips(&result);
+        let ips = cni::result_ips(&result, &self.cni.ifname);
         tracing::info!(pod_id = sandbox_id, network = %network.name, ips = ?ips, "pod network added");
         Ok(ips)
     }
