@@ -61,8 +61,14 @@ pub fn hierarchies(mode: CgroupMode) -> Vec<PathBuf> {
 
 fn relative(path: &str) -> Result<&str> {
     let rel = path.trim_start_matches('/');
-    if rel.is_empty() || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-        return Err(Error::InvalidArgument(format!("cgroup path {path:?} is invalid")));
+    if rel.is_empty()
+        || rel
+            .split('/')
+            .any(|c| c.is_empty() || c == "." || c == "..")
+    {
+        return Err(Error::InvalidArgument(format!(
+            "cgroup path {path:?} is invalid"
+        )));
     }
     Ok(rel)
 }
@@ -83,7 +89,8 @@ pub fn create_dir(mode: CgroupMode, path: &str) -> Result<bool> {
         for component in rel.split('/') {
             let next = current.join(component);
             if !next.is_dir() {
-                std::fs::create_dir(&next).map_err(|e| Error::io(format!("create cgroup {}", next.display()), e))?;
+                std::fs::create_dir(&next)
+                    .map_err(|e| Error::io(format!("create cgroup {}", next.display()), e))?;
                 created = true;
                 for file in ["cpuset.cpus", "cpuset.mems"] {
                     if let Ok(value) = std::fs::read_to_string(current.join(file)) {

@@ -90,10 +90,14 @@ impl Daemon {
             names.insert(sandbox_name_key(&s), s.id.clone());
         }
         for c in store.list::<ContainerRecord>()? {
-            names.insert(container_name_key(&c.sandbox_id, &c.name, c.attempt), c.id.clone());
+            names.insert(
+                container_name_key(&c.sandbox_id, &c.name, c.attempt),
+                c.id.clone(),
+            );
         }
         if config.cni.write_default_conflist
-            && let Some(path) = network::write_default_conflist(&config.cni.conf_dir, &config.cni.default_subnet)?
+            && let Some(path) =
+                network::write_default_conflist(&config.cni.conf_dir, &config.cni.default_subnet)?
         {
             tracing::info!(path = %path.display(), "wrote the default CNI network config");
         }
@@ -112,7 +116,9 @@ impl Daemon {
     pub fn reserve_name(&self, key: &str, id: &str) -> Result<NameReservation<'_>> {
         let mut names = self.names.lock().unwrap();
         if let Some(owner) = names.get(key) {
-            return Err(Error::AlreadyExists(format!("name {key} is already in use by {owner}")));
+            return Err(Error::AlreadyExists(format!(
+                "name {key} is already in use by {owner}"
+            )));
         }
         names.insert(key.to_string(), id.to_string());
         Ok(NameReservation {

@@ -48,7 +48,11 @@ fn log_path(sandbox: &SandboxContext, relative: &str) -> Result<Option<PathBuf>>
         return Ok(None);
     }
     let rel = Path::new(relative);
-    if rel.is_absolute() || rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
         return Err(Error::InvalidArgument(format!(
             "log_path {relative:?} must be relative to the sandbox's log directory, without `..`"
         )));
@@ -72,7 +76,9 @@ fn memory_cgroup(daemon: &Daemon, cgroups_path: &str) -> String {
     let rel = cgroups_path.trim_start_matches('/');
     match daemon.cgroup_mode {
         crate::cgroups::CgroupMode::Unified => format!("{}/{rel}", crate::cgroups::CGROUP_ROOT),
-        crate::cgroups::CgroupMode::Legacy => format!("{}/memory/{rel}", crate::cgroups::CGROUP_ROOT),
+        crate::cgroups::CgroupMode::Legacy => {
+            format!("{}/memory/{rel}", crate::cgroups::CGROUP_ROOT)
+        }
     }
 }
 
@@ -90,14 +96,23 @@ fn mount_overlay(lower: &[PathBuf], upper: &Path, work: &Path, target: &Path) ->
         upper.display(),
         work.display()
     );
-    mount(Some("overlay"), target, Some("overlay"), MsFlags::empty(), Some(options.as_str()))
-        .map_err(|e| Error::Internal(format!("mount overlay rootfs at {}: {e}", target.display())))
+    mount(
+        Some("overlay"),
+        target,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(options.as_str()),
+    )
+    .map_err(|e| Error::Internal(format!("mount overlay rootfs at {}: {e}", target.display())))
 }
 
 fn unmount(target: &Path) -> Result<()> {
     match umount2(target, MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
-        Err(e) => Err(Error::Internal(format!("unmount {}: {e}", target.display()))),
+        Err(e) => Err(Error::Internal(format!(
+            "unmount {}: {e}",
+            target.display()
+        ))),
     }
 }
 
@@ -122,7 +137,11 @@ pub async fn create(
     if meta.name.is_empty() {
         return Err(Error::InvalidArgument("container name is required".into()));
     }
-    let image_name = config.image.as_ref().map(|i| i.image.clone()).unwrap_or_default();
+    let image_name = config
+        .image
+        .as_ref()
+        .map(|i| i.image.clone())
+        .unwrap_or_default();
     if image_name.is_empty() {
         return Err(Error::InvalidArgument("container image is required".into()));
     }
@@ -145,10 +164,16 @@ pub async fn create(
     let mut undo = Undo::default();
     let result: Result<ContainerRecord> = async {
         for sub in ["upper", "work", "rootfs"] {
-            std::fs::create_dir_all(dir.join(sub)).context(|| format!("create {}/{sub}", dir.display()))?;
+            std::fs::create_dir_all(dir.join(sub))
+                .context(|| format!("create {}/{sub}", dir.display()))?;
         }
         undo.push_dir(dir.clone());
-        mount_overlay(&daemon.images.lower_dirs(&image), &dir.join("upper"), &dir.join("work"), &rootfs)?;
+        mount_overlay(
+            &daemon.images.lower_dirs(&image),
+            &dir.join("upper"),
+            &dir.join("work"),
+            &rootfs,
+        )?;
         {
             let rootfs = rootfs.clone();
             undo.push(move || {
@@ -171,7 +196,10 @@ pub async fn create(
             },
             _ => oci::PidMode::Container,
         };
-        let cgroups_path = format!("{}/{id}", sandbox.record.cgroup_parent.trim_end_matches('/'));
+        let cgroups_path = format!(
+            "{}/{id}",
+            sandbox.record.cgroup_parent.trim_end_matches('/')
+        );
         let process = image.process_config();
         let spec = oci::build_spec(&oci::SpecInput {
             container_id: &id,
@@ -203,11 +231,19 @@ pub async fn create(
         let shim_config = ShimConfig {
             id: id.clone(),
             bundle: bundle.display().to_string(),
-            log_path: log.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
+            log_path: log
+                .as_ref()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
             stdin: config.stdin,
             stdin_once: config.stdin_once,
             tty: config.tty,
-            runtime_root: daemon.config.state_dir.join("runtime").display().to_string(),
+            runtime_root: daemon
+                .config
+                .state_dir
+                .join("runtime")
+                .display()
+                .to_string(),
             memory_cgroup: memory_cgroup(daemon, &cgroups_path),
             container_helper: shim::container_helper_binary().display().to_string(),
         };
@@ -226,7 +262,8 @@ pub async fn create(
             labels: labels(&config.labels),
             annotations: labels(&config.annotations),
             snapshot_chain_ids: image.chain_ids.clone(),
-            config_json: serde_json::to_string(&config).map_err(|e| Error::Internal(e.to_string()))?,
+            config_json: serde_json::to_string(&config)
+                .map_err(|e| Error::Internal(e.to_string()))?,
             cgroups_path,
             ..Default::default()
         })
@@ -242,7 +279,12 @@ pub async fn create(
         Err(e) => {
             // The shim may exist already: have it delete the container.
             if shim::is_alive(&sdir) {
-                let _ = shim::call(&sdir, shim_request::Request::Shutdown(Default::default()), SHIM_TIMEOUT).await;
+                let _ = shim::call(
+                    &sdir,
+                    shim_request::Request::Shutdown(Default::default()),
+                    SHIM_TIMEOUT,
+                )
+                .await;
             }
             undo.run();
             Err(e)
@@ -267,7 +309,9 @@ pub fn find(daemon: &Daemon, id: &str) -> Result<ContainerRecord> {
     match matches.len() {
         1 => Ok(matches.into_iter().next().unwrap()),
         0 => Err(Error::NotFound(format!("container {id} not found"))),
-        _ => Err(Error::InvalidArgument(format!("container id prefix {id} is ambiguous"))),
+        _ => Err(Error::InvalidArgument(format!(
+            "container id prefix {id} is ambiguous"
+        ))),
     }
 }
 
@@ -311,10 +355,21 @@ pub async fn start(daemon: &Daemon, id: &str) -> Result<()> {
         )));
     }
     let dir = shim_dir(daemon, &record.id);
-    shim::call(&dir, shim_request::Request::Start(Default::default()), SHIM_TIMEOUT).await?;
+    shim::call(
+        &dir,
+        shim_request::Request::Start(Default::default()),
+        SHIM_TIMEOUT,
+    )
+    .await?;
     let mut record = record;
     record.state = ContainerState::Running;
-    record.started_at_ns = match shim::call(&dir, shim_request::Request::State(Default::default()), SHIM_TIMEOUT).await {
+    record.started_at_ns = match shim::call(
+        &dir,
+        shim_request::Request::State(Default::default()),
+        SHIM_TIMEOUT,
+    )
+    .await
+    {
         Ok(shim_response::Response::State(s)) if s.started_at_ns > 0 => s.started_at_ns,
         _ => now_ns(),
     };
@@ -328,7 +383,13 @@ pub async fn start(daemon: &Daemon, id: &str) -> Result<()> {
 }
 
 async fn current_pid(dir: &Path) -> Option<i32> {
-    match shim::call(dir, shim_request::Request::State(Default::default()), SHIM_TIMEOUT).await {
+    match shim::call(
+        dir,
+        shim_request::Request::State(Default::default()),
+        SHIM_TIMEOUT,
+    )
+    .await
+    {
         Ok(shim_response::Response::State(s)) => Some(s.pid),
         _ => None,
     }
@@ -356,8 +417,14 @@ pub fn parse_signal(name: &str) -> Option<i32> {
         return (1..=64).contains(&n).then_some(n);
     }
     let upper = name.to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") { upper } else { format!("SIG{upper}") };
-    full.parse::<nix::sys::signal::Signal>().ok().map(|s| s as i32)
+    let full = if upper.starts_with("SIG") {
+        upper
+    } else {
+        format!("SIG{upper}")
+    };
+    full.parse::<nix::sys::signal::Signal>()
+        .ok()
+        .map(|s| s as i32)
 }
 
 /// Waits until the shim records the exit, up to `timeout`.
@@ -399,14 +466,23 @@ pub async fn stop(daemon: &Daemon, id: &str, timeout_secs: i64) -> Result<()> {
     }
     kill(&dir, libc::SIGKILL).await?;
     if !wait_exit(&dir, Duration::from_secs(10)).await {
-        return Err(Error::Internal(format!("container {} did not exit after SIGKILL", record.id)));
+        return Err(Error::Internal(format!(
+            "container {} did not exit after SIGKILL",
+            record.id
+        )));
     }
     refresh(daemon, record)?;
     Ok(())
 }
 
 async fn kill(dir: &Path, signal: i32) -> Result<()> {
-    match shim::call(dir, shim_request::Request::Kill(berth_proto::shim::KillRequest { signal, all: false }), SHIM_TIMEOUT).await {
+    match shim::call(
+        dir,
+        shim_request::Request::Kill(berth_proto::shim::KillRequest { signal, all: false }),
+        SHIM_TIMEOUT,
+    )
+    .await
+    {
         Ok(_) => Ok(()),
         // The shim died under us: the caller's refresh reports it.
         Err(Error::FailedPrecondition(_)) if !shim::is_alive(dir) => Ok(()),
@@ -434,7 +510,9 @@ fn kill_orphaned(daemon: &Daemon, record: &ContainerRecord) {
             stderr = %String::from_utf8_lossy(&out.stderr).trim(),
             "could not delete the orphaned container"
         ),
-        Err(e) => tracing::warn!(container_id = %record.id, error = %e, "could not run the container helper"),
+        Err(e) => {
+            tracing::warn!(container_id = %record.id, error = %e, "could not run the container helper")
+        }
     }
 }
 
@@ -448,11 +526,19 @@ pub async fn remove(daemon: &Daemon, id: &str) -> Result<()> {
     };
     tracing::Span::current().record("container_id", record.id.as_str());
     let dir = shim_dir(daemon, &record.id);
-    if matches!(record.state, ContainerState::Created | ContainerState::Running) {
+    if matches!(
+        record.state,
+        ContainerState::Created | ContainerState::Running
+    ) {
         stop(daemon, &record.id, 0).await?;
     }
     if shim::is_alive(&dir) {
-        shim::call(&dir, shim_request::Request::Shutdown(Default::default()), SHIM_TIMEOUT).await?;
+        shim::call(
+            &dir,
+            shim_request::Request::Shutdown(Default::default()),
+            SHIM_TIMEOUT,
+        )
+        .await?;
     } else {
         kill_orphaned(daemon, &record);
     }
@@ -482,11 +568,19 @@ pub fn of_sandbox(daemon: &Daemon, sandbox_id: &str) -> Result<Vec<ContainerReco
 }
 
 /// ExecSync through the shim.
-pub async fn exec_sync(daemon: &Daemon, id: &str, cmd: Vec<String>, timeout_secs: i64) -> Result<(Vec<u8>, Vec<u8>, i32)> {
+pub async fn exec_sync(
+    daemon: &Daemon,
+    id: &str,
+    cmd: Vec<String>,
+    timeout_secs: i64,
+) -> Result<(Vec<u8>, Vec<u8>, i32)> {
     let record = refresh(daemon, find(daemon, id)?)?;
     tracing::Span::current().record("container_id", record.id.as_str());
     if record.state != ContainerState::Running {
-        return Err(Error::FailedPrecondition(format!("container {} is not running", record.id)));
+        return Err(Error::FailedPrecondition(format!(
+            "container {} is not running",
+            record.id
+        )));
     }
     if cmd.is_empty() {
         return Err(Error::InvalidArgument("exec command is required".into()));
@@ -516,9 +610,17 @@ pub async fn exec_sync(daemon: &Daemon, id: &str, cmd: Vec<String>, timeout_secs
 pub async fn reopen_log(daemon: &Daemon, id: &str) -> Result<()> {
     let record = refresh(daemon, find(daemon, id)?)?;
     if record.state != ContainerState::Running {
-        return Err(Error::FailedPrecondition(format!("container {} is not running", record.id)));
+        return Err(Error::FailedPrecondition(format!(
+            "container {} is not running",
+            record.id
+        )));
     }
-    shim::call(&shim_dir(daemon, &record.id), shim_request::Request::ReopenLog(Default::default()), SHIM_TIMEOUT).await?;
+    shim::call(
+        &shim_dir(daemon, &record.id),
+        shim_request::Request::ReopenLog(Default::default()),
+        SHIM_TIMEOUT,
+    )
+    .await?;
     Ok(())
 }
 

@@ -66,15 +66,28 @@ pub async fn launch(dir: &Path, config: &ShimConfig) -> Result<()> {
 }
 
 /// One request to the shim of `dir`.
-pub async fn call(dir: &Path, request: shim_request::Request, timeout: Duration) -> Result<shim_response::Response> {
+pub async fn call(
+    dir: &Path,
+    request: shim_request::Request,
+    timeout: Duration,
+) -> Result<shim_response::Response> {
     let socket = dir.join("shim.sock");
     tokio::task::spawn_blocking(move || {
-        let mut stream = connect_socket(&socket)
-            .map_err(|e| Error::FailedPrecondition(format!("shim at {} is not reachable: {e}", socket.display())))?;
+        let mut stream = connect_socket(&socket).map_err(|e| {
+            Error::FailedPrecondition(format!(
+                "shim at {} is not reachable: {e}",
+                socket.display()
+            ))
+        })?;
         stream.set_read_timeout(Some(timeout)).ok();
         stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
-        write_frame(&mut stream, &ShimRequest { request: Some(request) })
-            .map_err(|e| Error::Internal(format!("send to shim {}: {e}", socket.display())))?;
+        write_frame(
+            &mut stream,
+            &ShimRequest {
+                request: Some(request),
+            },
+        )
+        .map_err(|e| Error::Internal(format!("send to shim {}: {e}", socket.display())))?;
         let resp: ShimResponse = read_frame(&mut stream)
             .map_err(|e| Error::Internal(format!("answer from shim {}: {e}", socket.display())))?;
         into_result(resp)
@@ -137,13 +150,17 @@ pub fn is_alive(dir: &Path) -> bool {
         return false;
     };
     let mut cmdline = Vec::new();
-    let ok = std::fs::File::open(format!("/proc/{pid}/cmdline")).and_then(|mut f| f.read_to_end(&mut cmdline));
+    let ok = std::fs::File::open(format!("/proc/{pid}/cmdline"))
+        .and_then(|mut f| f.read_to_end(&mut cmdline));
     ok.is_ok() && cmdline.windows(10).any(|w| w == b"berth-shim") && !is_zombie(pid)
 }
 
 fn is_zombie(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .ok()
-        .and_then(|s| s.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('Z')))
+        .and_then(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
         .unwrap_or(true)
 }

@@ -8,7 +8,10 @@ use crate::sandbox::NamespaceOptionsView;
 use crate::store::{ContainerRecord, ContainerState, KeyValue, SandboxRecord, SandboxState};
 
 pub fn map(pairs: &[KeyValue]) -> HashMap<String, String> {
-    pairs.iter().map(|kv| (kv.key.clone(), kv.value.clone())).collect()
+    pairs
+        .iter()
+        .map(|kv| (kv.key.clone(), kv.value.clone()))
+        .collect()
 }
 
 pub fn labels_match(labels: &[KeyValue], selector: &HashMap<String, String>) -> bool {
@@ -54,14 +57,22 @@ pub fn pod_sandbox(r: &SandboxRecord) -> cri::PodSandbox {
     }
 }
 
-pub fn pod_sandbox_status(r: &SandboxRecord, config: &cri::PodSandboxConfig) -> cri::PodSandboxStatus {
+pub fn pod_sandbox_status(
+    r: &SandboxRecord,
+    config: &cri::PodSandboxConfig,
+) -> cri::PodSandboxStatus {
     let ns = NamespaceOptionsView::of(config);
     let network = if ns.network == cri::NamespaceMode::Node {
         None
     } else {
         Some(cri::PodSandboxNetworkStatus {
             ip: r.pod_ips.first().cloned().unwrap_or_default(),
-            additional_ips: r.pod_ips.iter().skip(1).map(|ip| cri::PodIp { ip: ip.clone() }).collect(),
+            additional_ips: r
+                .pod_ips
+                .iter()
+                .skip(1)
+                .map(|ip| cri::PodIp { ip: ip.clone() })
+                .collect(),
         })
     };
     cri::PodSandboxStatus {
@@ -111,7 +122,10 @@ pub fn container(r: &ContainerRecord) -> cri::Container {
     }
 }
 
-pub fn container_status(r: &ContainerRecord, config: Option<&cri::ContainerConfig>) -> cri::ContainerStatus {
+pub fn container_status(
+    r: &ContainerRecord,
+    config: Option<&cri::ContainerConfig>,
+) -> cri::ContainerStatus {
     cri::ContainerStatus {
         id: r.id.clone(),
         metadata: Some(container_metadata(r)),

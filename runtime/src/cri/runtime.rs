@@ -8,8 +8,8 @@ use k8s_cri::v1::*;
 use tonic::{Request, Response, Status};
 
 use super::cri_service;
-use crate::daemon::{self, Daemon};
 use crate::container;
+use crate::daemon::{self, Daemon};
 use crate::error::Error;
 use crate::sandbox::{self, namespaces::Kind};
 

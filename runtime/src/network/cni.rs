@@ -27,8 +27,9 @@ pub struct NetworkList {
 impl NetworkList {
     pub fn load(path: &Path) -> Result<NetworkList> {
         let text = std::fs::read_to_string(path).context(|| format!("read {}", path.display()))?;
-        let doc: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::InvalidArgument(format!("{}: invalid JSON: {e}", path.display())))?;
+        let doc: Value = serde_json::from_str(&text).map_err(|e| {
+            Error::InvalidArgument(format!("{}: invalid JSON: {e}", path.display()))
+        })?;
         let name = doc["name"].as_str().unwrap_or_default().to_string();
         let cni_version = doc["cniVersion"].as_str().unwrap_or("1.0.0").to_string();
         let plugins = match doc.get("plugins").and_then(|p| p.as_array()) {
@@ -91,7 +92,10 @@ pub fn result_ips(result: &Value, ifname: &str) -> Vec<String> {
         .map(|list| {
             list.iter()
                 .enumerate()
-                .filter(|(_, i)| i["name"].as_str() == Some(ifname) && i["sandbox"].as_str().is_some_and(|s| !s.is_empty()))
+                .filter(|(_, i)| {
+                    i["name"].as_str() == Some(ifname)
+                        && i["sandbox"].as_str().is_some_and(|s| !s.is_empty())
+                })
                 .map(|(n, _)| n as u64)
                 .collect()
         })
@@ -106,7 +110,10 @@ pub fn result_ips(result: &Value, ifname: &str) -> Vec<String> {
                 })
                 .filter_map(|ip| ip["address"].as_str())
                 .map(|addr| addr.split('/').next().unwrap_or(addr).to_string())
-                .filter(|ip| ip.parse::<std::net::IpAddr>().is_ok_and(|a| !a.is_loopback()))
+                .filter(|ip| {
+                    ip.parse::<std::net::IpAddr>()
+                        .is_ok_and(|a| !a.is_loopback())
+                })
                 .collect()
         })
         .unwrap_or_default();
@@ -121,7 +128,9 @@ impl Cni {
 
     fn find_plugin(&self, kind: &str) -> Result<PathBuf> {
         if kind.is_empty() || kind.contains('/') || kind.starts_with('.') {
-            return Err(Error::InvalidArgument(format!("CNI plugin type {kind:?} is invalid")));
+            return Err(Error::InvalidArgument(format!(
+                "CNI plugin type {kind:?} is invalid"
+            )));
         }
         self.bin_dirs
             .iter()
@@ -130,7 +139,11 @@ impl Cni {
             .ok_or_else(|| {
                 Error::FailedPrecondition(format!(
                     "CNI plugin {kind:?} not found in {}",
-                    self.bin_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":")
+                    self.bin_dirs
+                        .iter()
+                        .map(|d| d.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(":")
                 ))
             })
     }
@@ -138,7 +151,8 @@ impl Cni {
     /// Runs ADD for every plugin; on failure runs DEL for the whole list and
     /// reports the failing plugin's own message.
     pub async fn add(&self, network: &NetworkList, pod: &PodNetwork) -> Result<Value> {
-        std::fs::create_dir_all(&self.cache_dir).context(|| format!("create {}", self.cache_dir.display()))?;
+        std::fs::create_dir_all(&self.cache_dir)
+            .context(|| format!("create {}", self.cache_dir.display()))?;
         // Cache first: a crash half way still lets DEL clean up.
         self.write_cache(&Cached {
             network: network.clone(),
@@ -176,7 +190,8 @@ impl Cni {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(Error::io(format!("read {}", path.display()), e)),
         };
-        self.del_list(&cached.network, &cached.pod, &cached.result).await?;
+        self.del_list(&cached.network, &cached.pod, &cached.result)
+            .await?;
         match std::fs::remove_file(&path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -210,7 +225,12 @@ impl Cni {
 
     /// The stdin of one plugin: its own config plus name, version,
     /// prevResult and the runtimeConfig for the capabilities it declares.
-    fn plugin_config(network: &NetworkList, plugin: &Value, pod: &PodNetwork, prev: &Value) -> Value {
+    fn plugin_config(
+        network: &NetworkList,
+        plugin: &Value,
+        pod: &PodNetwork,
+        prev: &Value,
+    ) -> Value {
         let mut conf = plugin.clone();
         let obj = conf.as_object_mut().expect("plugin config is an object");
         obj.insert("name".into(), json!(network.name));
@@ -218,9 +238,14 @@ impl Cni {
         if !prev.is_null() {
             obj.insert("prevResult".into(), prev.clone());
         }
-        let caps = plugin["capabilities"].as_object().cloned().unwrap_or_default();
+        let caps = plugin["capabilities"]
+            .as_object()
+            .cloned()
+            .unwrap_or_default();
         let mut runtime = serde_json::Map::new();
-        if caps.get("portMappings").and_then(|v| v.as_bool()) == Some(true) && !pod.port_mappings.is_empty() {
+        if caps.get("portMappings").and_then(|v| v.as_bool()) == Some(true)
+            && !pod.port_mappings.is_empty()
+        {
             runtime.insert("portMappings".into(), json!(pod.port_mappings));
         }
         if caps.get("dns").and_then(|v| v.as_bool()) == Some(true)
@@ -234,9 +259,19 @@ impl Cni {
         conf
     }
 
-    async fn invoke(&self, command: &str, network: &NetworkList, plugin: &Value, pod: &PodNetwork, prev: &Value) -> Result<Value> {
+    async fn invoke(
+        &self,
+        command: &str,
+        network: &NetworkList,
+        plugin: &Value,
+        pod: &PodNetwork,
+        prev: &Value,
+    ) -> Result<Value> {
         if !plugin.is_object() {
-            return Err(Error::InvalidArgument(format!("{}: a plugin entry is not an object", network.source.display())));
+            return Err(Error::InvalidArgument(format!(
+                "{}: a plugin entry is not an object",
+                network.source.display()
+            )));
         }
         let kind = plugin["type"].as_str().unwrap_or_default().to_string();
         let binary = self.find_plugin(&kind)?;
@@ -255,7 +290,10 @@ impl Cni {
             .env("CNI_IFNAME", &self.ifname)
             .env("CNI_ARGS", cni_args)
             .env("CNI_PATH", &path)
-            .env("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -287,9 +325,15 @@ impl Cni {
                     }
                     format!("code {}: {m}", v["code"])
                 }
-                _ => format!("{} {}", stdout.trim(), String::from_utf8_lossy(&output.stderr).trim()),
+                _ => format!(
+                    "{} {}",
+                    stdout.trim(),
+                    String::from_utf8_lossy(&output.stderr).trim()
+                ),
             };
-            return Err(Error::Internal(format!("CNI plugin {kind} {command} failed: {detail}")));
+            return Err(Error::Internal(format!(
+                "CNI plugin {kind} {command} failed: {detail}"
+            )));
         }
         if command != "ADD" {
             return Ok(Value::Null);
@@ -313,7 +357,10 @@ mod tests {
     #[test]
     fn ips_v4_first() {
         let r = json!({"ips":[{"address":"fd00::5/64"},{"address":"10.88.0.5/16","gateway":"10.88.0.1"}]});
-        assert_eq!(result_ips(&r, "eth0"), vec!["10.88.0.5".to_string(), "fd00::5".to_string()]);
+        assert_eq!(
+            result_ips(&r, "eth0"),
+            vec!["10.88.0.5".to_string(), "fd00::5".to_string()]
+        );
         let chained = json!({
             "interfaces": [{"name":"lo","sandbox":"/n"},{"name":"cni0"},{"name":"veth1"},{"name":"eth0","sandbox":"/n"}],
             "ips": [{"address":"127.0.0.1/8","interface":0},{"address":"10.88.0.7/16","interface":3}]

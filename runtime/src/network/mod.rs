@@ -34,7 +34,12 @@ impl Network {
     /// Runs the network list for a pod; returns its IPs. Without any CNI
     /// config the pod keeps a loopback-only network (kubelet does not
     /// schedule such pods while NetworkReady is false).
-    pub async fn setup(&self, sandbox_id: &str, netns: &Path, config: &PodSandboxConfig) -> Result<Vec<String>> {
+    pub async fn setup(
+        &self,
+        sandbox_id: &str,
+        netns: &Path,
+        config: &PodSandboxConfig,
+    ) -> Result<Vec<String>> {
         let source = match find_network_config(&self.conf_dir) {
             Ok(p) => p,
             Err(why) => {
@@ -114,8 +119,11 @@ pub fn write_default_conflist(conf_dir: &Path, subnet: &str) -> Result<Option<Pa
         ]
     });
     let path = conf_dir.join("10-berth.conflist");
-    std::fs::write(&path, serde_json::to_vec_pretty(&conflist).unwrap_or_default())
-        .map_err(|e| crate::error::Error::io(format!("write {}", path.display()), e))?;
+    std::fs::write(
+        &path,
+        serde_json::to_vec_pretty(&conflist).unwrap_or_default(),
+    )
+    .map_err(|e| crate::error::Error::io(format!("write {}", path.display()), e))?;
     Ok(Some(path))
 }
 

@@ -27,14 +27,20 @@ pub fn start(shim: &Path, log: &Path) -> Result<i32> {
     // functions on memory prepared before fork.
     unsafe {
         if libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) != 0 {
-            return Err(Error::io("pipe for infra process", std::io::Error::last_os_error()));
+            return Err(Error::io(
+                "pipe for infra process",
+                std::io::Error::last_os_error(),
+            ));
         }
         let (rd, wr) = (fds[0], fds[1]);
         let child = libc::fork();
         if child < 0 {
             libc::close(rd);
             libc::close(wr);
-            return Err(Error::io("fork infra process", std::io::Error::last_os_error()));
+            return Err(Error::io(
+                "fork infra process",
+                std::io::Error::last_os_error(),
+            ));
         }
         if child == 0 {
             libc::close(rd);
@@ -52,7 +58,11 @@ pub fn start(shim: &Path, log: &Path) -> Result<i32> {
             }
             libc::setsid();
             let null = libc::open(devnull.as_ptr(), libc::O_RDWR);
-            let out = libc::open(log_c.as_ptr(), libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND, 0o600);
+            let out = libc::open(
+                log_c.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
+                0o600,
+            );
             if null >= 0 {
                 libc::dup2(null, 0);
             }
@@ -84,8 +94,7 @@ pub fn is_alive(pid: i32) -> bool {
         return false;
     }
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    cmdline.windows(10).any(|w| w == b"berth-shim")
-        && cmdline.windows(5).any(|w| w == b"pause")
+    cmdline.windows(10).any(|w| w == b"berth-shim") && cmdline.windows(5).any(|w| w == b"pause")
 }
 
 pub fn stop(pid: i32) {

@@ -66,7 +66,8 @@ impl NamespaceOptionsView {
             .as_ref()
             .and_then(|l| l.security_context.as_ref())
             .and_then(|s| s.namespace_options.as_ref());
-        let mode = |v: Option<i32>| NamespaceMode::try_from(v.unwrap_or(0)).unwrap_or(NamespaceMode::Pod);
+        let mode =
+            |v: Option<i32>| NamespaceMode::try_from(v.unwrap_or(0)).unwrap_or(NamespaceMode::Pod);
         NamespaceOptionsView {
             network: mode(opts.map(|o| o.network)),
             pid: mode(opts.map(|o| o.pid)),
@@ -103,9 +104,16 @@ pub fn validate_sysctls(
     let mut out = Vec::new();
     for (key, value) in sysctls {
         let key = key.replace('/', ".");
-        if key.split('.').any(|p| p.is_empty() || p == ".." || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'))
-        {
-            return Err(Error::InvalidArgument(format!("sysctl {key:?} is malformed")));
+        if key.split('.').any(|p| {
+            p.is_empty()
+                || p == ".."
+                || !p
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        }) {
+            return Err(Error::InvalidArgument(format!(
+                "sysctl {key:?} is malformed"
+            )));
         }
         let needs_net = key.starts_with("net.");
         let needs_ipc = key.starts_with("kernel.shm")
@@ -128,7 +136,9 @@ pub fn validate_sysctls(
             )));
         }
         if value.contains('\n') {
-            return Err(Error::InvalidArgument(format!("sysctl {key:?} value contains a newline")));
+            return Err(Error::InvalidArgument(format!(
+                "sysctl {key:?} value contains a newline"
+            )));
         }
         out.push((key, value.clone()));
     }
@@ -143,7 +153,11 @@ fn labels(map: &std::collections::HashMap<String, String>) -> Vec<KeyValue> {
 }
 
 /// RunPodSandbox. Everything made is undone when a later step fails.
-pub async fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &str) -> Result<String> {
+pub async fn run(
+    daemon: &Daemon,
+    config: PodSandboxConfig,
+    runtime_handler: &str,
+) -> Result<String> {
     if !runtime_handler.is_empty() {
         return Err(Error::NotFound(format!(
             "runtime handler {runtime_handler:?} is not configured (only the default handler \"\" is)"
@@ -154,24 +168,35 @@ pub async fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &st
         .clone()
         .ok_or_else(|| Error::InvalidArgument("sandbox metadata is required".into()))?;
     if meta.name.is_empty() || meta.namespace.is_empty() || meta.uid.is_empty() {
-        return Err(Error::InvalidArgument("sandbox metadata needs name, namespace and uid".into()));
+        return Err(Error::InvalidArgument(
+            "sandbox metadata needs name, namespace and uid".into(),
+        ));
     }
     let ns = NamespaceOptionsView::of(&config);
     let own_net = ns.network != NamespaceMode::Node;
     let own_ipc = ns.ipc != NamespaceMode::Node;
     let sysctls = validate_sysctls(
-        &config.linux.as_ref().map(|l| l.sysctls.clone()).unwrap_or_default(),
+        &config
+            .linux
+            .as_ref()
+            .map(|l| l.sysctls.clone())
+            .unwrap_or_default(),
         own_net,
         own_ipc,
     )?;
     if ns.pid == NamespaceMode::Target {
-        return Err(Error::InvalidArgument("pid namespace mode TARGET is for containers, not pods".into()));
+        return Err(Error::InvalidArgument(
+            "pid namespace mode TARGET is for containers, not pods".into(),
+        ));
     }
     let shared_pid = ns.pid == NamespaceMode::Pod;
 
     let id = new_id();
     let reservation = daemon.reserve_name(
-        &format!("sandbox/{}/{}/{}/{}", meta.namespace, meta.name, meta.uid, meta.attempt),
+        &format!(
+            "sandbox/{}/{}/{}/{}",
+            meta.namespace, meta.name, meta.uid, meta.attempt
+        ),
         &id,
     )?;
     tracing::Span::current().record("pod_id", id.as_str());
@@ -183,7 +208,11 @@ pub async fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &st
         std::fs::create_dir_all(dir.join("ns")).context(|| format!("create {}", dir.display()))?;
         undo.push_dir(dir.clone());
 
-        let hostname = if own_net { config.hostname.clone() } else { String::new() };
+        let hostname = if own_net {
+            config.hostname.clone()
+        } else {
+            String::new()
+        };
         let mut kinds = Vec::new();
         if own_net {
             kinds.push(Kind::Net);
@@ -206,14 +235,21 @@ pub async fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &st
 
         let pod_ips = if own_net {
             network_added = true;
-            daemon.network.setup(&id, &dir.join("ns").join("net"), &config).await?
+            daemon
+                .network
+                .setup(&id, &dir.join("ns").join("net"), &config)
+                .await?
         } else {
             Vec::new()
         };
 
         // Files the containers bind-mount.
         if own_net {
-            let name = if hostname.is_empty() { meta.name.clone() } else { hostname.clone() };
+            let name = if hostname.is_empty() {
+                meta.name.clone()
+            } else {
+                hostname.clone()
+            };
             files::write(&dir.join("hostname"), &format!("{name}\n"))?;
             files::write(&dir.join("hosts"), &files::hosts(&name, &pod_ips))?;
         } else {
@@ -248,7 +284,10 @@ pub async fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &st
             undo.push_cgroup(daemon.cgroup_mode, cgroup_parent.clone());
         }
         let infra_pid = if shared_pid {
-            let pid = infra::start(&crate::container::shim::shim_binary(), &dir.join("infra.log"))?;
+            let pid = infra::start(
+                &crate::container::shim::shim_binary(),
+                &dir.join("infra.log"),
+            )?;
             undo.push(move || infra::stop(pid));
             // Inside the pod's cgroup, so pod limits apply to it too.
             crate::cgroups::add_process(daemon.cgroup_mode, &cgroup_parent, pid)?;
@@ -256,7 +295,6 @@ pub async fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &st
         } else {
             0
         };
-
 
         let record = SandboxRecord {
             id: id.clone(),
@@ -270,7 +308,8 @@ pub async fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &st
             labels: labels(&config.labels),
             annotations: labels(&config.annotations),
             log_directory: config.log_directory.clone(),
-            config_json: serde_json::to_string(&config).map_err(|e| Error::Internal(e.to_string()))?,
+            config_json: serde_json::to_string(&config)
+                .map_err(|e| Error::Internal(e.to_string()))?,
             cgroup_parent,
             created_cgroup,
             hostname,
@@ -322,7 +361,9 @@ pub fn find(daemon: &Daemon, id: &str) -> Result<SandboxRecord> {
     match matches.len() {
         1 => Ok(matches.into_iter().next().unwrap()),
         0 => Err(Error::NotFound(format!("pod sandbox {id} not found"))),
-        _ => Err(Error::InvalidArgument(format!("pod sandbox id prefix {id} is ambiguous"))),
+        _ => Err(Error::InvalidArgument(format!(
+            "pod sandbox id prefix {id} is ambiguous"
+        ))),
     }
 }
 
@@ -417,10 +458,23 @@ mod tests {
 
     #[test]
     fn sysctls_are_checked_against_namespaces() {
-        let m = |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
         assert_eq!(
-            validate_sysctls(&m(&[("net/ipv4/ip_forward", "1"), ("kernel.shmmax", "1000")]), true, true).unwrap(),
-            vec![("kernel.shmmax".to_string(), "1000".to_string()), ("net.ipv4.ip_forward".to_string(), "1".to_string())]
+            validate_sysctls(
+                &m(&[("net/ipv4/ip_forward", "1"), ("kernel.shmmax", "1000")]),
+                true,
+                true
+            )
+            .unwrap(),
+            vec![
+                ("kernel.shmmax".to_string(), "1000".to_string()),
+                ("net.ipv4.ip_forward".to_string(), "1".to_string())
+            ]
         );
         assert!(validate_sysctls(&m(&[("kernel.hostname", "x")]), true, true).is_err());
         assert!(validate_sysctls(&m(&[("vm.swappiness", "1")]), true, true).is_err());

@@ -131,7 +131,8 @@ pub fn unpin(path: &Path) -> Result<()> {
 
 /// Whether `path` is a pinned namespace (an nsfs bind mount).
 pub fn is_pinned(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path).is_ok_and(|fs| fs.filesystem_type().0 as libc::c_long == NSFS_MAGIC)
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|fs| fs.filesystem_type().0 as libc::c_long == NSFS_MAGIC)
 }
 
 const NSFS_MAGIC: libc::c_long = 0x6e736673;
