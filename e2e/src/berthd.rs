@@ -85,7 +85,10 @@ impl Berthd {
 
     /// [`Berthd::start`] with CNI plugin dirs and timeout in the generated
     /// `[cni]` table.
-    pub async fn start_with_cni(options: BerthdOptions, cni_options: CniOptions) -> anyhow::Result<Berthd> {
+    pub async fn start_with_cni(
+        options: BerthdOptions,
+        cni_options: CniOptions,
+    ) -> anyhow::Result<Berthd> {
         let dir = tempfile::Builder::new().prefix("berth-e2e-").tempdir()?;
         let root = dir.path().join("root");
         let state = dir.path().join("state");

@@ -72,6 +72,7 @@ fn run(config_path: Option<PathBuf>) -> Result<()> {
         // socket, not about the store being busy.
         let socket = server::CriSocket::bind(&config.socket_path())?;
         let daemon = Daemon::open(config)?;
+        berth_runtime::recovery::recover(&daemon).await?;
         // What a killed pull or removal left unreferenced goes now.
         daemon.images.collect_garbage().await?;
         tracing::info!(

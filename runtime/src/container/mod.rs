@@ -557,6 +557,31 @@ pub async fn remove(daemon: &Daemon, id: &str) -> Result<()> {
     Ok(())
 }
 
+/// Removes what an unfinished create of `id` left: its shim (asked to
+/// delete the container), the libcontainer state, the rootfs mount, dirs.
+pub async fn discard_unrecorded(daemon: &Daemon, id: &str) {
+    let dir = shim_dir(daemon, id);
+    if shim::is_alive(&dir) {
+        let _ = shim::call(
+            &dir,
+            shim_request::Request::Shutdown(Default::default()),
+            SHIM_TIMEOUT,
+        )
+        .await;
+    }
+    let record = ContainerRecord {
+        id: id.to_string(),
+        ..Default::default()
+    };
+    if daemon.config.state_dir.join("runtime").join(id).exists() {
+        kill_orphaned(daemon, &record);
+    }
+    let cdir = container_dir(daemon, id);
+    let _ = unmount(&cdir.join("rootfs"));
+    let _ = std::fs::remove_dir_all(&cdir);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Containers of a sandbox.
 pub fn of_sandbox(daemon: &Daemon, sandbox_id: &str) -> Result<Vec<ContainerRecord>> {
     Ok(daemon

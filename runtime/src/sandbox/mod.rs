@@ -282,6 +282,8 @@ pub async fn run(
         let created_cgroup = crate::cgroups::create_dir(daemon.cgroup_mode, &cgroup_parent)?;
         if created_cgroup {
             undo.push_cgroup(daemon.cgroup_mode, cgroup_parent.clone());
+            // For start-up recovery, should berthd die before the record.
+            let _ = std::fs::write(dir.join("cgroup"), &cgroup_parent);
         }
         let infra_pid = if shared_pid {
             let pid = infra::start(
@@ -290,6 +292,7 @@ pub async fn run(
             )?;
             undo.push(move || infra::stop(pid));
             // Inside the pod's cgroup, so pod limits apply to it too.
+            let _ = std::fs::write(dir.join("infra.pid"), pid.to_string());
             crate::cgroups::add_process(daemon.cgroup_mode, &cgroup_parent, pid)?;
             pid
         } else {
