@@ -106,8 +106,14 @@ fn run(plugin: Plugin, req: &Request) -> std::result::Result<Vec<u8>, ErrorResul
 
 /// Reads the request from the process (env + stdin), runs the plugin and
 /// prints the result or error the way the spec requires; never returns.
+/// Bytes every Berth plugin binary carries, so berthd can recognise its own
+/// plugins in a CNI bin dir and run their code in-process instead.
+pub const PLUGIN_MARKER: &str = "berth-cni-plugin-binary/v1";
+
 pub fn plugin_main(plugin: Plugin) -> ! {
     use std::io::{Read, Write};
+    // Keeps the marker in the binary.
+    std::hint::black_box(PLUGIN_MARKER);
     let mut config = Vec::new();
     let read = std::io::stdin().read_to_end(&mut config);
     let outcome = match read {

@@ -22,6 +22,9 @@ pub struct CniOptions {
     pub bin_dirs: Vec<PathBuf>,
     /// `cni.plugin_timeout_secs`; `None` keeps berthd's default.
     pub plugin_timeout_secs: Option<u64>,
+    /// `cni.in_process`; `None` keeps berthd's default (Berth's own plugins
+    /// run in-process).
+    pub in_process: Option<bool>,
 }
 
 impl CniOptions {
@@ -39,6 +42,9 @@ impl CniOptions {
         }
         if let Some(secs) = self.plugin_timeout_secs {
             out.push_str(&format!("plugin_timeout_secs = {secs}\n"));
+        }
+        if let Some(in_process) = self.in_process {
+            out.push_str(&format!("in_process = {in_process}\n"));
         }
         out
     }

@@ -43,15 +43,18 @@ pub enum Plugins {
     /// chains `CNI-HOSTPORT-*`, `CNI-DN-*`).
     Reference,
     /// Berth's plugins (crate `cni`), next to the berthd binary (portmap
-    /// uses `table ip berth-portmap`).
+    /// uses `table ip berth-portmap`); berthd runs their code in-process.
     Berth,
+    /// Berth's plugins run as programs (berthd's `cni.in_process = false`):
+    /// the spec's env + stdin path.
+    BerthExec,
 }
 
 impl Plugins {
     pub fn dir(self) -> PathBuf {
         match self {
             Plugins::Reference => PathBuf::from(REFERENCE_PLUGIN_DIR),
-            Plugins::Berth => crate::berthd::bin_dir(),
+            Plugins::Berth | Plugins::BerthExec => crate::berthd::bin_dir(),
         }
     }
 
@@ -69,7 +72,7 @@ impl Plugins {
             dir.display(),
             match self {
                 Plugins::Reference => "apt-get install containernetworking-plugins",
-                Plugins::Berth => "cargo build --workspace --bins",
+                Plugins::Berth | Plugins::BerthExec => "cargo build --workspace --bins",
             }
         );
     }
@@ -385,6 +388,7 @@ impl TestNet {
         CniOptions {
             bin_dirs: vec![self.fake_bin_dir(), self.plugins.dir()],
             plugin_timeout_secs,
+            in_process: (self.plugins == Plugins::BerthExec).then_some(false),
         }
     }
 

@@ -373,6 +373,16 @@ async fn reference_two_pods_exchange_tcp_over_the_bridge() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_exec_two_pods_exchange_tcp_over_the_bridge() {
+    two_pods_exchange_tcp(Plugins::BerthExec).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn berth_exec_host_port_on_loopback_reaches_the_pod() {
+    host_port_on_loopback_reaches_the_pod(Plugins::BerthExec).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn berth_two_pods_exchange_tcp_over_the_bridge() {
     two_pods_exchange_tcp(Plugins::Berth).await;
 }
@@ -764,12 +774,16 @@ async fn killed_during_add_leaves_nothing_after_restart(plugins: Plugins) {
     env.d.kill9();
     let _ = call.await;
     net.kill_fake_plugins();
-    assert!(
+    // The plugin dies with berthd (parent-death signal); give the kernel a
+    // moment to reap it.
+    let script_path = script.display().to_string();
+    let gone = eventually(Duration::from_secs(5), || {
         !all_pids()
             .into_iter()
-            .any(|p| cmdline(p).is_some_and(|c| c.contains(&script.display().to_string()))),
-        "the hanging plugin survived"
-    );
+            .any(|p| cmdline(p).is_some_and(|c| c.contains(&script_path)))
+    })
+    .await;
+    assert!(gone, "the hanging plugin survived");
     // The operator fixes the config; berthd comes back.
     std::fs::remove_dir_all(env.d.cni_conf_dir()).unwrap();
     net.write_conflist(&env.d.cni_conf_dir(), net.standard_plugins(true));

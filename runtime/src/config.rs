@@ -69,6 +69,9 @@ pub struct CniConfig {
     /// `default_subnet`, portmap, loopback) when the conf dir has none.
     pub write_default_conflist: bool,
     pub default_subnet: String,
+    /// Run Berth's own plugins (recognised in the bin dirs) in-process,
+    /// saving a fork+exec per plugin; other plugins are always executed.
+    pub in_process: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
@@ -143,6 +146,7 @@ impl Default for CniConfig {
             plugin_timeout_secs: 60,
             write_default_conflist: false,
             default_subnet: "10.88.0.0/16".into(),
+            in_process: true,
         }
     }
 }

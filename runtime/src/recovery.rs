@@ -38,12 +38,19 @@ pub async fn recover(daemon: &Daemon) -> Result<()> {
         }
     }
 
-    // Sandboxes: a network added, namespaces pinned, but no record.
+    // Sandboxes: a network added, namespaces pinned, but no record. DEL
+    // may need a retry (a plugin racing another for a lock).
     for id in entries(&state.join("cni"), ".json") {
         if daemon.store.get::<SandboxRecord>(&id)?.is_none() {
             tracing::warn!(pod_id = %id, "releasing the network of an unfinished sandbox");
-            if let Err(e) = daemon.network.teardown(&id).await {
-                tracing::warn!(pod_id = %id, error = %e, "network teardown failed");
+            for attempt in 1..=5 {
+                match daemon.network.teardown(&id).await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::warn!(pod_id = %id, attempt, error = %e, "network teardown failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
+                    }
+                }
             }
         }
     }

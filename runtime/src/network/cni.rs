@@ -81,6 +81,10 @@ pub struct Cni {
     pub cache_dir: PathBuf,
     pub timeout: Duration,
     pub ifname: String,
+    pub in_process: bool,
+    /// Plugin binaries checked for Berth's marker: path → (mtime, size, is ours).
+    pub own_plugins:
+        std::sync::Mutex<std::collections::HashMap<PathBuf, (std::time::SystemTime, u64, bool)>>,
 }
 
 /// The pod's IP addresses (without prefix) from a CNI result, IPv4 first:
@@ -259,6 +263,27 @@ impl Cni {
         conf
     }
 
+    /// Whether `binary` is one of Berth's own plugins (it carries the marker).
+    fn is_own_plugin(&self, binary: &Path) -> bool {
+        let Ok(meta) = std::fs::metadata(binary) else {
+            return false;
+        };
+        let key = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
+        if let Some((mtime, len, ours)) = self.own_plugins.lock().unwrap().get(binary)
+            && (*mtime, *len) == key
+        {
+            return *ours;
+        }
+        let marker = berth_cni::PLUGIN_MARKER.as_bytes();
+        let ours = std::fs::read(binary)
+            .is_ok_and(|bytes| bytes.windows(marker.len()).any(|w| w == marker));
+        self.own_plugins
+            .lock()
+            .unwrap()
+            .insert(binary.to_path_buf(), (key.0, key.1, ours));
+        ours
+    }
+
     async fn invoke(
         &self,
         command: &str,
@@ -282,7 +307,64 @@ impl Cni {
             pod.pod_namespace, pod.pod_name, pod.sandbox_id, pod.pod_uid
         );
         let path = std::env::join_paths(&self.bin_dirs).unwrap_or_default();
-        let mut child = tokio::process::Command::new(&binary)
+        if self.in_process
+            && let Some(own) = berth_cni::Plugin::from_name(&kind)
+            && self.is_own_plugin(&binary)
+        {
+            let request = berth_cni::Request {
+                command: command
+                    .parse()
+                    .map_err(|e: berth_cni::Error| Error::Internal(e.msg))?,
+                container_id: pod.sandbox_id.clone(),
+                netns: pod.netns.display().to_string(),
+                ifname: self.ifname.clone(),
+                args: cni_args,
+                path: path.to_string_lossy().into_owned(),
+                config: stdin,
+            };
+            let task = tokio::task::spawn_blocking(move || berth_cni::invoke(own, &request));
+            let outcome = tokio::time::timeout(self.timeout, task)
+                .await
+                .map_err(|_| {
+                    Error::DeadlineExceeded(format!(
+                        "CNI plugin {kind} {command} did not finish within {} s",
+                        self.timeout.as_secs()
+                    ))
+                })?
+                .map_err(|e| Error::Internal(format!("CNI plugin task: {e}")))?;
+            return match outcome {
+                Err(e) => {
+                    let mut msg = e.msg.clone();
+                    if !e.details.is_empty() {
+                        msg.push_str(&format!(" ({})", e.details));
+                    }
+                    Err(Error::Internal(format!(
+                        "CNI plugin {kind} {command} failed: code {}: {msg}",
+                        e.code
+                    )))
+                }
+                Ok(_) if command != "ADD" => Ok(Value::Null),
+                Ok(bytes) => serde_json::from_slice::<Value>(&bytes)
+                    .ok()
+                    .filter(|v| v.is_object())
+                    .ok_or_else(|| {
+                        Error::Internal(format!("CNI plugin {kind} ADD gave no valid result"))
+                    }),
+            };
+        }
+        let mut command_line = tokio::process::Command::new(&binary);
+        // A plugin must not outlive a killed berthd: start-up recovery
+        // redoes what it left half done.
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            command_line.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command_line
             .env_clear()
             .env("CNI_COMMAND", command)
             .env("CNI_CONTAINERID", &pod.sandbox_id)

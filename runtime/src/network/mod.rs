@@ -27,6 +27,8 @@ impl Network {
                 cache_dir: config.state_dir.join("cni"),
                 timeout: Duration::from_secs(config.cni.plugin_timeout_secs.max(1)),
                 ifname: "eth0".into(),
+                in_process: config.cni.in_process,
+                own_plugins: Default::default(),
             },
         }
     }
