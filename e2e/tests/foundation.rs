@@ -125,7 +125,16 @@ async fn pod_cidr_is_stored_validated_and_survives_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_ready_follows_the_cni_conf_dir_without_restart() {
-    let d = started().await;
+    require_root();
+    let d = Berthd::start_with_cni(
+        BerthdOptions::default(),
+        berth_e2e::CniOptions {
+            bin_dirs: vec!["/usr/lib/cni".into()],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let mut c = d.client().await.unwrap();
     let ready = |s: &StatusResponse| condition(s, "NetworkReady").status;
     let s = c
@@ -136,7 +145,23 @@ async fn network_ready_follows_the_cni_conf_dir_without_restart() {
         .into_inner();
     assert!(!ready(&s));
 
+    // A config naming a plugin that is not installed is not ready either.
     let conf = d.cni_conf_dir().join("10-berth.conflist");
+    std::fs::write(
+        &conf,
+        r#"{"cniVersion":"1.0.0","name":"berth","plugins":[{"type":"bridge","bridge":"berth0"},{"type":"no-such-plugin"}]}"#,
+    )
+    .unwrap();
+    let s = c
+        .runtime
+        .status(StatusRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!ready(&s));
+    let message = condition(&s, "NetworkReady").message;
+    assert!(message.contains("no-such-plugin"), "{message}");
+
     std::fs::write(
         &conf,
         r#"{"cniVersion":"1.0.0","name":"berth","plugins":[{"type":"bridge","bridge":"berth0"},{"type":"portmap","capabilities":{"portMappings":true}}]}"#,
@@ -166,11 +191,11 @@ async fn unwired_rpcs_answer_unimplemented_with_their_name() {
     let mut c = d.client().await.unwrap();
     let err = c
         .runtime
-        .exec_sync(ExecSyncRequest::default())
+        .attach(AttachRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("ExecSync"), "{}", err.message());
+    assert!(err.message().contains("Attach"), "{}", err.message());
     let err = c
         .runtime
         .checkpoint_container(CheckpointContainerRequest::default())

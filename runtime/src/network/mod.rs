@@ -92,6 +92,24 @@ impl Network {
     }
 }
 
+/// Whether pods can get a network: a valid config exists and every plugin
+/// it names is in a bin dir. The error says what is missing.
+pub fn readiness(conf_dir: &Path, bin_dirs: &[PathBuf]) -> std::result::Result<PathBuf, String> {
+    let path = find_network_config(conf_dir)?;
+    let list = NetworkList::load(&path).map_err(|e| e.to_string())?;
+    for plugin in &list.plugins {
+        let kind = plugin["type"].as_str().unwrap_or_default();
+        if !bin_dirs.iter().any(|d| d.join(kind).is_file()) {
+            return Err(format!(
+                "CNI plugin {kind:?} named by {} is not in {}",
+                path.display(),
+                bin_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":")
+            ));
+        }
+    }
+    Ok(path)
+}
+
 /// Writes Berth's default conflist into `conf_dir` unless a network config
 /// is already there. No masquerade: egress NAT is the operator's choice.
 pub fn write_default_conflist(conf_dir: &Path, subnet: &str) -> Result<Option<PathBuf>> {
