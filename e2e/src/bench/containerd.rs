@@ -1,14 +1,8 @@
 //! containerd + runc as the benchmark's reference: Debian's packages,
 //! installed when missing, started by the benchmark on its own root, state
 //! dir and socket, with the CRI plugin pulling from the harness registry
-//! (plain HTTP mirror), a pause image built by the harness, and a bridge
-//! CNI network of its own.
-//!
-//! Network safety: before containerd may create a bridge with pod
-//! addresses, `net-guard on` must succeed (private ranges cannot leave
-//! through the default route); once the first sandbox runs, the route to
-//! the pod subnet must go through the benchmark's bridge. The benchmark
-//! itself never sends anything to a pod.
+//! (plain HTTP mirror), a pause image built by the harness, and the
+//! benchmark's bridge CNI network ([`super::net`], with its safety checks).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -19,29 +13,14 @@ use crate::cri::CriClient;
 use crate::images::{BUSYBOX_BIN, Entry, Image, ImageSettings, build_layer};
 use crate::process::OwnedChild;
 
-use super::host;
+use super::{host, net};
 
-/// The bridge the benchmark's CNI config makes.
-pub const BRIDGE: &str = "bench0";
-/// Its subnet: a private /16 like Berth's default pod network, chosen so
-/// as not to meet containerd's, podman's or docker's defaults.
-pub const SUBNET: &str = "10.231.0.0/16";
-/// An address inside [`SUBNET`] whose route must go through [`BRIDGE`].
-pub const PROBE_ADDR: &str = "10.231.0.10";
-const CNI_BIN_DIR: &str = "/usr/lib/cni";
 const SHIM: &str = "containerd-shim-runc-v2";
 /// Debian's containerd 1.6 keeps shim sockets and runc state here
 /// whatever its root and state dirs are.
 const RUN_CONTAINERD: &str = "/run/containerd";
 /// libcni's result cache (containerd does not move it).
 const VAR_LIB_CNI: &str = "/var/lib/cni";
-
-/// The net-guard script: `$BERTH_NET_GUARD`, else the shared tools dir.
-pub fn net_guard_path() -> PathBuf {
-    std::env::var_os("BERTH_NET_GUARD")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/work/shared/tools/net-guard"))
-}
 
 fn on_path(bin: &str) -> bool {
     std::env::var_os("PATH")
@@ -59,9 +38,9 @@ pub fn ensure_installed() -> anyhow::Result<()> {
     let missing = !on_path("containerd")
         || !on_path("runc")
         || !on_path(SHIM)
-        || !Path::new(CNI_BIN_DIR).join("bridge").exists()
-        || !Path::new(CNI_BIN_DIR).join("host-local").exists()
-        || !Path::new(CNI_BIN_DIR).join("loopback").exists();
+        || ["bridge", "host-local", "loopback"]
+            .iter()
+            .any(|p| !Path::new(net::CNI_BIN_DIR).join(p).exists());
     if !missing {
         return Ok(());
     }
@@ -204,32 +183,10 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             state = d.join("state").display(),
             sock = self.socket.display(),
             opt = d.join("opt").display(),
-            cni_bin = CNI_BIN_DIR,
+            cni_bin = net::CNI_BIN_DIR,
             cni_conf = d.join("cni/net.d").display(),
             reg = registry_addr,
         )
-    }
-
-    /// The bridge network: host-local IPAM over [`SUBNET`], the bridge
-    /// holding the gateway address, no masquerading (nothing leaves).
-    fn conflist(&self) -> String {
-        serde_json::json!({
-            "cniVersion": "1.0.0",
-            "name": "berth-bench",
-            "plugins": [{
-                "type": "bridge",
-                "bridge": BRIDGE,
-                "isGateway": true,
-                "ipMasq": false,
-                "hairpinMode": false,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{"subnet": SUBNET}]],
-                    "dataDir": self.dir.path().join("cni-ipam").display().to_string(),
-                },
-            }],
-        })
-        .to_string()
     }
 
     /// Checks the network is safe, writes the configs, starts containerd
@@ -241,27 +198,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "containerd {version}: the benchmark writes config version 2 (containerd 1.6/1.7)"
         );
         // Network safety first: private ranges must not leave the machine.
-        let guard = net_guard_path();
-        let out = Command::new(&guard)
-            .arg("on")
-            .output()
-            .map_err(|e| anyhow::anyhow!("run {} on: {e}", guard.display()))?;
-        anyhow::ensure!(
-            out.status.success(),
-            "{} on failed: {}{}",
-            guard.display(),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // A bridge of this name is a leftover of an earlier, killed run.
-        if host::link_exists(BRIDGE) {
-            host::ip(&["link", "del", BRIDGE])?;
-        }
-        let addrs = host::ip(&["-o", "-4", "addr", "show"])?;
-        anyhow::ensure!(
-            !addrs.contains(" 10.231."),
-            "an interface already has an address in {SUBNET}: {addrs}"
-        );
+        net::prepare()?;
 
         let dir = tempfile::Builder::new()
             .prefix("berth-bench-containerd-")
@@ -277,9 +214,9 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         };
         let cfg = c.dir.path().join("config.toml");
         std::fs::write(&cfg, c.config(registry_addr, pause))?;
-        std::fs::write(
-            c.dir.path().join("cni/net.d/10-berth-bench.conflist"),
-            c.conflist(),
+        net::write_conflist(
+            &c.dir.path().join("cni/net.d"),
+            &c.dir.path().join("cni-ipam"),
         )?;
         let log = std::fs::File::create(c.log_path())?;
         let mut cmd = Command::new("containerd");
@@ -342,17 +279,6 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    /// The route to the pod subnet must go through the benchmark's bridge
-    /// (checked once a sandbox runs, so the bridge exists).
-    pub fn check_route(&self) -> anyhow::Result<()> {
-        let dev = host::route_dev(PROBE_ADDR)?;
-        anyhow::ensure!(
-            dev == BRIDGE,
-            "the route to {PROBE_ADDR} goes through {dev}, not {BRIDGE}"
-        );
-        Ok(())
-    }
-
     /// Shim processes of this containerd.
     pub fn shims(&self) -> Vec<i32> {
         host::processes_matching(SHIM, &self.socket.display().to_string())
@@ -378,14 +304,55 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             host::kill_all(&all.into_iter().collect::<Vec<_>>());
             std::thread::sleep(Duration::from_millis(200));
         }
+        // runc state of this containerd's tasks (when their shims were
+        // killed rather than told to delete them).
+        let tasks = self
+            .dir
+            .path()
+            .join("state/io.containerd.runtime.v2.task/k8s.io");
+        let ids: Vec<String> = std::fs::read_dir(&tasks)
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        for id in &ids {
+            let runc = Path::new(RUN_CONTAINERD).join("runc/k8s.io").join(id);
+            if runc.exists() {
+                let _ = std::fs::remove_dir_all(&runc);
+            }
+        }
         let n = host::unmount_under(self.dir.path());
         if n > 0 {
             notes.push(format!("unmounted {n} leftover mounts"));
         }
-        if host::link_exists(BRIDGE) {
-            let _ = host::ip(&["link", "del", BRIDGE]);
+        // libcni's cached results for this network's attachments.
+        if let Ok(entries) = std::fs::read_dir(Path::new(VAR_LIB_CNI).join("results")) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                // containerd's own loopback network is `cni-loopback`; with
+                // no other containerd around (no /run/containerd before
+                // this one), every such entry is this one's.
+                let ours = name.starts_with("berth-bench-")
+                    || (name.starts_with("cni-loopback-") && !self.run_containerd_existed)
+                    || ids.iter().any(|id| name == format!("cni-loopback-{id}-lo"));
+                if ours {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
         }
+        let _ = net::remove_bridge();
         if !self.run_containerd_existed {
+            // Shim sockets nobody listens on any more (ours: the directory
+            // did not exist before this containerd).
+            if let Ok(entries) = std::fs::read_dir(Path::new(RUN_CONTAINERD).join("s")) {
+                for e in entries.flatten() {
+                    if std::os::unix::net::UnixStream::connect(e.path()).is_err() {
+                        let _ = std::fs::remove_file(e.path());
+                    }
+                }
+            }
             host::remove_empty_dirs(Path::new(RUN_CONTAINERD));
         }
         if !self.var_lib_cni_existed {

@@ -333,6 +333,13 @@ pub fn cpu_count() -> usize {
         .unwrap_or(1)
 }
 
+/// The 1, 5 and 15 minute load averages (/proc/loadavg).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
 pub fn mem_total_mib() -> u64 {
     kib_field("/proc/meminfo", "MemTotal").unwrap_or(0) / 1024
 }

@@ -11,6 +11,7 @@
 
 pub mod containerd;
 pub mod host;
+pub mod net;
 pub mod report;
 pub mod scenarios;
 pub mod target;
@@ -61,13 +62,35 @@ pub struct BenchOptions {
     /// Do not measure the benchmark's own berthd.
     #[arg(long)]
     pub no_berth: bool,
+    /// Berth's pod network: `bridge` is the same bridge + host-local CNI
+    /// network containerd gets, with Debian's plugins; `berth-plugins` the
+    /// same network with Berth's own plugins (run in-process by berthd);
+    /// `loopback` gives Berth pods no CNI network at all.
+    #[arg(long, value_enum, default_value_t = BerthNetwork::Bridge)]
+    pub berth_network: BerthNetwork,
+}
+
+/// The pod network of the benchmark's berthd.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum BerthNetwork {
+    /// The benchmark's bridge network with Debian's plugins (as
+    /// containerd's).
+    #[default]
+    Bridge,
+    /// The same network with Berth's own CNI plugins (built next to
+    /// berthd), which berthd runs in-process.
+    BerthPlugins,
+    /// No CNI config: pods have loopback only.
+    Loopback,
 }
 
 impl BenchOptions {
-    /// What CI runs: quick, Berth only.
+    /// What CI runs: quick, Berth only, pods on loopback (CI sets up no
+    /// pod network).
     pub fn quick() -> BenchOptions {
         BenchOptions {
             quick: true,
+            berth_network: BerthNetwork::Loopback,
             ..Default::default()
         }
     }
@@ -130,7 +153,8 @@ pub struct BigImage {
     pub reference: String,
     /// The random layers' digests (to see them gone from a content store).
     pub layer_digests: Vec<String>,
-    /// Every blob the pull downloads: layers and config.
+    /// What the pull downloads: the random layers and the config (the
+    /// busybox base layer is shared with the busybox image, already there).
     pub bytes: u64,
 }
 
@@ -158,7 +182,11 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         BigImage {
             reference: built.reference,
             layer_digests: img.layers[1..].iter().map(|l| l.digest.clone()).collect(),
-            bytes: img.layers.iter().map(|l| l.blob.len() as u64).sum::<u64>()
+            // The busybox base layer is already there (the busybox image).
+            bytes: img.layers[1..]
+                .iter()
+                .map(|l| l.blob.len() as u64)
+                .sum::<u64>()
                 + img.config.len() as u64,
         }
     };
@@ -170,6 +198,9 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         image: images.busybox.reference.clone(),
     };
     std::fs::create_dir_all(&factory.logs)?;
+    // Declared before the runtimes' worlds so it is dropped after them:
+    // also on Ctrl-C, the run's cgroups go.
+    let _cgroups = CgroupGuard(factory.cgroup_root.clone());
 
     let mut environment = BTreeMap::new();
     environment.insert("kernel".into(), host::kernel_release());
@@ -191,11 +222,24 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         .into(),
     );
     environment.insert("run id".into(), run_id.clone());
+    environment.insert("load average at start".into(), host::loadavg());
     let mut notes = Vec::new();
 
     let mut runtimes = Vec::new();
     if !opts.no_berth {
-        runtimes.push(bench_berth(&registry, &factory, &plan, &big, &defs, &mut environment).await);
+        environment.insert("berthd".into(), berthd_build());
+        runtimes.push(
+            bench_berth(
+                &registry,
+                &factory,
+                &plan,
+                &big,
+                &defs,
+                opts.berth_network,
+                work.path(),
+            )
+            .await,
+        );
         host::remove_cgroup_tree(&factory.cgroup_root);
     }
     if opts.with_containerd {
@@ -206,12 +250,29 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         runtimes.push(bench_endpoint(i + 1, ep, &factory, &plan, &big, &defs).await);
         host::remove_cgroup_tree(&factory.cgroup_root);
     }
-    if runtimes.iter().any(|r| r.key == "containerd") {
-        notes.push(
-            "networking differs: Berth pods have loopback only (no CNI yet), containerd pods get a bridge + host-local CNI network (bench0, 10.231.0.0/16)"
-                .into(),
-        );
-    }
+    let both =
+        runtimes.iter().any(|r| r.key == "berth") && runtimes.iter().any(|r| r.key == "containerd");
+    notes.push(match (opts.berth_network, both) {
+        (BerthNetwork::Bridge, _) => format!(
+            "pod network: bridge {} + host-local {} (Debian's CNI plugins){}",
+            net::BRIDGE,
+            net::SUBNET,
+            if both { " for Berth and containerd alike" } else { "" }
+        ),
+        (BerthNetwork::Loopback, true) => format!(
+            "networking differs: Berth pods have loopback only, containerd pods get a bridge + host-local CNI network ({} {})",
+            net::BRIDGE,
+            net::SUBNET
+        ),
+        (BerthNetwork::BerthPlugins, _) => format!(
+            "pod network: bridge {} + host-local {}; Berth runs its own CNI plugins in-process{}",
+            net::BRIDGE,
+            net::SUBNET,
+            if both { ", containerd execs Debian's" } else { "" }
+        ),
+        (BerthNetwork::Loopback, false) => "Berth pods have loopback only (no CNI network)".into(),
+    });
+    notes.push(format!("load average at the end: {}", host::loadavg()));
     notes.push(format!(
         "total run time {:.0} s",
         started.elapsed().as_secs_f64()
@@ -223,6 +284,21 @@ pub async fn run(opts: &BenchOptions) -> anyhow::Result<Report> {
         environment,
         notes,
     })
+}
+
+/// Removes the run's cgroup tree (killing what is left in it) when dropped.
+struct CgroupGuard(String);
+
+impl Drop for CgroupGuard {
+    fn drop(&mut self) {
+        let killed = host::remove_cgroup_tree(&self.0);
+        if killed > 0 {
+            eprintln!(
+                "berth-bench: killed {killed} leftover processes in {}",
+                self.0
+            );
+        }
+    }
 }
 
 /// Everything measured against one runtime, in order; setup of the
@@ -284,10 +360,20 @@ async fn bench_target(
 /// everything through CRI first).
 struct BerthWorld {
     d: Berthd,
+    bridge: bool,
 }
 
 impl BerthWorld {
-    async fn start(registry: &Registry) -> anyhow::Result<BerthWorld> {
+    async fn start(
+        registry: &Registry,
+        network: BerthNetwork,
+        work: &Path,
+    ) -> anyhow::Result<BerthWorld> {
+        let bridge = network != BerthNetwork::Loopback;
+        if bridge {
+            // Network safety first: private ranges must not leave the machine.
+            net::prepare()?;
+        }
         let mut d = Berthd::start(BerthdOptions {
             extra_toml: format!("[registry]\ninsecure = [\"{}\"]\n", registry.addr),
         })
@@ -295,13 +381,37 @@ impl BerthWorld {
         // The harness logs berth_runtime at debug; a benchmark wants what an
         // operator runs: warnings only.
         let cfg = std::fs::read_to_string(&d.config_path)?;
-        let quiet = cfg.replace("level = \"info,berth_runtime=debug\"", "level = \"warn\"");
-        if quiet != cfg {
-            std::fs::write(&d.config_path, quiet)?;
+        let mut new = cfg.replace("level = \"info,berth_runtime=debug\"", "level = \"warn\"");
+        if bridge {
+            // The harness config ends in its [cni] table.
+            let last = format!("conf_dir = \"{}\"", d.cni_conf_dir().display());
+            anyhow::ensure!(
+                new.trim_end().ends_with(&last),
+                "unexpected harness berthd config (its [cni] table is not last):\n{new}"
+            );
+            let bin_dir = match network {
+                BerthNetwork::BerthPlugins => crate::berthd::berthd_bin()?
+                    .parent()
+                    .map(Path::to_path_buf)
+                    .unwrap_or_default(),
+                _ => PathBuf::from(net::CNI_BIN_DIR),
+            };
+            for plugin in ["bridge", "host-local", "loopback"] {
+                anyhow::ensure!(
+                    bin_dir.join(plugin).exists(),
+                    "CNI plugin {plugin} is not in {}",
+                    bin_dir.display()
+                );
+            }
+            new.push_str(&format!("bin_dirs = [\"{}\"]\n", bin_dir.display()));
+            net::write_conflist(&d.cni_conf_dir(), &work.join("berth-cni-ipam"))?;
+        }
+        if new != cfg {
+            std::fs::write(&d.config_path, new)?;
             d.stop();
             d.restart().await?;
         }
-        Ok(BerthWorld { d })
+        Ok(BerthWorld { d, bridge })
     }
 }
 
@@ -321,6 +431,9 @@ impl Drop for BerthWorld {
             std::thread::sleep(Duration::from_millis(200));
         }
         host::unmount_under(self.d.dir.path());
+        if self.bridge {
+            let _ = net::remove_bridge();
+        }
     }
 }
 
@@ -349,12 +462,12 @@ async fn bench_berth(
     plan: &Plan,
     big: &BigImage,
     defs: &[report::MetricDef],
-    environment: &mut BTreeMap<String, String>,
+    network: BerthNetwork,
+    work: &Path,
 ) -> RuntimeResult {
     let mut res = RuntimeResult::new("berth", "Berth");
-    environment.insert("berthd".into(), berthd_build());
     eprintln!("berth-bench: starting berthd");
-    let world = match BerthWorld::start(registry).await {
+    let world = match BerthWorld::start(registry, network, work).await {
         Ok(w) => w,
         Err(e) => {
             res.fill_na(defs, &format!("berthd did not start: {e:#}"));
@@ -377,8 +490,14 @@ async fn bench_berth(
         },
         daemon_pid: world.d.pid().map(|p| p as i32),
     };
-    if let Err(e) = bench_target(&mut t, factory, plan, big, &mut res, &[], &mut || Ok(())).await {
+    let route_check: &mut dyn FnMut() -> anyhow::Result<()> = match network {
+        BerthNetwork::Bridge | BerthNetwork::BerthPlugins => &mut net::check_route,
+        BerthNetwork::Loopback => &mut || Ok(()),
+    };
+    let outcome = bench_target(&mut t, factory, plan, big, &mut res, &[], route_check).await;
+    if let Err(e) = outcome {
         res.fill_na(defs, &e);
+        let _ = target::sweep(&mut t.client, &factory.run_id).await;
     }
     drop(t);
     drop(world);
@@ -410,11 +529,9 @@ async fn bench_containerd(
         }
     };
     res.notes.push(format!(
-        "runc {}; own root/state/socket under {}; bridge CNI {} on {}; pause image {pause}",
+        "runc {}; own root/state/socket under {}; pause image {pause}",
         runc_version(),
         ctrd.dir.path().display(),
-        containerd::SUBNET,
-        containerd::BRIDGE
     ));
     let client = match ctrd.client().await {
         Ok(c) => c,
@@ -432,7 +549,7 @@ async fn bench_containerd(
         },
         daemon_pid: ctrd.pid(),
     };
-    let route_check = &mut || ctrd.check_route();
+    let route_check = &mut net::check_route;
     let outcome = bench_target(&mut t, factory, plan, big, &mut res, &[pause], route_check).await;
     if let Err(e) = outcome {
         res.fill_na(defs, &e);

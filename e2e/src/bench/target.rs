@@ -46,6 +46,23 @@ pub struct Target {
 }
 
 impl Target {
+    /// Where the runtime keeps unpacked layers (one entry per layer).
+    pub fn snapshot_dir(&self) -> Option<PathBuf> {
+        match &self.kind {
+            Kind::Berth { root_dir, .. } => Some(root_dir.join("snapshots")),
+            Kind::Containerd { root, .. } => {
+                Some(root.join("io.containerd.snapshotter.v1.overlayfs/snapshots"))
+            }
+            Kind::External => None,
+        }
+    }
+
+    /// How many unpacked layers the runtime holds (`None`: unknown).
+    pub fn snapshot_count(&self) -> Option<usize> {
+        let dir = self.snapshot_dir()?;
+        Some(std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0))
+    }
+
     /// Where the runtime's content store would keep blob `digest`.
     pub fn blob_path(&self, digest: &str) -> Option<PathBuf> {
         let hex = digest.trim_start_matches("sha256:");
