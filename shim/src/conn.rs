@@ -143,3 +143,65 @@ impl Conn {
         len > MAX_FRAME_LEN || self.inbuf.len() >= 4 + len
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+
+    use berth_proto::shim::shim_request::Request;
+    use berth_proto::shim::{KillRequest, StateRequest};
+
+    use super::*;
+
+    fn frame(req: &ShimRequest) -> Vec<u8> {
+        let mut v = Vec::new();
+        berth_proto::write_frame(&mut v, req).unwrap();
+        v
+    }
+
+    #[test]
+    fn parses_split_and_batched_frames() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut c = Conn::new(1, b.into());
+        let kill = ShimRequest {
+            request: Some(Request::Kill(KillRequest {
+                signal: 9,
+                all: true,
+            })),
+        };
+        let state = ShimRequest {
+            request: Some(Request::State(StateRequest {})),
+        };
+        let mut bytes = frame(&kill);
+        bytes.extend(frame(&state));
+        a.write_all(&bytes[..3]).unwrap();
+        c.fill();
+        assert!(matches!(c.next_request(), Parsed::Incomplete));
+        a.write_all(&bytes[3..]).unwrap();
+        c.fill();
+        assert!(matches!(c.next_request(), Parsed::Request(r) if r == kill));
+        assert!(matches!(c.next_request(), Parsed::Request(r) if r == state));
+        assert!(matches!(c.next_request(), Parsed::Incomplete));
+        assert!(!c.done());
+        drop(a);
+        c.fill();
+        assert!(c.eof && c.done());
+    }
+
+    #[test]
+    fn refuses_oversized_frames_and_answers() {
+        let (mut a, b) = UnixStream::pair().unwrap();
+        b.set_nonblocking(true).unwrap();
+        let mut c = Conn::new(1, b.into());
+        a.write_all(&[0xff, 0xff, 0xff, 0xff]).unwrap();
+        c.fill();
+        assert!(matches!(c.next_request(), Parsed::Bad(_)));
+        c.busy = true;
+        c.send(&ShimResponse::default());
+        assert!(!c.busy && !c.wants_write());
+        let resp: ShimResponse = berth_proto::read_frame(&mut a).unwrap();
+        assert_eq!(resp, ShimResponse::default());
+    }
+}

@@ -40,9 +40,10 @@ pub fn read_config(dir: &Path) -> Result<ShimConfig, String> {
     Ok(cfg)
 }
 
-/// Writes `data` to `dir/name` atomically: a temporary file, fsync, rename,
-/// then fsync of the directory.
-pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
+/// Writes `data` to `dir/name` atomically: a temporary file, then rename;
+/// with `durable`, fsync of the file before the rename and of the directory
+/// after it.
+pub fn write_atomic(dir: &Path, name: &str, data: &[u8], durable: bool) -> io::Result<()> {
     let tmp = dir.join(format!(".{name}.tmp"));
     {
         let mut f = OpenOptions::new()
@@ -53,17 +54,19 @@ pub fn write_atomic(dir: &Path, name: &str, data: &[u8]) -> io::Result<()> {
             .custom_flags(libc::O_CLOEXEC)
             .open(&tmp)?;
         f.write_all(data)?;
-        f.sync_all()?;
+        if durable {
+            f.sync_all()?;
+        }
     }
     std::fs::rename(&tmp, dir.join(name))?;
-    if let Ok(d) = File::open(dir) {
+    if durable && let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
 }
 
 pub fn write_exit_record(dir: &Path, rec: &ExitRecord) -> io::Result<()> {
-    write_atomic(dir, EXIT, &rec.encode_to_vec())
+    write_atomic(dir, EXIT, &rec.encode_to_vec(), true)
 }
 
 /// The monitor's own diagnostics (`<shim_dir>/shim.log`); never the

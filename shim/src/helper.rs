@@ -137,10 +137,11 @@ pub fn read_report(fd: &OwnedFd, buf: &mut Vec<u8>) -> bool {
 pub fn outcome(report: &[u8], exit_code: i32) -> Result<Vec<String>, String> {
     let text = String::from_utf8_lossy(report);
     let line = text.lines().next().unwrap_or("").trim_end();
-    if let Some(rest) = line.strip_prefix("ok") {
-        if (rest.is_empty() || rest.starts_with(' ')) && exit_code == 0 {
-            return Ok(rest.split_whitespace().map(str::to_owned).collect());
-        }
+    if let Some(rest) = line.strip_prefix("ok")
+        && (rest.is_empty() || rest.starts_with(' '))
+        && exit_code == 0
+    {
+        return Ok(rest.split_whitespace().map(str::to_owned).collect());
     }
     if let Some(msg) = line.strip_prefix("error ") {
         return Err(msg.to_owned());

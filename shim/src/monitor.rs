@@ -103,6 +103,8 @@ struct HelperRun {
     pid: i32,
     report: OwnedFd,
     buf: Vec<u8>,
+    /// The report pipe hit EOF: stop polling it (the exit comes by SIGCHLD).
+    report_eof: bool,
 }
 
 #[derive(Debug)]
@@ -291,12 +293,14 @@ impl Monitor {
                 stderr: err_w,
             }
         };
+        let t0 = Instant::now();
         let spawned = self
             .helper
             .spawn("create", &options, &[], false, stdio)
             .map_err(|e| e.to_string())?;
         // Create runs before anything else is served: wait for the helper.
         let code = self.wait_helper(spawned.pid, CREATE_TIMEOUT)?;
+        let helper_time = t0.elapsed();
         let mut report = Vec::new();
         helper::read_report(&spawned.report, &mut report);
         let words = helper::outcome(&report, code)?;
@@ -328,10 +332,18 @@ impl Monitor {
         self.cgroup = ContainerCgroup::locate(&self.cfg.memory_cgroup, pid);
         self.oom_base = self.cgroup.oom_kills();
         self.diag.log(format_args!(
-            "created container {} init pid {pid} cgroup {:?}",
-            self.cfg.id, self.cgroup
+            "created container {} init pid {pid} in {:.1} ms (berth-container {:.1} ms), cgroup {:?}",
+            self.cfg.id,
+            self.life_age_ms(),
+            helper_time.as_secs_f64() * 1000.0,
+            self.cgroup
         ));
         Ok(())
+    }
+
+    /// Milliseconds since the monitor started creating the container.
+    fn life_age_ms(&self) -> f64 {
+        (now_nanos() - self.life.created_at) as f64 / 1e6
     }
 
     /// Waits for a helper run before the loop starts; kills it after
@@ -404,6 +416,8 @@ impl Monitor {
             &self.dir,
             files::PID,
             format!("{}\n", std::process::id()).as_bytes(),
+            // A pid means nothing after a reboot: no fsync.
+            false,
         )?;
         self.listener = Some(sys::listen_unix(&self.dir, files::SOCKET)?);
         Ok(())
@@ -411,6 +425,9 @@ impl Monitor {
 
     /// Serves until Shutdown; then removes shim.sock and shim.pid.
     pub fn run(mut self) {
+        // Setting up touched heap pages that are free now: give them back
+        // (the monitor's private memory is what a node pays per container).
+        sys::trim_heap();
         // A child may have exited before the loop (e.g. killed while the
         // monitor was reporting to `berth-shim start`).
         self.reap();
@@ -442,7 +459,7 @@ impl Monitor {
                     Tok::ExecOut(id, is_err) => self.read_exec(id, is_err),
                     Tok::Report => {
                         if let Some(run) = &mut self.running {
-                            helper::read_report(&run.report, &mut run.buf);
+                            run.report_eof = helper::read_report(&run.report, &mut run.buf);
                         }
                     }
                     Tok::Conn(id) => self.on_conn(id, pfd.revents),
@@ -479,7 +496,9 @@ impl Monitor {
                 add(fd.as_raw_fd(), libc::POLLIN, Tok::ExecOut(e.id, true));
             }
         }
-        if let Some(run) = &self.running {
+        if let Some(run) = &self.running
+            && !run.report_eof
+        {
             add(run.report.as_raw_fd(), libc::POLLIN, Tok::Report);
         }
         for c in &self.conns {
@@ -912,6 +931,9 @@ impl Monitor {
             })),
         };
         self.respond(e.conn, &resp);
+        if self.execs.is_empty() {
+            sys::trim_heap();
+        }
     }
 
     fn check_deadlines(&mut self) {
@@ -1013,6 +1035,7 @@ impl Monitor {
                         pid: sp.pid,
                         report: sp.report,
                         buf: Vec::new(),
+                        report_eof: false,
                     });
                 }
                 Err(e) => self.job_done(job, Err(format!("{command}: {e}"))),
@@ -1030,6 +1053,9 @@ impl Monitor {
             self.needs_mark = false;
         }
         self.job_done(run.job, outcome);
+        if self.queue.is_empty() && self.execs.is_empty() {
+            sys::trim_heap();
+        }
     }
 
     fn job_done(&mut self, job: Job, outcome: Result<Vec<String>, String>) {

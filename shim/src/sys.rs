@@ -410,3 +410,9 @@ pub fn set_child_subreaper() -> io::Result<()> {
     cvt(unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) })?;
     Ok(())
 }
+
+/// Returns free heap pages to the kernel (glibc `malloc_trim`).
+pub fn trim_heap() {
+    // SAFETY: plain libc call.
+    unsafe { libc::malloc_trim(0) };
+}

@@ -276,6 +276,30 @@ fn exec_sync_runs_in_the_container() {
         Some(Response::ExecSync(r)) => assert_eq!(r.stdout.len(), 300_000),
         other => panic!("{other:?}"),
     }
+    // Output beyond one frame is trimmed to fit, not an error.
+    match c.exec(&["head", "-c", "5000000", "/dev/zero"], 20).response {
+        Some(Response::ExecSync(r)) => {
+            assert_eq!(r.exit_code, 0);
+            assert_eq!(r.stdout.len(), berth_proto::MAX_FRAME_LEN - 64);
+        }
+        other => panic!("{other:?}"),
+    }
+    // A client that goes away mid-request (berthd restarting) harms nothing.
+    {
+        let mut gone = f.client();
+        let _ = berth_proto::write_frame(
+            &mut std::os::unix::net::UnixStream::connect(f.shim_dir.join("shim.sock")).unwrap(),
+            &ShimRequest {
+                request: Some(Request::ExecSync(ExecSyncRequest {
+                    args: vec!["sleep".into(), "1".into()],
+                    timeout_secs: 0,
+                })),
+            },
+        );
+        let _ = gone.state();
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(c.state().status, Status::Running as i32);
     // The exec'd processes were reaped by the monitor.
     let monitor = f.monitor_pid();
     let children = std::fs::read_to_string(format!("/proc/{monitor}/task/{monitor}/children"))
@@ -389,6 +413,35 @@ fn reopen_log_after_rotation_loses_no_line() {
     let all: Vec<String> = old.iter().chain(new.iter()).map(|r| r.2.clone()).collect();
     let want: Vec<String> = (0..400).map(|i| format!("line{i}")).collect();
     assert_eq!(all, want);
+    f.shutdown();
+}
+
+#[test]
+fn poststart_hooks_run_through_libcontainers_start() {
+    if !is_root() {
+        return;
+    }
+    let marker = std::path::PathBuf::from(format!(
+        "/tmp/berth-shim-test/hook-marker-{}",
+        unique_id("m")
+    ));
+    let mut opts = Opts::new(&["sleep", "1000"]);
+    opts.spec_extra = Some(serde_json::json!({
+        "hooks": {"poststart": [{
+            "path": "/bin/sh",
+            "args": ["sh", "-c", format!("cat > {}", marker.display())]
+        }]}
+    }));
+    let mut f = Fixture::new("hooks", opts);
+    f.create_ok();
+    assert!(!marker.exists());
+    let mut c = f.client();
+    assert_ok(&c.call(Request::Start(StartRequest {})), "start");
+    // The hook got the container's state on stdin.
+    let state = std::fs::read_to_string(&marker).unwrap();
+    let _ = std::fs::remove_file(&marker);
+    assert!(state.contains(&f.id), "{state}");
+    assert_eq!(c.state().status, Status::Running as i32);
     f.shutdown();
 }
 

@@ -83,6 +83,8 @@ pub struct Opts {
     pub rootfs: Option<PathBuf>,
     /// Extra top-level `linux` keys merged into the spec (e.g. seccomp).
     pub linux_extra: Option<serde_json::Value>,
+    /// Extra top-level spec keys (e.g. hooks).
+    pub spec_extra: Option<serde_json::Value>,
 }
 
 impl Opts {
@@ -93,6 +95,7 @@ impl Opts {
             stdin: false,
             rootfs: None,
             linux_extra: None,
+            spec_extra: None,
         }
     }
     pub fn sh(script: &str) -> Self {
@@ -155,6 +158,11 @@ impl Fixture {
         if let Some(serde_json::Value::Object(extra)) = &opts.linux_extra {
             for (k, v) in extra {
                 linux[k] = v.clone();
+            }
+        }
+        if let Some(serde_json::Value::Object(extra)) = &opts.spec_extra {
+            for (k, v) in extra {
+                spec[k] = v.clone();
             }
         }
         std::fs::write(
@@ -261,11 +269,11 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        if !self.shut_down && self.shim_dir.join("shim.sock").exists() {
-            if let Ok(s) = UnixStream::connect(self.shim_dir.join("shim.sock")) {
-                let mut c = Client { s };
-                let _ = c.try_call(Request::Shutdown(ShutdownRequest {}));
-            }
+        if !self.shut_down
+            && let Ok(s) = UnixStream::connect(self.shim_dir.join("shim.sock"))
+        {
+            let mut c = Client { s };
+            let _ = c.try_call(Request::Shutdown(ShutdownRequest {}));
         }
         if !std::thread::panicking() {
             let _ = std::fs::remove_dir_all(&self.base);
