@@ -136,7 +136,8 @@ impl Daemon {
     /// RuntimeReady and NetworkReady, in that order.
     pub fn conditions(&self) -> Vec<Condition> {
         let runtime = Condition::ready("RuntimeReady");
-        let network = match network::readiness(&self.config.cni.conf_dir, &self.config.cni.bin_dirs) {
+        let network = match network::readiness(&self.config.cni.conf_dir, &self.config.cni.bin_dirs)
+        {
             Ok(_) => Condition::ready("NetworkReady"),
             Err(message) => Condition {
                 kind: "NetworkReady",

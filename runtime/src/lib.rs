@@ -15,3 +15,4 @@ pub mod recovery;
 pub mod sandbox;
 pub mod server;
 pub mod store;
+pub mod timing;

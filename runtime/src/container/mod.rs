@@ -162,6 +162,7 @@ pub async fn create(
     let rootfs = dir.join("rootfs");
     let sdir = shim_dir(daemon, &id);
     let mut undo = Undo::default();
+    let mut phases = crate::timing::Phases::start("CreateContainer");
     let result: Result<ContainerRecord> = async {
         for sub in ["upper", "work", "rootfs"] {
             std::fs::create_dir_all(dir.join(sub))
@@ -247,7 +248,9 @@ pub async fn create(
             memory_cgroup: memory_cgroup(daemon, &cgroups_path),
             container_helper: shim::container_helper_binary().display().to_string(),
         };
+        phases.mark("spec");
         shim::launch(&sdir, &shim_config).await?;
+        phases.mark("shim");
 
         Ok(ContainerRecord {
             id: id.clone(),
@@ -269,7 +272,10 @@ pub async fn create(
         })
     }
     .await;
-    match result.and_then(|record| daemon.store.put(&record).map(|_| record)) {
+    let result = result.and_then(|record| daemon.store.put(&record).map(|_| record));
+    phases.mark("store");
+    phases.log();
+    match result {
         Ok(record) => {
             undo.forget();
             reservation.keep();
@@ -526,12 +532,14 @@ pub async fn remove(daemon: &Daemon, id: &str) -> Result<()> {
     };
     tracing::Span::current().record("container_id", record.id.as_str());
     let dir = shim_dir(daemon, &record.id);
+    let mut phases = crate::timing::Phases::start("RemoveContainer");
     if matches!(
         record.state,
         ContainerState::Created | ContainerState::Running
     ) {
         stop(daemon, &record.id, 0).await?;
     }
+    phases.mark("stop");
     if shim::is_alive(&dir) {
         shim::call(
             &dir,
@@ -542,6 +550,7 @@ pub async fn remove(daemon: &Daemon, id: &str) -> Result<()> {
     } else {
         kill_orphaned(daemon, &record);
     }
+    phases.mark("shim-shutdown");
     let cdir = container_dir(daemon, &record.id);
     unmount(&cdir.join("rootfs"))?;
     for path in [&cdir, &dir] {
@@ -551,7 +560,10 @@ pub async fn remove(daemon: &Daemon, id: &str) -> Result<()> {
             Err(e) => return Err(Error::io(format!("remove {}", path.display()), e)),
         }
     }
+    phases.mark("rootfs+dirs");
     daemon.store.delete::<ContainerRecord>(&record.id)?;
+    phases.mark("store");
+    phases.log();
     daemon.release_name(&record.id);
     tracing::info!(container_id = %record.id, "container removed");
     Ok(())

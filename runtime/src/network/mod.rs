@@ -103,7 +103,11 @@ pub fn readiness(conf_dir: &Path, bin_dirs: &[PathBuf]) -> std::result::Result<P
             return Err(format!(
                 "CNI plugin {kind:?} named by {} is not in {}",
                 path.display(),
-                bin_dirs.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join(":")
+                bin_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(":")
             ));
         }
     }

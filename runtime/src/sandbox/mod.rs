@@ -202,6 +202,7 @@ pub async fn run(
     tracing::Span::current().record("pod_id", id.as_str());
 
     let dir = sandbox_dir(&daemon.config.state_dir, &id);
+    let mut phases = crate::timing::Phases::start("RunPodSandbox");
     let mut undo = Undo::default();
     let mut network_added = false;
     let result = async {
@@ -232,6 +233,7 @@ pub async fn run(
         for (_, path) in &pinned {
             undo.push_pin(path.clone());
         }
+        phases.mark("namespaces");
 
         let pod_ips = if own_net {
             network_added = true;
@@ -273,6 +275,7 @@ pub async fn run(
             std::fs::create_dir_all(log_dir).context(|| format!("create {}", log_dir.display()))?;
         }
 
+        phases.mark("files");
         let cgroup_parent = config
             .linux
             .as_ref()
@@ -299,6 +302,7 @@ pub async fn run(
             0
         };
 
+        phases.mark("cgroup+infra");
         let record = SandboxRecord {
             id: id.clone(),
             name: meta.name.clone(),
@@ -320,9 +324,11 @@ pub async fn run(
             infra_pid,
         };
         daemon.store.put(&record)?;
+        phases.mark("store");
         Ok(())
     }
     .await;
+    phases.log();
     match result {
         Ok(()) => {
             undo.forget();
