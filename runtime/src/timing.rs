@@ -3,6 +3,14 @@
 
 use std::time::Instant;
 
+/// Wall-clock time in nanoseconds since the epoch, as CRI timestamps are.
+pub fn now_ns() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as i64)
+        .unwrap_or_default()
+}
+
 pub struct Phases {
     what: &'static str,
     started: Instant,

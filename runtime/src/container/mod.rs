@@ -21,25 +21,12 @@ use crate::store::{ContainerRecord, ContainerState, KeyValue, SandboxState};
 /// How long berthd waits for a shim to answer an ordinary request.
 const SHIM_TIMEOUT: Duration = Duration::from_secs(30);
 
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or_default()
-}
-
 fn container_dir(daemon: &Daemon, id: &str) -> PathBuf {
     daemon.config.root_dir.join("containers").join(id)
 }
 
 fn shim_dir(daemon: &Daemon, id: &str) -> PathBuf {
     shim::shim_dir(&daemon.config.state_dir, id)
-}
-
-fn labels(map: &std::collections::HashMap<String, String>) -> Vec<KeyValue> {
-    let mut v: Vec<KeyValue> = map.iter().map(|(k, v)| KeyValue::new(k, v)).collect();
-    v.sort_by(|a, b| a.key.cmp(&b.key));
-    v
 }
 
 /// The CRI log path: inside the sandbox's log directory, never outside it.
@@ -260,10 +247,10 @@ pub async fn create(
             image_ref: image_name.clone(),
             image_id: image.id.clone(),
             state: ContainerState::Created,
-            created_at_ns: now_ns(),
+            created_at_ns: crate::timing::now_ns(),
             log_path: log.map(|p| p.display().to_string()).unwrap_or_default(),
-            labels: labels(&config.labels),
-            annotations: labels(&config.annotations),
+            labels: KeyValue::sorted(&config.labels),
+            annotations: KeyValue::sorted(&config.annotations),
             snapshot_chain_ids: image.chain_ids.clone(),
             config_json: serde_json::to_string(&config)
                 .map_err(|e| Error::Internal(e.to_string()))?,
@@ -377,7 +364,7 @@ pub async fn start(daemon: &Daemon, id: &str) -> Result<()> {
     .await
     {
         Ok(shim_response::Response::State(s)) if s.started_at_ns > 0 => s.started_at_ns,
-        _ => now_ns(),
+        _ => crate::timing::now_ns(),
     };
     if let Some(pid_state) = current_pid(&dir).await {
         record.pid = pid_state;

@@ -76,13 +76,6 @@ impl NamespaceOptionsView {
     }
 }
 
-fn now_ns() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or_default()
-}
-
 pub fn new_id() -> String {
     let mut bytes = [0u8; 32];
     getrandom(&mut bytes);
@@ -144,12 +137,6 @@ pub fn validate_sysctls(
     }
     out.sort();
     Ok(out)
-}
-
-fn labels(map: &std::collections::HashMap<String, String>) -> Vec<KeyValue> {
-    let mut v: Vec<KeyValue> = map.iter().map(|(k, v)| KeyValue::new(k, v)).collect();
-    v.sort_by(|a, b| a.key.cmp(&b.key));
-    v
 }
 
 /// RunPodSandbox. Everything made is undone when a later step fails.
@@ -310,10 +297,10 @@ pub async fn run(
             uid: meta.uid.clone(),
             attempt: meta.attempt,
             state: SandboxState::Ready,
-            created_at_ns: now_ns(),
+            created_at_ns: crate::timing::now_ns(),
             runtime_handler: runtime_handler.to_string(),
-            labels: labels(&config.labels),
-            annotations: labels(&config.annotations),
+            labels: KeyValue::sorted(&config.labels),
+            annotations: KeyValue::sorted(&config.annotations),
             log_directory: config.log_directory.clone(),
             config_json: serde_json::to_string(&config)
                 .map_err(|e| Error::Internal(e.to_string()))?,

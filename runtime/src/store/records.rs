@@ -13,6 +13,13 @@ pub struct KeyValue {
 }
 
 impl KeyValue {
+    /// A map as pairs sorted by key, so stored records are stable.
+    pub fn sorted(map: &std::collections::HashMap<String, String>) -> Vec<KeyValue> {
+        let mut v: Vec<KeyValue> = map.iter().map(|(k, v)| KeyValue::new(k, v)).collect();
+        v.sort_by(|a, b| a.key.cmp(&b.key));
+        v
+    }
+
     pub fn new(key: impl Into<String>, value: impl Into<String>) -> Self {
         KeyValue {
             key: key.into(),
