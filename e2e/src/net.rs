@@ -28,7 +28,23 @@ use serde_json::{Value, json};
 use crate::CniOptions;
 use crate::pods::random_hex;
 
+/// Where net-guard is looked for when `$BERTH_NET_GUARD` is unset and the
+/// `shared/` folder beside the workspace has none.
 pub const NET_GUARD: &str = "/work/shared/tools/net-guard";
+
+/// The net-guard script: `$BERTH_NET_GUARD`, else `shared/tools/net-guard`
+/// beside the workspace (where CI puts it), else [`NET_GUARD`].
+pub fn net_guard_path() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("BERTH_NET_GUARD") {
+        return p.into();
+    }
+    let beside =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/net-guard");
+    if beside.exists() {
+        return beside;
+    }
+    NET_GUARD.into()
+}
 /// The table net-guard installs.
 pub const NET_GUARD_TABLE: &str = "berth_test_guard";
 /// Debian's containernetworking-plugins.
@@ -127,14 +143,15 @@ pub fn net_guard_on() {
     if run("nft", &["list", "table", "inet", NET_GUARD_TABLE]).0 {
         return;
     }
-    let (ok, out, err) = run(NET_GUARD, &["on"]);
+    let guard = net_guard_path().display().to_string();
+    let (ok, out, err) = run("bash", &[&guard, "on"]);
     assert!(
         ok,
-        "{NET_GUARD} on failed; not sending traffic to pod addresses:\n{out}{err}"
+        "{guard} on failed; not sending traffic to pod addresses:\n{out}{err}"
     );
     assert!(
         run("nft", &["list", "table", "inet", NET_GUARD_TABLE]).0,
-        "{NET_GUARD} on succeeded but table inet {NET_GUARD_TABLE} is missing ({out}); not sending traffic to pod addresses"
+        "{guard} on succeeded but table inet {NET_GUARD_TABLE} is missing ({out}); not sending traffic to pod addresses"
     );
 }
 

@@ -268,16 +268,17 @@ pub fn rules_with_comment(family: &str, table: &str, needle: &str) -> Vec<(Strin
 /// Installs the shared network guard (rejects private-range traffic that
 /// would leave through the default route). Panics if it cannot.
 pub fn net_guard_on() {
-    let script = [
-        "/work/shared/tools/net-guard",
-        "../../shared/tools/net-guard",
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.exists());
+    let script = std::env::var_os("BERTH_NET_GUARD")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/net-guard"),
+            PathBuf::from("/work/shared/tools/net-guard"),
+        ])
+        .find(|p| p.exists());
     match script {
         Some(p) => {
-            let (ok, out) = sh(&format!("{} on", p.display()));
+            let (ok, out) = sh(&format!("bash {} on", p.display()));
             assert!(ok, "net-guard on failed: {out}");
         }
         None => {

@@ -27,18 +27,7 @@ pub const CNI_BIN_DIR: &str = "/usr/lib/cni";
 /// The net-guard script: `$BERTH_NET_GUARD`, else the shared tools dir
 /// (`/work/shared/tools`, or `shared/tools` beside the workspace).
 pub fn net_guard_path() -> PathBuf {
-    if let Some(p) = std::env::var_os("BERTH_NET_GUARD") {
-        return PathBuf::from(p);
-    }
-    let candidates = [
-        PathBuf::from("/work/shared/tools/net-guard"),
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/tools/net-guard"),
-    ];
-    candidates
-        .iter()
-        .find(|p| p.exists())
-        .cloned()
-        .unwrap_or_else(|| candidates[0].clone())
+    crate::net::net_guard_path()
 }
 
 /// Runs `net-guard on`; fails when it cannot.
