@@ -383,10 +383,13 @@ impl Cni {
             .spawn()
             .map_err(|e| Error::io(format!("run CNI plugin {}", binary.display()), e))?;
         if let Some(mut input) = child.stdin.take() {
-            input
-                .write_all(&stdin)
-                .await
-                .map_err(|e| Error::io(format!("write config to CNI plugin {kind}"), e))?;
+            // A plugin may exit without reading its config (a failing one
+            // often does): its exit status and output are what count.
+            match input.write_all(&stdin).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Err(e) => return Err(Error::io(format!("write config to CNI plugin {kind}"), e)),
+            }
         }
         let output = match tokio::time::timeout(self.timeout, child.wait_with_output()).await {
             Ok(out) => out.map_err(|e| Error::io(format!("wait for CNI plugin {kind}"), e))?,
