@@ -162,6 +162,7 @@ pub async fn create(
             &dir.join("work"),
             &rootfs,
         )?;
+        phases.mark("rootfs");
         {
             let rootfs = rootfs.clone();
             undo.push(move || {

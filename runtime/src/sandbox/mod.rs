@@ -231,6 +231,7 @@ pub async fn run(
         } else {
             Vec::new()
         };
+        phases.mark("network");
 
         // Files the containers bind-mount.
         if own_net {
