@@ -827,33 +827,10 @@ fn make_symlink(
     meta: &Meta,
     raw: &[u8],
 ) -> Result<()> {
-    let fail = |what: &'static str| move |e| io_err(raw, what, e);
     create_replacing(pfd, base, || symlinkat(target, pfd, base))
-        .map_err(fail("creating symlink"))?;
-    fchownat(
-        pfd,
-        base,
-        Some(meta.uid),
-        Some(meta.gid),
-        AtFlags::AT_SYMLINK_NOFOLLOW,
-    )
-    .map_err(fail("changing owner"))?;
-    set_xattrs(
-        XattrTarget::Path {
-            dir: pfd,
-            name: base,
-        },
-        &meta.xattrs,
-        raw,
-    )?;
-    utimensat(
-        pfd,
-        base,
-        &meta.atime,
-        &meta.mtime,
-        UtimensatFlags::NoFollowSymlink,
-    )
-    .map_err(fail("setting times"))
+        .map_err(|e| io_err(raw, "creating symlink", e))?;
+    // A symlink has no mode of its own.
+    finish_in_dir(pfd, base, meta, raw, false)
 }
 
 /// Creates a device node or a FIFO (never opened).
@@ -865,10 +842,22 @@ fn make_node(
     meta: &Meta,
     raw: &[u8],
 ) -> Result<()> {
-    let fail = |what: &'static str| move |e| io_err(raw, what, e);
     let perm = Mode::from_bits_truncate((meta.mode & 0o777) as libc::mode_t);
     create_replacing(pfd, base, || mknodat(pfd, base, kind, perm, dev))
-        .map_err(fail("creating node"))?;
+        .map_err(|e| io_err(raw, "creating node", e))?;
+    finish_in_dir(pfd, base, meta, raw, true)
+}
+
+/// Owner, then mode (chown clears setuid bits), xattrs and times of an
+/// entry just created in `pfd`, never following it if it is a symlink.
+fn finish_in_dir(
+    pfd: BorrowedFd<'_>,
+    base: &[u8],
+    meta: &Meta,
+    raw: &[u8],
+    set_mode: bool,
+) -> Result<()> {
+    let fail = |what: &'static str| move |e| io_err(raw, what, e);
     fchownat(
         pfd,
         base,
@@ -877,9 +866,11 @@ fn make_node(
         AtFlags::AT_SYMLINK_NOFOLLOW,
     )
     .map_err(fail("changing owner"))?;
-    // Not a symlink: it was just created as a node.
-    fchmodat(pfd, base, meta.mode(), FchmodatFlags::FollowSymlink)
-        .map_err(fail("changing mode"))?;
+    if set_mode {
+        // Not a symlink: the caller just created a node.
+        fchmodat(pfd, base, meta.mode(), FchmodatFlags::FollowSymlink)
+            .map_err(fail("changing mode"))?;
+    }
     set_xattrs(
         XattrTarget::Path {
             dir: pfd,
