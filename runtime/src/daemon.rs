@@ -34,6 +34,8 @@ pub struct Daemon {
     pub images: Images,
     pub network: Network,
     pub cgroup_mode: CgroupMode,
+    /// Previous CPU samples, for ContainerStats' nanocores.
+    pub cpu_samples: crate::container::stats::CpuSamples,
     /// Sandbox and container names in use (kubelet's uniqueness rules),
     /// name → id.
     names: Mutex<HashMap<String, String>>,
@@ -108,6 +110,7 @@ impl Daemon {
             images,
             network,
             cgroup_mode,
+            cpu_samples: Default::default(),
             names: Mutex::new(names),
         }))
     }

@@ -4,6 +4,7 @@
 //! cache of the truth the shim keeps; the shim's exit record wins.
 
 pub mod shim;
+pub mod stats;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -553,6 +554,7 @@ pub async fn remove(daemon: &Daemon, id: &str) -> Result<()> {
     phases.mark("store");
     phases.log();
     daemon.release_name(&record.id);
+    daemon.cpu_samples.forget(&record.id);
     tracing::info!(container_id = %record.id, "container removed");
     Ok(())
 }
@@ -580,6 +582,17 @@ pub async fn discard_unrecorded(daemon: &Daemon, id: &str) {
     let _ = unmount(&cdir.join("rootfs"));
     let _ = std::fs::remove_dir_all(&cdir);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Resource usage of a container; `None` once it is not running.
+pub fn stats(daemon: &Daemon, record: &ContainerRecord) -> stats::Stats {
+    stats::read(
+        daemon.cgroup_mode,
+        &record.cgroups_path,
+        &record.id,
+        &container_dir(daemon, &record.id).join("upper"),
+        &daemon.cpu_samples,
+    )
 }
 
 /// Containers of a sandbox.

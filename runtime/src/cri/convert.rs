@@ -156,3 +156,44 @@ pub fn container_status(
         user: None,
     }
 }
+
+fn u64_value(v: Option<u64>) -> Option<cri::UInt64Value> {
+    v.map(|value| cri::UInt64Value { value })
+}
+
+pub fn container_stats(
+    r: &ContainerRecord,
+    s: &crate::container::stats::Stats,
+) -> cri::ContainerStats {
+    cri::ContainerStats {
+        attributes: Some(cri::ContainerAttributes {
+            id: r.id.clone(),
+            metadata: Some(container_metadata(r)),
+            labels: map(&r.labels),
+            annotations: map(&r.annotations),
+        }),
+        cpu: Some(cri::CpuUsage {
+            timestamp: s.timestamp_ns,
+            usage_core_nano_seconds: u64_value(s.cpu_usage_ns),
+            usage_nano_cores: u64_value(s.cpu_nano_cores),
+        }),
+        memory: Some(cri::MemoryUsage {
+            timestamp: s.timestamp_ns,
+            working_set_bytes: u64_value(s.memory_working_set),
+            available_bytes: u64_value(s.memory_available),
+            usage_bytes: u64_value(s.memory_usage),
+            rss_bytes: u64_value(s.memory_rss),
+            page_faults: u64_value(s.page_faults),
+            major_page_faults: u64_value(s.major_page_faults),
+        }),
+        writable_layer: Some(cri::FilesystemUsage {
+            timestamp: s.timestamp_ns,
+            fs_id: Some(cri::FilesystemIdentifier {
+                mountpoint: s.writable_layer_path.display().to_string(),
+            }),
+            used_bytes: u64_value(Some(s.writable_layer.bytes)),
+            inodes_used: u64_value(Some(s.writable_layer.inodes)),
+        }),
+        swap: None,
+    }
+}

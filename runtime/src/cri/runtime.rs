@@ -274,6 +274,52 @@ cri_service! {
             Ok(Response::new(ReopenContainerLogResponse {}))
         }
 
+        async fn container_stats(&self, request: Request<ContainerStatsRequest>) -> Result<Response<ContainerStatsResponse>, Status> {
+            let record = container::refresh(&self.daemon, container::find(&self.daemon, &request.into_inner().container_id)?)?;
+            tracing::Span::current().record("container_id", record.id.as_str());
+            let daemon = self.daemon.clone();
+            let stats = tokio::task::spawn_blocking(move || {
+                let s = container::stats(&daemon, &record);
+                convert::container_stats(&record, &s)
+            })
+            .await
+            .map_err(|e| Status::internal(format!("stats task: {e}")))?;
+            Ok(Response::new(ContainerStatsResponse { stats: Some(stats) }))
+        }
+
+        async fn list_container_stats(&self, request: Request<ListContainerStatsRequest>) -> Result<Response<ListContainerStatsResponse>, Status> {
+            let filter = request.into_inner().filter;
+            let mut records = Vec::new();
+            for r in self.daemon.store.list::<crate::store::ContainerRecord>()? {
+                if let Some(f) = &filter {
+                    if !f.id.is_empty() && !r.id.starts_with(&f.id) {
+                        continue;
+                    }
+                    if !f.pod_sandbox_id.is_empty() && !r.sandbox_id.starts_with(&f.pod_sandbox_id) {
+                        continue;
+                    }
+                    if !convert::labels_match(&r.labels, &f.label_selector) {
+                        continue;
+                    }
+                }
+                // kubelet asks for the stats of running containers.
+                let r = container::refresh(&self.daemon, r)?;
+                if r.state == crate::store::ContainerState::Running {
+                    records.push(r);
+                }
+            }
+            let daemon = self.daemon.clone();
+            let stats = tokio::task::spawn_blocking(move || {
+                records
+                    .iter()
+                    .map(|r| convert::container_stats(r, &container::stats(&daemon, r)))
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| Status::internal(format!("stats task: {e}")))?;
+            Ok(Response::new(ListContainerStatsResponse { stats }))
+        }
+
         async fn get_container_events(&self, _request: Request<GetEventsRequest>) -> Result<Response<Self::GetContainerEventsStream>, Status> {
             Err(Error::Unimplemented("RuntimeService/GetContainerEvents").into())
         }
@@ -283,8 +329,6 @@ cri_service! {
         exec(ExecRequest) -> ExecResponse = "Exec";
         attach(AttachRequest) -> AttachResponse = "Attach";
         port_forward(PortForwardRequest) -> PortForwardResponse = "PortForward";
-        container_stats(ContainerStatsRequest) -> ContainerStatsResponse = "ContainerStats";
-        list_container_stats(ListContainerStatsRequest) -> ListContainerStatsResponse = "ListContainerStats";
         pod_sandbox_stats(PodSandboxStatsRequest) -> PodSandboxStatsResponse = "PodSandboxStats";
         list_pod_sandbox_stats(ListPodSandboxStatsRequest) -> ListPodSandboxStatsResponse = "ListPodSandboxStats";
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse = "CheckpointContainer";

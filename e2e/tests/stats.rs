@@ -1,0 +1,102 @@
+//! ContainerStats and ListContainerStats read what the kernel accounts to
+//! the container: CPU time, memory, and its writable layer.
+
+use std::time::Duration;
+
+use berth_e2e::pods::{PodEnv, resources, sh_config};
+use k8s_cri::v1::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_report_cpu_memory_and_the_writable_layer() {
+    berth_e2e::require_root();
+    let mut env = PodEnv::start().await;
+    let pod = env.run_pod(&env.pod_config("stats")).await;
+    let mut config = sh_config(
+        "busy",
+        &env.busybox(),
+        "dd if=/dev/zero of=/tmp/fill bs=1M count=6 2>/dev/null; while :; do :; done",
+    );
+    resources(&mut config).memory_limit_in_bytes = 64 << 20;
+    let id = env.run(&pod, &config).await;
+    // Let it write its file and burn some CPU.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let stats = |env: &mut PodEnv| {
+        let mut client = env.client.clone();
+        let id = id.clone();
+        async move {
+            client
+                .runtime
+                .container_stats(ContainerStatsRequest { container_id: id })
+                .await
+                .expect("ContainerStats")
+                .into_inner()
+                .stats
+                .expect("stats")
+        }
+    };
+    let first = stats(&mut env).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = stats(&mut env).await;
+
+    assert_eq!(second.attributes.as_ref().unwrap().id, id);
+    let cpu1 = first.cpu.unwrap().usage_core_nano_seconds.unwrap().value;
+    let cpu = second.cpu.unwrap();
+    let cpu2 = cpu.usage_core_nano_seconds.unwrap().value;
+    assert!(
+        cpu2 > cpu1 && cpu1 > 100_000_000,
+        "cpu time {cpu1} -> {cpu2}"
+    );
+    let cores = cpu
+        .usage_nano_cores
+        .expect("a rate on the second sample")
+        .value;
+    assert!(
+        cores > 200_000_000,
+        "a busy loop uses well over 0.2 core: {cores}"
+    );
+
+    let memory = second.memory.unwrap();
+    let working_set = memory.working_set_bytes.unwrap().value;
+    assert!(working_set > 0);
+    let available = memory.available_bytes.expect("a limit was set").value;
+    assert!(
+        available + working_set <= 64 << 20,
+        "{available} + {working_set}"
+    );
+    assert!(memory.usage_bytes.unwrap().value >= working_set);
+
+    let layer = second.writable_layer.unwrap();
+    assert!(layer.used_bytes.unwrap().value >= 6 << 20, "{layer:?}");
+    assert!(layer.fs_id.unwrap().mountpoint.ends_with("/upper"));
+
+    let list = env
+        .client
+        .runtime
+        .list_container_stats(ListContainerStatsRequest {
+            filter: Some(ContainerStatsFilter {
+                pod_sandbox_id: pod.clone(),
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .stats;
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].attributes.as_ref().unwrap().id, id);
+
+    env.stop_container(&id, 0).await.unwrap();
+    let list = env
+        .client
+        .runtime
+        .list_container_stats(ListContainerStatsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .stats;
+    assert!(
+        list.is_empty(),
+        "stopped containers have no stats: {list:?}"
+    );
+}
