@@ -100,3 +100,73 @@ async fn stats_report_cpu_memory_and_the_writable_layer() {
         "stopped containers have no stats: {list:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_container_resources_changes_the_cgroup_and_the_status() {
+    berth_e2e::require_root();
+    let mut env = PodEnv::start().await;
+    let pod = env.run_pod(&env.pod_config("resize")).await;
+    let mut config = sh_config("resize", &env.busybox(), "sleep 1000");
+    resources(&mut config).memory_limit_in_bytes = 64 << 20;
+    resources(&mut config).cpu_period = 100_000;
+    resources(&mut config).cpu_quota = 20_000;
+    let id = env.run(&pod, &config).await;
+
+    let new = LinuxContainerResources {
+        cpu_period: 100_000,
+        cpu_quota: 70_000,
+        memory_limit_in_bytes: 96 << 20,
+        ..Default::default()
+    };
+    env.client
+        .runtime
+        .update_container_resources(UpdateContainerResourcesRequest {
+            container_id: id.clone(),
+            linux: Some(new.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect("UpdateContainerResources");
+
+    let (_, info) = env.status_verbose(&id).await;
+    let cgroups_path = info["cgroupsPath"]
+        .as_str()
+        .expect("cgroupsPath")
+        .to_string();
+    let read = |p: std::path::PathBuf| {
+        std::fs::read_to_string(&p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .trim()
+            .to_string()
+    };
+    if berth_e2e::pods::cgroup_v2() {
+        let dir = berth_e2e::pods::cgroup_dir("", &cgroups_path);
+        assert_eq!(read(dir.join("cpu.max")), "70000 100000");
+        assert_eq!(read(dir.join("memory.max")), (96u64 << 20).to_string());
+    } else {
+        let cpu = berth_e2e::pods::cgroup_dir("cpu", &cgroups_path);
+        assert_eq!(read(cpu.join("cpu.cfs_quota_us")), "70000");
+        let memory = berth_e2e::pods::cgroup_dir("memory", &cgroups_path);
+        assert_eq!(
+            read(memory.join("memory.limit_in_bytes")),
+            (96u64 << 20).to_string()
+        );
+    }
+    let status = env.status(&id).await;
+    let linux = status.resources.unwrap().linux.unwrap();
+    assert_eq!(linux.cpu_quota, 70_000);
+    assert_eq!(linux.memory_limit_in_bytes, 96 << 20);
+
+    env.stop_container(&id, 0).await.unwrap();
+    let err = env
+        .client
+        .runtime
+        .update_container_resources(UpdateContainerResourcesRequest {
+            container_id: id.clone(),
+            linux: Some(new),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}

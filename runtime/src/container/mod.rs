@@ -3,6 +3,7 @@
 //! berth-shim, which owns the container from then on. berthd's record is a
 //! cache of the truth the shim keeps; the shim's exit record wins.
 
+pub mod resources;
 pub mod shim;
 pub mod stats;
 
@@ -582,6 +583,33 @@ pub async fn discard_unrecorded(daemon: &Daemon, id: &str) {
     let _ = unmount(&cdir.join("rootfs"));
     let _ = std::fs::remove_dir_all(&cdir);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// UpdateContainerResources: the new limits go into the cgroup and into the
+/// stored config, so ContainerStatus reports them.
+pub fn update_resources(
+    daemon: &Daemon,
+    id: &str,
+    new: k8s_cri::v1::LinuxContainerResources,
+) -> Result<()> {
+    let mut record = refresh(daemon, find(daemon, id)?)?;
+    tracing::Span::current().record("container_id", record.id.as_str());
+    if !matches!(
+        record.state,
+        ContainerState::Created | ContainerState::Running
+    ) {
+        return Err(Error::FailedPrecondition(format!(
+            "container {} is not running",
+            record.id
+        )));
+    }
+    resources::apply(daemon.cgroup_mode, &record.cgroups_path, &new)?;
+    let mut config: ContainerConfig = serde_json::from_str(&record.config_json)
+        .map_err(|e| Error::Store(format!("container {} config: {e}", record.id)))?;
+    config.linux.get_or_insert_with(Default::default).resources = Some(new);
+    record.config_json =
+        serde_json::to_string(&config).map_err(|e| Error::Internal(e.to_string()))?;
+    daemon.store.put(&record)
 }
 
 /// Resource usage of a container; `None` once it is not running.

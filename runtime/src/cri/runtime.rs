@@ -320,12 +320,20 @@ cri_service! {
             Ok(Response::new(ListContainerStatsResponse { stats }))
         }
 
+        async fn update_container_resources(&self, request: Request<UpdateContainerResourcesRequest>) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
+            let request = request.into_inner();
+            let linux = request
+                .linux
+                .ok_or_else(|| Error::InvalidArgument("linux resources are required".into()))?;
+            container::update_resources(&self.daemon, &request.container_id, linux)?;
+            Ok(Response::new(UpdateContainerResourcesResponse {}))
+        }
+
         async fn get_container_events(&self, _request: Request<GetEventsRequest>) -> Result<Response<Self::GetContainerEventsStream>, Status> {
             Err(Error::Unimplemented("RuntimeService/GetContainerEvents").into())
         }
     }
     unimplemented "RuntimeService" {
-        update_container_resources(UpdateContainerResourcesRequest) -> UpdateContainerResourcesResponse = "UpdateContainerResources";
         exec(ExecRequest) -> ExecResponse = "Exec";
         attach(AttachRequest) -> AttachResponse = "Attach";
         port_forward(PortForwardRequest) -> PortForwardResponse = "PortForward";
