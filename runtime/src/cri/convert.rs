@@ -20,6 +20,18 @@ pub fn labels_match(labels: &[KeyValue], selector: &HashMap<String, String>) -> 
         .all(|(k, v)| labels.iter().any(|kv| &kv.key == k && &kv.value == v))
 }
 
+/// The id, sandbox id (both by prefix) and label parts of a container filter.
+pub fn container_matches(
+    r: &ContainerRecord,
+    id: &str,
+    sandbox_id: &str,
+    selector: &HashMap<String, String>,
+) -> bool {
+    r.id.starts_with(id)
+        && r.sandbox_id.starts_with(sandbox_id)
+        && labels_match(&r.labels, selector)
+}
+
 pub fn sandbox_state(s: SandboxState) -> cri::PodSandboxState {
     match s {
         SandboxState::Ready => cri::PodSandboxState::SandboxReady,

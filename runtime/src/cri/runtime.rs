@@ -218,16 +218,10 @@ cri_service! {
             let filter = request.into_inner().filter;
             let mut containers = Vec::new();
             for r in self.daemon.store.list::<crate::store::ContainerRecord>()? {
-                if let Some(f) = &filter {
-                    if !f.id.is_empty() && !r.id.starts_with(&f.id) {
-                        continue;
-                    }
-                    if !f.pod_sandbox_id.is_empty() && !r.sandbox_id.starts_with(&f.pod_sandbox_id) {
-                        continue;
-                    }
-                    if !convert::labels_match(&r.labels, &f.label_selector) {
-                        continue;
-                    }
+                if let Some(f) = &filter
+                    && !convert::container_matches(&r, &f.id, &f.pod_sandbox_id, &f.label_selector)
+                {
+                    continue;
                 }
                 let r = container::refresh(&self.daemon, r)?;
                 if let Some(f) = &filter
@@ -291,16 +285,10 @@ cri_service! {
             let filter = request.into_inner().filter;
             let mut records = Vec::new();
             for r in self.daemon.store.list::<crate::store::ContainerRecord>()? {
-                if let Some(f) = &filter {
-                    if !f.id.is_empty() && !r.id.starts_with(&f.id) {
-                        continue;
-                    }
-                    if !f.pod_sandbox_id.is_empty() && !r.sandbox_id.starts_with(&f.pod_sandbox_id) {
-                        continue;
-                    }
-                    if !convert::labels_match(&r.labels, &f.label_selector) {
-                        continue;
-                    }
+                if let Some(f) = &filter
+                    && !convert::container_matches(&r, &f.id, &f.pod_sandbox_id, &f.label_selector)
+                {
+                    continue;
                 }
                 // kubelet asks for the stats of running containers.
                 let r = container::refresh(&self.daemon, r)?;
