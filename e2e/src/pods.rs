@@ -813,7 +813,8 @@ pub fn stream_text(lines: &[LogLine], stream: &str) -> String {
 
 // ---- the host: mounts, processes, cgroups ----
 
-fn unescape_mountinfo(field: &str) -> String {
+/// A mountinfo field with its octal escapes (`\040` for a space) decoded.
+pub fn unescape_mountinfo(field: &str) -> String {
     let mut out = Vec::new();
     let b = field.as_bytes();
     let mut i = 0;

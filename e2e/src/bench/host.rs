@@ -136,24 +136,7 @@ pub fn drop_caches() -> std::io::Result<()> {
 
 // ---- mounts ----
 
-fn unescape_mountinfo(field: &str) -> String {
-    let b = field.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\'
-            && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
-        {
-            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
+use crate::pods::unescape_mountinfo;
 
 /// Mount points at or under `prefix` (host mount namespace).
 pub fn mounts_under(prefix: &Path) -> Vec<PathBuf> {
@@ -356,10 +339,5 @@ mod tests {
         let tree = ProcessTree::snapshot();
         assert!(tree.subtree(me).contains(&me));
         assert!(cmdline(me).is_some_and(|c| !c.is_empty()));
-    }
-
-    #[test]
-    fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo("/a\\040b"), "/a b");
     }
 }
