@@ -159,9 +159,21 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(prefix: &str) -> Netns {
-        let name = format!("{prefix}{}", rand4());
-        let (ok, out) = sh(&format!("ip netns add {name}"));
-        assert!(ok, "ip netns add {name}: {out}");
+        // Random names can collide (20 namespaces made at once share a
+        // 16-bit space): a taken name is retried with a fresh one.
+        let mut attempt = 0;
+        let name = loop {
+            let name = format!("{prefix}{}", rand4());
+            let (ok, out) = sh(&format!("ip netns add {name}"));
+            if ok {
+                break name;
+            }
+            attempt += 1;
+            assert!(
+                out.contains("File exists") && attempt < 10,
+                "ip netns add {name}: {out}"
+            );
+        };
         Netns {
             path: format!("/var/run/netns/{name}"),
             name,
