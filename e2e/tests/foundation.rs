@@ -209,12 +209,12 @@ async fn unwired_rpcs_answer_unimplemented_with_their_name() {
     );
     let err = c
         .runtime
-        .get_container_events(GetEventsRequest::default())
+        .list_metric_descriptors(ListMetricDescriptorsRequest::default())
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::Unimplemented);
     assert!(
-        err.message().contains("GetContainerEvents"),
+        err.message().contains("ListMetricDescriptors"),
         "{}",
         err.message()
     );

@@ -2,7 +2,6 @@
 //! mode, and the runtime-wide answers behind Version, Status and
 //! RuntimeConfig. The CRI layer only translates these.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
@@ -10,17 +9,12 @@ use serde::Serialize;
 use crate::cgroups::CgroupMode;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::events::{Event, EventHub};
 use crate::image::Images;
+use crate::locks::{ContainerGuard, ObjectLocks, SandboxGuard, SandboxShared};
+use crate::names::Names;
 use crate::network::{self, Network};
 use crate::store::{ContainerRecord, SandboxRecord, Store};
-
-pub fn sandbox_name_key(s: &SandboxRecord) -> String {
-    format!("sandbox/{}/{}/{}/{}", s.namespace, s.name, s.uid, s.attempt)
-}
-
-pub fn container_name_key(sandbox_id: &str, name: &str, attempt: u32) -> String {
-    format!("container/{sandbox_id}/{name}/{attempt}")
-}
 
 pub const RUNTIME_NAME: &str = "berth";
 pub const RUNTIME_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -32,34 +26,23 @@ pub struct Daemon {
     pub config: Config,
     pub store: Arc<Store>,
     pub images: Images,
-    pub network: Network,
+    pub network: Arc<Network>,
     pub cgroup_mode: CgroupMode,
     /// Previous CPU samples, for ContainerStats' nanocores.
     pub cpu_samples: crate::container::stats::CpuSamples,
-    /// Sandbox and container names in use (kubelet's uniqueness rules),
-    /// name → id.
-    names: Mutex<HashMap<String, String>>,
-}
-
-/// A name held for an object being created; released on drop unless kept.
-pub struct NameReservation<'a> {
-    daemon: &'a Daemon,
-    key: String,
-    kept: bool,
-}
-
-impl NameReservation<'_> {
-    pub fn keep(mut self) {
-        self.kept = true;
-    }
-}
-
-impl Drop for NameReservation<'_> {
-    fn drop(&mut self) {
-        if !self.kept {
-            self.daemon.names.lock().unwrap().remove(&self.key);
-        }
-    }
+    /// Sandbox and container names in use (kubelet's uniqueness rules).
+    pub names: Names,
+    /// One owner per object: the lock a mutating call holds.
+    pub locks: ObjectLocks,
+    pub events: EventHub,
+    /// Serializes transitions with their events, so every subscriber sees
+    /// a container's events in commit order.
+    transitions: Mutex<()>,
+    /// Containers whose exit is being watched (exit records, dead shims).
+    pub exits: crate::container::exits::ExitWatcher,
+    /// The async runtime, for the few async calls (CNI plugins, the
+    /// image store) domain code makes from its blocking threads.
+    pub rt: tokio::runtime::Handle,
 }
 
 /// One readiness condition as `Status` reports it.
@@ -87,23 +70,17 @@ impl Daemon {
         let store = Arc::new(Store::open(&config.store_path())?);
         let images = Images::open(&config.root_dir, &config.registry, store.clone())?;
         let cgroup_mode = CgroupMode::detect(std::path::Path::new("/sys/fs/cgroup"));
-        let mut names = HashMap::new();
-        for s in store.list::<SandboxRecord>()? {
-            names.insert(sandbox_name_key(&s), s.id.clone());
-        }
-        for c in store.list::<ContainerRecord>()? {
-            names.insert(
-                container_name_key(&c.sandbox_id, &c.name, c.attempt),
-                c.id.clone(),
-            );
-        }
+        let names = Names::of_records(
+            &store.list::<SandboxRecord>()?,
+            &store.list::<ContainerRecord>()?,
+        );
         if config.cni.write_default_conflist
             && let Some(path) =
                 network::write_default_conflist(&config.cni.conf_dir, &config.cni.default_subnet)?
         {
             tracing::info!(path = %path.display(), "wrote the default CNI network config");
         }
-        let network = Network::new(&config);
+        let network = Arc::new(Network::new(&config));
         Ok(Arc::new(Daemon {
             config,
             store,
@@ -111,29 +88,91 @@ impl Daemon {
             network,
             cgroup_mode,
             cpu_samples: Default::default(),
-            names: Mutex::new(names),
+            names,
+            locks: ObjectLocks::default(),
+            events: EventHub::default(),
+            transitions: Mutex::new(()),
+            exits: crate::container::exits::ExitWatcher::new()?,
+            rt: tokio::runtime::Handle::current(),
         }))
     }
 
-    /// Reserves a unique name for `id`; AlreadyExists when taken.
-    pub fn reserve_name(&self, key: &str, id: &str) -> Result<NameReservation<'_>> {
-        let mut names = self.names.lock().unwrap();
-        if let Some(owner) = names.get(key) {
-            return Err(Error::AlreadyExists(format!(
-                "name {key} is already in use by {owner}"
-            )));
-        }
-        names.insert(key.to_string(), id.to_string());
-        Ok(NameReservation {
-            daemon: self,
-            key: key.to_string(),
-            kept: false,
-        })
+    /// The one crossing point from the async gRPC layer into the
+    /// synchronous domain code: `op` runs on a blocking thread, so kernel
+    /// and disk work never stalls the async workers, and it runs to its end
+    /// (commit or full undo) even when the caller goes away meanwhile.
+    pub async fn run<T: Send + 'static>(
+        self: &Arc<Self>,
+        op: impl FnOnce(&Daemon) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let daemon = self.clone();
+        let span = tracing::Span::current();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let result = op(&daemon);
+            if let Err(unanswered) = tx.send(result) {
+                match unanswered {
+                    Ok(_) => tracing::info!("operation finished after its caller went away"),
+                    Err(e) => {
+                        tracing::warn!(error = %crate::error::chain(&e), "operation failed after its caller went away")
+                    }
+                }
+            }
+        });
+        rx.await
+            .map_err(|_| Error::Internal("operation panicked".into()))?
     }
 
-    /// Frees every name held by `id`.
-    pub fn release_name(&self, id: &str) {
-        self.names.lock().unwrap().retain(|_, owner| owner != id);
+    /// Runs `op` on container `id` (full id or unique prefix) while holding
+    /// the container's lock and its sandbox's shared lock.
+    pub async fn on_container<T: Send + 'static>(
+        self: &Arc<Self>,
+        id: &str,
+        op: impl FnOnce(&Daemon, &ContainerGuard) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let id = id.to_string();
+        let record = self.run(move |d| crate::container::find(d, &id)).await?;
+        let guard = self.locks.container(&record.sandbox_id, &record.id).await;
+        self.run(move |d| op(d, &guard)).await
+    }
+
+    /// Runs `op` in sandbox `id` (full id or unique prefix) while holding
+    /// the sandbox shared: it cannot be stopped or removed meanwhile.
+    pub async fn in_sandbox<T: Send + 'static>(
+        self: &Arc<Self>,
+        id: &str,
+        op: impl FnOnce(&Daemon, &SandboxShared) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let id = id.to_string();
+        let record = self.run(move |d| crate::sandbox::find(d, &id)).await?;
+        let guard = self.locks.sandbox_shared(&record.id).await;
+        self.run(move |d| op(d, &guard)).await
+    }
+
+    /// Runs `op` on sandbox `id` (full id or unique prefix) while holding
+    /// it exclusively; `None` when no such sandbox exists.
+    pub async fn on_sandbox<T: Send + 'static>(
+        self: &Arc<Self>,
+        id: &str,
+        op: impl FnOnce(&Daemon, &SandboxGuard) -> Result<T> + Send + 'static,
+    ) -> Result<Option<T>> {
+        let id = id.to_string();
+        let Some(record) = self.run(move |d| crate::sandbox::lookup(d, &id)).await? else {
+            return Ok(None);
+        };
+        let guard = self.locks.sandbox(&record.id).await;
+        self.run(move |d| op(d, &guard)).await.map(Some)
+    }
+
+    /// Makes a change and publishes its events in one step, in commit order.
+    pub fn publish_with<T>(&self, change: impl FnOnce() -> Result<(T, Vec<Event>)>) -> Result<T> {
+        let _order = self.transitions.lock().unwrap();
+        let (value, events) = change()?;
+        for event in events {
+            self.events.publish(event);
+        }
+        Ok(value)
     }
 
     /// RuntimeReady and NetworkReady, in that order.

@@ -54,6 +54,29 @@ pub enum Error {
 
     #[error("{0}")]
     Internal(String),
+
+    #[error(transparent)]
+    Process(#[from] crate::process::ProcessError),
+
+    #[error("shim at {} is not reachable", socket.display())]
+    ShimUnreachable {
+        socket: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A sandbox or container that does not exist (any more).
+    #[error("{kind} {id} not found")]
+    Missing { kind: &'static str, id: String },
+
+    /// An operation the object's current state does not allow.
+    #[error("{kind} {id} is {state}, {wanted}")]
+    WrongState {
+        kind: &'static str,
+        id: String,
+        state: String,
+        wanted: &'static str,
+    },
 }
 
 impl Error {
@@ -74,4 +97,20 @@ impl<T> IoContext<T> for std::io::Result<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T> {
         self.map_err(|e| Error::io(what(), e))
     }
+}
+
+/// An error with its causes, `outer: inner: ...`, for logs.
+pub fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        // thiserror messages often embed their source already.
+        if !out.ends_with(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = cause.source();
+    }
+    out
 }

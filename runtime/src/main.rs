@@ -72,7 +72,10 @@ fn run(config_path: Option<PathBuf>) -> Result<()> {
         // socket, not about the store being busy.
         let socket = server::CriSocket::bind(&config.socket_path())?;
         let daemon = Daemon::open(config)?;
-        berth_runtime::recovery::recover(&daemon).await?;
+        daemon.run(berth_runtime::recovery::recover).await?;
+        // Exits that happened while berthd was down are recorded (and
+        // published) now, before the first call is served.
+        berth_runtime::container::exits::ExitWatcher::start(&daemon)?;
         // What a killed pull or removal left unreferenced goes now.
         daemon.images.collect_garbage().await?;
         tracing::info!(

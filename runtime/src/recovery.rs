@@ -1,14 +1,18 @@
-//! Start-up recovery: berthd may have been killed half way through any
-//! create. Records are written last, so whatever exists on disk without a
-//! record is the remains of a create that never finished: undo it.
+//! Start-up recovery: berthd may have been killed at any moment. Records are
+//! written last, so whatever exists on disk without a record is the remains
+//! of a create that never finished: undo it. Whatever has a record is
+//! checked against the kernel before it is trusted: a READY sandbox whose
+//! namespaces, network or infra process are gone is marked NOTREADY with
+//! the reason, never left READY.
 
 use std::path::Path;
 
 use crate::container;
 use crate::daemon::Daemon;
 use crate::error::Result;
+use crate::process::ProcessIdentity;
 use crate::sandbox::{self, namespaces};
-use crate::store::{ContainerRecord, SandboxRecord};
+use crate::store::{ContainerRecord, ContainerState, SandboxRecord, SandboxState};
 
 /// Ids of the entries of `dir` (file stems), or nothing if it is missing.
 fn entries(dir: &Path, suffix: &str) -> Vec<String> {
@@ -22,61 +26,152 @@ fn entries(dir: &Path, suffix: &str) -> Vec<String> {
         .collect()
 }
 
-pub async fn recover(daemon: &Daemon) -> Result<()> {
-    let state = &daemon.config.state_dir;
+/// Logs a cleanup step that failed, with the object it concerns.
+fn logged(what: &str, id: &str, result: Result<()>) {
+    if let Err(e) = result {
+        tracing::error!(id, what, error = %crate::error::chain(&e), "recovery step failed; this may leak");
+    }
+}
 
-    // Containers: a shim or a rootfs without a record.
-    for id in entries(&container::shim::shim_dir(state, ""), "") {
+pub fn recover(daemon: &Daemon) -> Result<()> {
+    discard_unrecorded_containers(daemon)?;
+    discard_unrecorded_sandboxes(daemon)?;
+    adopt_identities(daemon)?;
+    verify_sandboxes(daemon)?;
+    let tmp = daemon.config.state_dir.join("cni").join("tmp");
+    if tmp.exists() {
+        logged(
+            "remove the CNI temp dir",
+            "",
+            std::fs::remove_dir_all(&tmp)
+                .map_err(|e| crate::error::Error::io(format!("remove {}", tmp.display()), e)),
+        );
+    }
+    Ok(())
+}
+
+/// A shim dir or a rootfs without a record.
+fn discard_unrecorded_containers(daemon: &Daemon) -> Result<()> {
+    let state = &daemon.config.state_dir;
+    let mut ids = entries(&container::shim::shim_dir(state, ""), "");
+    ids.extend(entries(&daemon.config.root_dir.join("containers"), ""));
+    ids.sort();
+    ids.dedup();
+    for id in ids {
         if daemon.store.get::<ContainerRecord>(&id)?.is_none() {
             tracing::warn!(container_id = %id, "removing the remains of an unfinished container create");
-            container::discard_unrecorded(daemon, &id).await;
+            logged(
+                "discard an unrecorded container",
+                &id,
+                container::discard_unrecorded(daemon, &id),
+            );
         }
     }
-    for id in entries(&daemon.config.root_dir.join("containers"), "") {
-        if daemon.store.get::<ContainerRecord>(&id)?.is_none() {
-            container::discard_unrecorded(daemon, &id).await;
-        }
-    }
+    Ok(())
+}
 
-    // Sandboxes: a network added, namespaces pinned, but no record. DEL
-    // may need a retry (a plugin racing another for a lock).
+/// A network added, namespaces pinned, a cgroup or an infra process made,
+/// but no record.
+fn discard_unrecorded_sandboxes(daemon: &Daemon) -> Result<()> {
+    let state = &daemon.config.state_dir;
     for id in entries(&state.join("cni"), ".json") {
         if daemon.store.get::<SandboxRecord>(&id)?.is_none() {
             tracing::warn!(pod_id = %id, "releasing the network of an unfinished sandbox");
+            // DEL may need a retry (a plugin racing another for a lock).
             for attempt in 1..=5 {
-                match daemon.network.teardown(&id).await {
+                match daemon.rt.block_on(daemon.network.teardown(&id)) {
                     Ok(()) => break,
                     Err(e) => {
-                        tracing::warn!(pod_id = %id, attempt, error = %e, "network teardown failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(500 * attempt)).await;
+                        tracing::warn!(pod_id = %id, attempt, error = %crate::error::chain(&e), "network teardown failed");
+                        std::thread::sleep(std::time::Duration::from_millis(500 * attempt));
                     }
                 }
             }
         }
     }
     for id in entries(&state.join("sandboxes"), "") {
-        if daemon.store.get::<SandboxRecord>(&id)?.is_none() {
-            tracing::warn!(pod_id = %id, "removing the remains of an unfinished sandbox");
-            let dir = sandbox::sandbox_dir(state, &id);
-            if let Some(pid) = std::fs::read_to_string(dir.join("infra.pid"))
-                .ok()
-                .and_then(|p| p.trim().parse::<i32>().ok())
-            {
-                sandbox::infra::stop(pid);
-            }
-            if let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) {
-                let _ = crate::cgroups::remove_dir(daemon.cgroup_mode, cgroup.trim());
-            }
-            for kind in [
-                namespaces::Kind::Net,
-                namespaces::Kind::Ipc,
-                namespaces::Kind::Uts,
-            ] {
-                let _ = namespaces::unpin(&dir.join("ns").join(kind.name()));
-            }
-            let _ = std::fs::remove_dir_all(&dir);
+        if daemon.store.get::<SandboxRecord>(&id)?.is_some() {
+            continue;
+        }
+        tracing::warn!(pod_id = %id, "removing the remains of an unfinished sandbox");
+        let dir = sandbox::sandbox_dir(state, &id);
+        if let Some(infra) = std::fs::read_to_string(dir.join("infra.pid"))
+            .ok()
+            .and_then(|s| ProcessIdentity::parse_breadcrumb(&s))
+        {
+            sandbox::infra::stop(&infra);
+        }
+        if let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) {
+            logged(
+                "remove the pod cgroup",
+                &id,
+                crate::cgroups::remove_dir(daemon.cgroup_mode, cgroup.trim()),
+            );
+        }
+        for kind in [
+            namespaces::Kind::Net,
+            namespaces::Kind::Ipc,
+            namespaces::Kind::Uts,
+        ] {
+            logged(
+                "unpin a namespace",
+                &id,
+                namespaces::unpin(&dir.join("ns").join(kind.name())),
+            );
+        }
+        logged(
+            "remove the sandbox dir",
+            &id,
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| crate::error::Error::io(format!("remove {}", dir.display()), e)),
+        );
+    }
+    Ok(())
+}
+
+/// Records written before process identities were recorded get them now,
+/// from processes that prove to be theirs.
+fn adopt_identities(daemon: &Daemon) -> Result<()> {
+    for c in daemon.store.list::<ContainerRecord>()? {
+        if c.shim.start_time != 0
+            || !matches!(c.state, ContainerState::Created | ContainerState::Running)
+        {
+            continue;
+        }
+        let dir = container::shim::shim_dir(&daemon.config.state_dir, &c.id);
+        if let Some(shim) = container::shim::adopt_identity(&dir) {
+            tracing::info!(container_id = %c.id, pid = shim.pid, "recorded the shim's identity");
+            daemon.store.update::<ContainerRecord>(&c.id, |r| {
+                r.shim = shim;
+                Ok(())
+            })?;
         }
     }
-    let _ = std::fs::remove_dir_all(state.join("cni").join("tmp"));
+    for s in daemon.store.list::<SandboxRecord>()? {
+        if s.infra_pid <= 0 || s.infra.start_time != 0 {
+            continue;
+        }
+        if let Some(infra) = sandbox::infra::adopt(s.infra_pid) {
+            daemon.store.update::<SandboxRecord>(&s.id, |r| {
+                r.infra = infra;
+                Ok(())
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Checks every READY sandbox against the kernel.
+fn verify_sandboxes(daemon: &Daemon) -> Result<()> {
+    for record in daemon.store.list::<SandboxRecord>()? {
+        if record.state != SandboxState::Ready {
+            continue;
+        }
+        let ctx = sandbox::context(daemon, record)?;
+        if let Some(reason) = sandbox::broken(daemon, &ctx) {
+            tracing::warn!(pod_id = %ctx.record.id, reason = %reason, "sandbox found broken; marking it not ready");
+            sandbox::mark_not_ready(daemon, &ctx.record.id, &reason)?;
+        }
+    }
     Ok(())
 }

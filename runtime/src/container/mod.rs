@@ -3,6 +3,7 @@
 //! berth-shim, which owns the container from then on. berthd's record is a
 //! cache of the truth the shim keeps; the shim's exit record wins.
 
+pub mod exits;
 pub mod resources;
 pub mod shim;
 pub mod stats;
@@ -10,15 +11,19 @@ pub mod stats;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use berth_proto::shim::{ShimConfig, shim_request, shim_response};
-use k8s_cri::v1::{ContainerConfig, PodSandboxConfig};
+use berth_proto::shim::{ExitRecord, ShimConfig, shim_request, shim_response};
+use k8s_cri::v1::ContainerConfig;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
-use crate::daemon::{Daemon, container_name_key};
+use crate::daemon::Daemon;
 use crate::error::{Error, IoContext, Result};
+use crate::events::{Event, EventKind};
+use crate::locks::{ContainerGuard, SandboxShared};
+use crate::names;
 use crate::oci;
-use crate::sandbox::{self, SandboxContext, Undo, namespaces::Kind};
-use crate::store::{ContainerRecord, ContainerState, KeyValue, SandboxState};
+use crate::sandbox::{self, SandboxContext, namespaces::Kind};
+use crate::store::{ContainerRecord, ContainerState, ImageRecord, KeyValue, SandboxState};
+use crate::undo::Undo;
 
 /// How long berthd waits for a shim to answer an ordinary request.
 const SHIM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -105,20 +110,15 @@ fn unmount(target: &Path) -> Result<()> {
     }
 }
 
-/// CreateContainer.
-pub async fn create(
-    daemon: &Daemon,
-    sandbox_id: &str,
-    config: ContainerConfig,
-    _sandbox_config: Option<PodSandboxConfig>,
-) -> Result<String> {
-    let sandbox = sandbox::context(daemon, sandbox::find(daemon, sandbox_id)?)?;
-    if sandbox.record.state != SandboxState::Ready {
-        return Err(Error::FailedPrecondition(format!(
-            "pod sandbox {} is not ready",
-            sandbox.record.id
-        )));
-    }
+/// What a CreateContainer request asks for, checked.
+struct CreateRequest {
+    name: String,
+    attempt: u32,
+    image_name: String,
+    image: ImageRecord,
+}
+
+fn check_create(daemon: &Daemon, config: &ContainerConfig) -> Result<CreateRequest> {
     let meta = config
         .metadata
         .clone()
@@ -138,153 +138,266 @@ pub async fn create(
         .images
         .resolve(&image_name)?
         .ok_or_else(|| Error::NotFound(format!("image {image_name:?} not found; pull it first")))?;
+    Ok(CreateRequest {
+        name: meta.name,
+        attempt: meta.attempt,
+        image_name,
+        image,
+    })
+}
 
-    let id = sandbox::new_id();
-    let reservation = daemon.reserve_name(
-        &container_name_key(&sandbox.record.id, &meta.name, meta.attempt),
+/// CreateContainer, while the pod is held shared (it cannot be stopped or
+/// removed meanwhile). Every step registers its undo; on failure they run
+/// in reverse and nothing is left.
+pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> Result<String> {
+    let sandbox = sandbox::context(daemon, sandbox::get(daemon, &pod.sandbox_id)?)?;
+    if sandbox.record.state != SandboxState::Ready {
+        return Err(Error::WrongState {
+            kind: "pod sandbox",
+            id: sandbox.record.id.clone(),
+            state: "not ready".into(),
+            wanted: "containers are created only in a ready pod",
+        });
+    }
+    let request = check_create(daemon, &config)?;
+    let id = names::new_id();
+    let reservation = daemon.names.reserve(
+        &names::container_key(&sandbox.record.id, &request.name, request.attempt),
         &id,
     )?;
     tracing::Span::current().record("container_id", id.as_str());
     tracing::Span::current().record("pod_id", sandbox.record.id.as_str());
 
-    let dir = container_dir(daemon, &id);
-    let rootfs = dir.join("rootfs");
-    let sdir = shim_dir(daemon, &id);
-    let mut undo = Undo::default();
+    let mut undo = Undo::new(format!("container {id}"));
     let mut phases = crate::timing::Phases::start("CreateContainer");
-    let result: Result<ContainerRecord> = async {
-        for sub in ["upper", "work", "rootfs"] {
-            std::fs::create_dir_all(dir.join(sub))
-                .context(|| format!("create {}/{sub}", dir.display()))?;
-        }
-        undo.push_dir(dir.clone());
-        mount_overlay(
-            &daemon.images.lower_dirs(&image),
-            &dir.join("upper"),
-            &dir.join("work"),
-            &rootfs,
-        )?;
+    let result = (|| {
+        let rootfs = prepare_rootfs(daemon, &id, &request.image, &mut undo)?;
         phases.mark("rootfs");
-        {
-            let rootfs = rootfs.clone();
-            undo.push(move || {
-                let _ = unmount(&rootfs);
-            });
-        }
-
-        let log = log_path(&sandbox, &config.log_path)?;
-        let ns = sandbox.namespace_options();
-        let pid = match ns.pid {
-            k8s_cri::v1::NamespaceMode::Node => oci::PidMode::Host,
-            k8s_cri::v1::NamespaceMode::Pod => match sandbox.pid_namespace() {
-                Some(path) => oci::PidMode::Pod(path),
-                None => {
-                    return Err(Error::FailedPrecondition(format!(
-                        "the shared PID namespace of pod {} is gone (its infra process died)",
-                        sandbox.record.id
-                    )));
-                }
-            },
-            _ => oci::PidMode::Container,
-        };
-        let cgroups_path = format!(
-            "{}/{id}",
-            sandbox.record.cgroup_parent.trim_end_matches('/')
-        );
-        let process = image.process_config();
-        let spec = oci::build_spec(&oci::SpecInput {
-            container_id: &id,
-            config: &config,
-            sandbox: &sandbox.config,
-            image: &process,
-            rootfs: &rootfs,
-            namespaces: oci::NamespacePaths {
-                network: sandbox.namespace_path(Kind::Net),
-                ipc: sandbox.namespace_path(Kind::Ipc),
-                uts: sandbox.namespace_path(Kind::Uts),
-            },
-            pid,
-            files: oci::SandboxFiles {
-                hosts: sandbox.file("hosts"),
-                resolv_conf: sandbox.file("resolv.conf"),
-                hostname: sandbox.file("hostname"),
-            },
-            cgroups_path: cgroups_path.clone(),
-            oom_score_adj_min: own_oom_score_adj(),
-        })?;
-        // libcontainer fails on a missing working dir; runc creates it.
-        oci::ensure_cwd(&spec)?;
-        let bundle = sdir.join("bundle");
-        std::fs::create_dir_all(&bundle).context(|| format!("create {}", bundle.display()))?;
-        undo.push_dir(sdir.clone());
-        oci::write_spec(&spec, &bundle)?;
-
-        let shim_config = ShimConfig {
-            id: id.clone(),
-            bundle: bundle.display().to_string(),
-            log_path: log
-                .as_ref()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            stdin: config.stdin,
-            stdin_once: config.stdin_once,
-            tty: config.tty,
-            runtime_root: daemon
-                .config
-                .state_dir
-                .join("runtime")
-                .display()
-                .to_string(),
-            memory_cgroup: memory_cgroup(daemon, &cgroups_path),
-            container_helper: shim::container_helper_binary().display().to_string(),
-        };
+        let (shim_config, cgroups_path, log) = write_bundle(
+            daemon,
+            &id,
+            &sandbox,
+            &config,
+            &request.image,
+            &rootfs,
+            &mut undo,
+        )?;
         phases.mark("spec");
-        shim::launch(&sdir, &shim_config).await?;
+        let shim = launch_shim(daemon, &id, &shim_config, &mut undo)?;
         phases.mark("shim");
-
-        Ok(ContainerRecord {
+        let record = ContainerRecord {
             id: id.clone(),
             sandbox_id: sandbox.record.id.clone(),
-            name: meta.name.clone(),
-            attempt: meta.attempt,
-            image_ref: image_name.clone(),
-            image_id: image.id.clone(),
+            name: request.name.clone(),
+            attempt: request.attempt,
+            image_ref: request.image_name.clone(),
+            image_id: request.image.id.clone(),
             state: ContainerState::Created,
             created_at_ns: crate::timing::now_ns(),
             log_path: log.map(|p| p.display().to_string()).unwrap_or_default(),
             labels: KeyValue::sorted(&config.labels),
             annotations: KeyValue::sorted(&config.annotations),
-            snapshot_chain_ids: image.chain_ids.clone(),
+            snapshot_chain_ids: request.image.chain_ids.clone(),
             config_json: serde_json::to_string(&config)
                 .map_err(|e| Error::Internal(e.to_string()))?,
             cgroups_path,
+            shim,
             ..Default::default()
-        })
-    }
-    .await;
-    let result = result.and_then(|record| daemon.store.put(&record).map(|_| record));
-    phases.mark("store");
+        };
+        // The record is the commit point.
+        daemon.publish_with(|| {
+            daemon.store.insert_new(&record)?;
+            Ok(((), vec![event(EventKind::Created, &record)]))
+        })?;
+        phases.mark("store");
+        Ok(record)
+    })();
     phases.log();
     match result {
         Ok(record) => {
             undo.forget();
             reservation.keep();
+            daemon
+                .exits
+                .watch(&shim_dir(daemon, &record.id), &record.id);
             tracing::info!(container_id = %record.id, name = %record.name, "container created");
             Ok(record.id)
         }
         Err(e) => {
-            // The shim may exist already: have it delete the container.
-            if shim::is_alive(&sdir) {
-                let _ = shim::call(
-                    &sdir,
-                    shim_request::Request::Shutdown(Default::default()),
-                    SHIM_TIMEOUT,
-                )
-                .await;
-            }
             undo.run();
             Err(e)
         }
+    }
+}
+
+/// The container's dirs and its overlay rootfs over the image's snapshots.
+fn prepare_rootfs(
+    daemon: &Daemon,
+    id: &str,
+    image: &ImageRecord,
+    undo: &mut Undo,
+) -> Result<PathBuf> {
+    let dir = container_dir(daemon, id);
+    let rootfs = dir.join("rootfs");
+    for sub in ["upper", "work", "rootfs"] {
+        std::fs::create_dir_all(dir.join(sub))
+            .context(|| format!("create {}/{sub}", dir.display()))?;
+    }
+    {
+        let dir = dir.clone();
+        undo.push(format!("remove {}", dir.display()), move || {
+            remove_dir_all(&dir)
+        });
+    }
+    mount_overlay(
+        &daemon.images.lower_dirs(image),
+        &dir.join("upper"),
+        &dir.join("work"),
+        &rootfs,
+    )?;
+    {
+        let rootfs = rootfs.clone();
+        undo.push(format!("unmount {}", rootfs.display()), move || {
+            unmount(&rootfs)
+        });
+    }
+    Ok(rootfs)
+}
+
+/// The OCI spec and the shim's config, written into the shim dir.
+fn write_bundle(
+    daemon: &Daemon,
+    id: &str,
+    sandbox: &SandboxContext,
+    config: &ContainerConfig,
+    image: &ImageRecord,
+    rootfs: &Path,
+    undo: &mut Undo,
+) -> Result<(ShimConfig, String, Option<PathBuf>)> {
+    let sdir = shim_dir(daemon, id);
+    let log = log_path(sandbox, &config.log_path)?;
+    let ns = sandbox.namespace_options();
+    let pid = match ns.pid {
+        k8s_cri::v1::NamespaceMode::Node => oci::PidMode::Host,
+        k8s_cri::v1::NamespaceMode::Pod => match sandbox.pid_namespace() {
+            Some(path) => oci::PidMode::Pod(path),
+            None => {
+                return Err(Error::FailedPrecondition(format!(
+                    "the shared PID namespace of pod {} is gone (its infra process died)",
+                    sandbox.record.id
+                )));
+            }
+        },
+        _ => oci::PidMode::Container,
+    };
+    let cgroups_path = format!(
+        "{}/{id}",
+        sandbox.record.cgroup_parent.trim_end_matches('/')
+    );
+    let process = image.process_config();
+    let spec = oci::build_spec(&oci::SpecInput {
+        container_id: id,
+        config,
+        sandbox: &sandbox.config,
+        image: &process,
+        rootfs,
+        namespaces: oci::NamespacePaths {
+            network: sandbox.namespace_path(Kind::Net),
+            ipc: sandbox.namespace_path(Kind::Ipc),
+            uts: sandbox.namespace_path(Kind::Uts),
+        },
+        pid,
+        files: oci::SandboxFiles {
+            hosts: sandbox.file("hosts"),
+            resolv_conf: sandbox.file("resolv.conf"),
+            hostname: sandbox.file("hostname"),
+        },
+        cgroups_path: cgroups_path.clone(),
+        oom_score_adj_min: own_oom_score_adj(),
+    })?;
+    // libcontainer fails on a missing working dir; runc creates it.
+    oci::ensure_cwd(&spec)?;
+    let bundle = sdir.join("bundle");
+    std::fs::create_dir_all(&bundle).context(|| format!("create {}", bundle.display()))?;
+    {
+        let sdir = sdir.clone();
+        undo.push(format!("remove {}", sdir.display()), move || {
+            remove_dir_all(&sdir)
+        });
+    }
+    oci::write_spec(&spec, &bundle)?;
+    let shim_config = ShimConfig {
+        id: id.to_string(),
+        bundle: bundle.display().to_string(),
+        log_path: log
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
+        stdin: config.stdin,
+        stdin_once: config.stdin_once,
+        tty: config.tty,
+        runtime_root: runtime_root(daemon).display().to_string(),
+        memory_cgroup: memory_cgroup(daemon, &cgroups_path),
+        container_helper: shim::container_helper_binary().display().to_string(),
+    };
+    Ok((shim_config, cgroups_path, log))
+}
+
+/// Starts the container's shim. Its undo is registered first: a shim that
+/// failed half way may have left a container or a monitor behind.
+fn launch_shim(
+    daemon: &Daemon,
+    id: &str,
+    config: &ShimConfig,
+    undo: &mut Undo,
+) -> Result<crate::process::ProcessIdentity> {
+    let sdir = shim_dir(daemon, id);
+    {
+        let sdir = sdir.clone();
+        let runtime_root = runtime_root(daemon);
+        let id = id.to_string();
+        undo.push(format!("shut down the shim of {id}"), move || {
+            discard_shim(&sdir, &runtime_root, &id)
+        });
+    }
+    shim::launch(&sdir, config)
+}
+
+fn runtime_root(daemon: &Daemon) -> PathBuf {
+    daemon.config.state_dir.join("runtime")
+}
+
+fn remove_dir_all(path: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
+    }
+}
+
+/// Asks a shim that answers to delete its container and exit; without a
+/// shim, deletes what libcontainer may have left.
+fn discard_shim(sdir: &Path, runtime_root: &Path, id: &str) -> Result<()> {
+    if shim::answers(sdir) {
+        shim::call(
+            sdir,
+            shim_request::Request::Shutdown(Default::default()),
+            SHIM_TIMEOUT,
+        )?;
+    }
+    if runtime_root.join(id).exists() {
+        delete_with_helper(runtime_root, id)?;
+    }
+    Ok(())
+}
+
+fn event(kind: EventKind, record: &ContainerRecord) -> Event {
+    Event {
+        kind,
+        id: record.id.clone(),
+        sandbox_id: record.sandbox_id.clone(),
+        at_ns: crate::timing::now_ns(),
+        container: Some(record.clone()),
     }
 }
 
@@ -304,91 +417,173 @@ pub fn find(daemon: &Daemon, id: &str) -> Result<ContainerRecord> {
         .collect();
     match matches.len() {
         1 => Ok(matches.into_iter().next().unwrap()),
-        0 => Err(Error::NotFound(format!("container {id} not found"))),
+        0 => Err(Error::Missing {
+            kind: "container",
+            id: id.to_string(),
+        }),
         _ => Err(Error::InvalidArgument(format!(
             "container id prefix {id} is ambiguous"
         ))),
     }
 }
 
-/// Brings a record up to date with what the shim knows: an exit it
-/// recorded, or its death.
-pub fn refresh(daemon: &Daemon, mut record: ContainerRecord) -> Result<ContainerRecord> {
-    if matches!(record.state, ContainerState::Exited) {
-        return Ok(record);
+/// The record of container `id` (a full id), if it still exists.
+fn get(daemon: &Daemon, id: &str) -> Result<ContainerRecord> {
+    daemon
+        .store
+        .get::<ContainerRecord>(id)?
+        .ok_or_else(|| Error::Missing {
+            kind: "container",
+            id: id.to_string(),
+        })
+}
+
+/// Whether the container's shim is alive, by its recorded identity.
+fn shim_alive(record: &ContainerRecord) -> bool {
+    record.shim.is_alive()
+}
+
+fn apply_exit(record: &mut ContainerRecord, exit: &ExitRecord) {
+    record.state = ContainerState::Exited;
+    record.exit_code = exit.exit_code;
+    record.finished_at_ns = exit.finished_at_ns;
+    record.reason = exit.reason.clone();
+    record.message = exit.message.clone();
+    if record.started_at_ns == 0 {
+        record.started_at_ns = exit.started_at_ns;
+    }
+}
+
+fn apply_lost_shim(record: &mut ContainerRecord) {
+    record.state = ContainerState::Unknown;
+    record.reason = "Unknown".into();
+    record.message = "the container's shim died".into();
+}
+
+/// The container as it is now: the record, with an exit the shim recorded
+/// or the shim's death laid over it. Never writes: a change it finds is
+/// handed to the exit watcher, which records it.
+pub fn current(daemon: &Daemon, mut record: ContainerRecord) -> ContainerRecord {
+    if !matches!(
+        record.state,
+        ContainerState::Created | ContainerState::Running
+    ) {
+        return record;
     }
     let dir = shim_dir(daemon, &record.id);
     if let Some(exit) = shim::read_exit(&dir) {
-        record.state = ContainerState::Exited;
-        record.exit_code = exit.exit_code;
-        record.finished_at_ns = exit.finished_at_ns;
-        record.reason = exit.reason;
-        record.message = exit.message;
-        if record.started_at_ns == 0 {
-            record.started_at_ns = exit.started_at_ns;
-        }
-        daemon.store.put(&record)?;
-        return Ok(record);
+        apply_exit(&mut record, &exit);
+        daemon.exits.hint(&record.id);
+    } else if !shim_alive(&record) {
+        apply_lost_shim(&mut record);
+        daemon.exits.hint(&record.id);
     }
-    if !shim::is_alive(&dir) && record.state != ContainerState::Unknown {
-        tracing::warn!(container_id = %record.id, "shim is gone; container state unknown");
-        record.state = ContainerState::Unknown;
-        record.reason = "Unknown".into();
-        record.message = "the container's shim died".into();
-        daemon.store.put(&record)?;
+    record
+}
+
+/// The one place a stored container changes after its creation: `change`
+/// edits the record inside one store transaction (a removed container is
+/// never written back) and names the events it makes, which are published
+/// in commit order.
+fn transition(
+    daemon: &Daemon,
+    id: &str,
+    change: impl FnOnce(&mut ContainerRecord) -> Vec<EventKind>,
+) -> Result<ContainerRecord> {
+    daemon.publish_with(|| {
+        let mut kinds = Vec::new();
+        let record = daemon.store.update::<ContainerRecord>(id, |r| {
+            kinds = change(r);
+            Ok(())
+        })?;
+        let events = kinds.into_iter().map(|k| event(k, &record)).collect();
+        Ok((record, events))
+    })
+}
+
+/// Records an exit the shim wrote, or the shim's death, if the record
+/// does not know it yet. Called by the exit watcher and by StopContainer.
+pub fn observe_exit(daemon: &Daemon, id: &str) -> Result<()> {
+    let Some(record) = daemon.store.get::<ContainerRecord>(id)? else {
+        return Ok(());
+    };
+    if !matches!(
+        record.state,
+        ContainerState::Created | ContainerState::Running
+    ) {
+        return Ok(());
     }
-    Ok(record)
+    let dir = shim_dir(daemon, id);
+    if let Some(exit) = shim::read_exit(&dir) {
+        transition(daemon, id, |r| match r.state {
+            // It exited before StartContainer recorded the start.
+            ContainerState::Created => {
+                apply_exit(r, &exit);
+                vec![EventKind::Started, EventKind::Stopped]
+            }
+            ContainerState::Running => {
+                apply_exit(r, &exit);
+                vec![EventKind::Stopped]
+            }
+            _ => Vec::new(),
+        })?;
+        tracing::info!(container_id = %id, exit_code = exit.exit_code, reason = %exit.reason, "container exited");
+    } else if !shim_alive(&record) {
+        tracing::warn!(container_id = %id, "shim is gone; container state unknown");
+        transition(daemon, id, |r| {
+            if matches!(r.state, ContainerState::Created | ContainerState::Running) {
+                apply_lost_shim(r);
+                vec![EventKind::Stopped]
+            } else {
+                Vec::new()
+            }
+        })?;
+    }
+    Ok(())
 }
 
 /// StartContainer: only from CREATED.
-pub async fn start(daemon: &Daemon, id: &str) -> Result<()> {
-    let record = refresh(daemon, find(daemon, id)?)?;
+pub fn start(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
+    let record = current(daemon, get(daemon, &guard.container_id)?);
     tracing::Span::current().record("container_id", record.id.as_str());
     if record.state != ContainerState::Created {
-        return Err(Error::FailedPrecondition(format!(
-            "container {} is {:?}, not created",
-            record.id, record.state
-        )));
+        return Err(Error::WrongState {
+            kind: "container",
+            id: record.id.clone(),
+            state: format!("{:?}", record.state).to_lowercase(),
+            wanted: "only a created container can be started",
+        });
     }
     let dir = shim_dir(daemon, &record.id);
     shim::call(
         &dir,
         shim_request::Request::Start(Default::default()),
         SHIM_TIMEOUT,
-    )
-    .await?;
-    let mut record = record;
-    record.state = ContainerState::Running;
-    record.started_at_ns = match shim::call(
+    )?;
+    let (started_at_ns, pid) = match shim::call(
         &dir,
         shim_request::Request::State(Default::default()),
         SHIM_TIMEOUT,
-    )
-    .await
-    {
-        Ok(shim_response::Response::State(s)) if s.started_at_ns > 0 => s.started_at_ns,
-        _ => crate::timing::now_ns(),
+    ) {
+        Ok(shim_response::Response::State(s)) => (s.started_at_ns, s.pid),
+        _ => (0, 0),
     };
-    if let Some(pid_state) = current_pid(&dir).await {
-        record.pid = pid_state;
-    }
-    daemon.store.put(&record)?;
+    transition(daemon, &record.id, |r| {
+        if r.state != ContainerState::Created {
+            // The exit watcher recorded a fast exit (and its events) first.
+            return Vec::new();
+        }
+        r.state = ContainerState::Running;
+        r.started_at_ns = if started_at_ns > 0 {
+            started_at_ns
+        } else {
+            crate::timing::now_ns()
+        };
+        r.pid = pid;
+        vec![EventKind::Started]
+    })?;
     // It may have exited already (a command that finishes at once).
-    refresh(daemon, record)?;
-    Ok(())
-}
-
-async fn current_pid(dir: &Path) -> Option<i32> {
-    match shim::call(
-        dir,
-        shim_request::Request::State(Default::default()),
-        SHIM_TIMEOUT,
-    )
-    .await
-    {
-        Ok(shim_response::Response::State(s)) => Some(s.pid),
-        _ => None,
-    }
+    observe_exit(daemon, &record.id)
 }
 
 /// The signal that asks this container to stop: the image's StopSignal or
@@ -396,7 +591,7 @@ async fn current_pid(dir: &Path) -> Option<i32> {
 fn stop_signal(daemon: &Daemon, record: &ContainerRecord) -> i32 {
     let name = daemon
         .store
-        .get::<crate::store::ImageRecord>(&record.image_id)
+        .get::<ImageRecord>(&record.image_id)
         .ok()
         .flatten()
         .map(|i| i.process_config().stop_signal)
@@ -424,192 +619,205 @@ pub fn parse_signal(name: &str) -> Option<i32> {
 }
 
 /// Waits until the shim records the exit, up to `timeout`.
-async fn wait_exit(dir: &Path, timeout: Duration) -> bool {
+fn wait_exit(dir: &Path, record: &ContainerRecord, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if shim::read_exit(dir).is_some() {
             return true;
         }
-        if Instant::now() >= deadline || !shim::is_alive(dir) {
+        if Instant::now() >= deadline || !shim_alive(record) {
             return shim::read_exit(dir).is_some();
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        std::thread::sleep(Duration::from_millis(2));
     }
 }
 
 /// StopContainer: the stop signal, then SIGKILL after `timeout`.
 /// Idempotent on an exited container.
-pub async fn stop(daemon: &Daemon, id: &str, timeout_secs: i64) -> Result<()> {
-    let record = refresh(daemon, find(daemon, id)?)?;
+pub fn stop(daemon: &Daemon, guard: &ContainerGuard, timeout_secs: i64) -> Result<()> {
+    let record = get(daemon, &guard.container_id)?;
     tracing::Span::current().record("container_id", record.id.as_str());
+    stop_record(daemon, record, timeout_secs)
+}
+
+/// StopContainer's work, for a caller that holds the container (or its
+/// whole pod).
+fn stop_record(daemon: &Daemon, record: ContainerRecord, timeout_secs: i64) -> Result<()> {
+    let record = current(daemon, record);
     let dir = shim_dir(daemon, &record.id);
     match record.state {
-        ContainerState::Exited => return Ok(()),
+        ContainerState::Exited => return observe_exit(daemon, &record.id),
         ContainerState::Unknown => {
-            kill_orphaned(daemon, &record);
-            return Ok(());
+            if let Err(e) = delete_with_helper(&runtime_root(daemon), &record.id) {
+                tracing::warn!(container_id = %record.id, error = %crate::error::chain(&e), "could not delete the orphaned container");
+            }
+            return observe_exit(daemon, &record.id);
         }
         ContainerState::Created | ContainerState::Running => {}
     }
     if timeout_secs > 0 {
         let signal = stop_signal(daemon, &record);
-        kill(&dir, signal).await?;
-        if wait_exit(&dir, Duration::from_secs(timeout_secs as u64)).await {
-            refresh(daemon, record)?;
-            return Ok(());
+        kill(&dir, &record, signal)?;
+        if wait_exit(&dir, &record, Duration::from_secs(timeout_secs as u64)) {
+            return observe_exit(daemon, &record.id);
         }
         tracing::info!(container_id = %record.id, "stop timeout passed; killing");
     }
-    kill(&dir, libc::SIGKILL).await?;
-    if !wait_exit(&dir, Duration::from_secs(10)).await {
+    kill(&dir, &record, libc::SIGKILL)?;
+    if !wait_exit(&dir, &record, Duration::from_secs(10)) && shim_alive(&record) {
         return Err(Error::Internal(format!(
             "container {} did not exit after SIGKILL",
             record.id
         )));
     }
-    refresh(daemon, record)?;
-    Ok(())
+    observe_exit(daemon, &record.id)
 }
 
-async fn kill(dir: &Path, signal: i32) -> Result<()> {
+fn kill(dir: &Path, record: &ContainerRecord, signal: i32) -> Result<()> {
     match shim::call(
         dir,
         shim_request::Request::Kill(berth_proto::shim::KillRequest { signal, all: false }),
         SHIM_TIMEOUT,
-    )
-    .await
-    {
+    ) {
         Ok(_) => Ok(()),
-        // The shim died under us: the caller's refresh reports it.
-        Err(Error::FailedPrecondition(_)) if !shim::is_alive(dir) => Ok(()),
+        // The shim died under us: observe_exit reports it.
+        Err(Error::ShimUnreachable { .. }) if !shim_alive(record) => Ok(()),
         Err(e) => Err(e),
     }
 }
 
-/// A container whose shim is gone: kill what is left through libcontainer.
-fn kill_orphaned(daemon: &Daemon, record: &ContainerRecord) {
-    let root = daemon.config.state_dir.join("runtime");
+/// Deletes a container whose shim is gone through the libcontainer helper.
+fn delete_with_helper(runtime_root: &Path, id: &str) -> Result<()> {
     let helper = shim::container_helper_binary();
-    let output = std::process::Command::new(&helper)
+    let out = std::process::Command::new(&helper)
         .arg("--root")
-        .arg(&root)
-        .args(["delete", &record.id])
+        .arg(runtime_root)
+        .args(["delete", id])
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
-        .output();
-    match output {
-        Ok(out) if out.status.success() => {}
-        Ok(out) => tracing::warn!(
-            container_id = %record.id,
-            status = %out.status,
-            stderr = %String::from_utf8_lossy(&out.stderr).trim(),
-            "could not delete the orphaned container"
-        ),
-        Err(e) => {
-            tracing::warn!(container_id = %record.id, error = %e, "could not run the container helper")
-        }
+        .output()
+        .map_err(|e| Error::io(format!("run {}", helper.display()), e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(Error::Internal(format!(
+            "{} delete {id}: {}: {}",
+            helper.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
     }
 }
 
 /// RemoveContainer: stops it, has the shim delete it, removes the rootfs
-/// and state; keeps the log file. Idempotent.
-pub async fn remove(daemon: &Daemon, id: &str) -> Result<()> {
-    let record = match find(daemon, id) {
-        Ok(r) => refresh(daemon, r)?,
-        Err(Error::NotFound(_)) => return Ok(()),
-        Err(e) => return Err(e),
-    };
+/// and state; keeps the log file.
+pub fn remove(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
+    match daemon.store.get::<ContainerRecord>(&guard.container_id)? {
+        Some(record) => remove_record(daemon, record),
+        // Removed while this call waited its turn.
+        None => Ok(()),
+    }
+}
+
+/// RemoveContainer's work, for a caller that holds the container (or its
+/// whole pod).
+fn remove_record(daemon: &Daemon, record: ContainerRecord) -> Result<()> {
     tracing::Span::current().record("container_id", record.id.as_str());
     let dir = shim_dir(daemon, &record.id);
     let mut phases = crate::timing::Phases::start("RemoveContainer");
+    let record = current(daemon, record);
     if matches!(
         record.state,
         ContainerState::Created | ContainerState::Running
     ) {
-        stop(daemon, &record.id, 0).await?;
+        stop_record(daemon, record.clone(), 0)?;
     }
     phases.mark("stop");
-    if shim::is_alive(&dir) {
+    if shim_alive(&record) {
         shim::call(
             &dir,
             shim_request::Request::Shutdown(Default::default()),
             SHIM_TIMEOUT,
-        )
-        .await?;
-    } else {
-        kill_orphaned(daemon, &record);
+        )?;
+    } else if runtime_root(daemon).join(&record.id).exists() {
+        delete_with_helper(&runtime_root(daemon), &record.id)?;
     }
     phases.mark("shim-shutdown");
     let cdir = container_dir(daemon, &record.id);
     unmount(&cdir.join("rootfs"))?;
-    for path in [&cdir, &dir] {
-        match std::fs::remove_dir_all(path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("remove {}", path.display()), e)),
-        }
-    }
+    remove_dir_all(&cdir)?;
+    remove_dir_all(&dir)?;
     phases.mark("rootfs+dirs");
-    daemon.store.delete::<ContainerRecord>(&record.id)?;
+    daemon.publish_with(|| {
+        daemon.store.delete::<ContainerRecord>(&record.id)?;
+        Ok(((), vec![event(EventKind::Deleted, &record)]))
+    })?;
     phases.mark("store");
     phases.log();
-    daemon.release_name(&record.id);
+    daemon.names.release(&record.id);
     daemon.cpu_samples.forget(&record.id);
     tracing::info!(container_id = %record.id, "container removed");
     Ok(())
 }
 
+/// Stops every container of a pod, for StopPodSandbox (which holds the pod).
+pub fn stop_all(daemon: &Daemon, sandbox_id: &str) -> Result<()> {
+    for c in of_sandbox(daemon, sandbox_id)? {
+        stop_record(daemon, c, 0)?;
+    }
+    Ok(())
+}
+
+/// Removes every container of a pod, for RemovePodSandbox (which holds the
+/// pod).
+pub fn remove_all(daemon: &Daemon, sandbox_id: &str) -> Result<()> {
+    for c in of_sandbox(daemon, sandbox_id)? {
+        remove_record(daemon, c)?;
+    }
+    Ok(())
+}
+
 /// Removes what an unfinished create of `id` left: its shim (asked to
 /// delete the container), the libcontainer state, the rootfs mount, dirs.
-pub async fn discard_unrecorded(daemon: &Daemon, id: &str) {
-    let dir = shim_dir(daemon, id);
-    if shim::is_alive(&dir) {
-        let _ = shim::call(
-            &dir,
-            shim_request::Request::Shutdown(Default::default()),
-            SHIM_TIMEOUT,
-        )
-        .await;
-    }
-    let record = ContainerRecord {
-        id: id.to_string(),
-        ..Default::default()
-    };
-    if daemon.config.state_dir.join("runtime").join(id).exists() {
-        kill_orphaned(daemon, &record);
-    }
+pub fn discard_unrecorded(daemon: &Daemon, id: &str) -> Result<()> {
+    discard_shim(&shim_dir(daemon, id), &runtime_root(daemon), id)?;
     let cdir = container_dir(daemon, id);
-    let _ = unmount(&cdir.join("rootfs"));
-    let _ = std::fs::remove_dir_all(&cdir);
-    let _ = std::fs::remove_dir_all(&dir);
+    unmount(&cdir.join("rootfs"))?;
+    remove_dir_all(&cdir)?;
+    remove_dir_all(&shim_dir(daemon, id))
 }
 
 /// UpdateContainerResources: the new limits go into the cgroup and into the
 /// stored config, so ContainerStatus reports them.
 pub fn update_resources(
     daemon: &Daemon,
-    id: &str,
+    guard: &ContainerGuard,
     new: k8s_cri::v1::LinuxContainerResources,
 ) -> Result<()> {
-    let mut record = refresh(daemon, find(daemon, id)?)?;
+    let record = current(daemon, get(daemon, &guard.container_id)?);
     tracing::Span::current().record("container_id", record.id.as_str());
     if !matches!(
         record.state,
         ContainerState::Created | ContainerState::Running
     ) {
-        return Err(Error::FailedPrecondition(format!(
-            "container {} is not running",
-            record.id
-        )));
+        return Err(Error::WrongState {
+            kind: "container",
+            id: record.id.clone(),
+            state: format!("{:?}", record.state).to_lowercase(),
+            wanted: "resources are updated only while it runs",
+        });
     }
     resources::apply(daemon.cgroup_mode, &record.cgroups_path, &new)?;
     let mut config: ContainerConfig = serde_json::from_str(&record.config_json)
         .map_err(|e| Error::Store(format!("container {} config: {e}", record.id)))?;
     config.linux.get_or_insert_with(Default::default).resources = Some(new);
-    record.config_json =
-        serde_json::to_string(&config).map_err(|e| Error::Internal(e.to_string()))?;
-    daemon.store.put(&record)
+    let config_json = serde_json::to_string(&config).map_err(|e| Error::Internal(e.to_string()))?;
+    transition(daemon, &record.id, |r| {
+        r.config_json = config_json;
+        Vec::new()
+    })?;
+    Ok(())
 }
 
 /// Resource usage of a container; `None` once it is not running.
@@ -634,19 +842,16 @@ pub fn of_sandbox(daemon: &Daemon, sandbox_id: &str) -> Result<Vec<ContainerReco
 }
 
 /// ExecSync through the shim.
-pub async fn exec_sync(
+pub fn exec_sync(
     daemon: &Daemon,
     id: &str,
     cmd: Vec<String>,
     timeout_secs: i64,
 ) -> Result<(Vec<u8>, Vec<u8>, i32)> {
-    let record = refresh(daemon, find(daemon, id)?)?;
+    let record = current(daemon, find(daemon, id)?);
     tracing::Span::current().record("container_id", record.id.as_str());
     if record.state != ContainerState::Running {
-        return Err(Error::FailedPrecondition(format!(
-            "container {} is not running",
-            record.id
-        )));
+        return Err(not_running(&record));
     }
     if cmd.is_empty() {
         return Err(Error::InvalidArgument("exec command is required".into()));
@@ -664,29 +869,33 @@ pub async fn exec_sync(
             timeout_secs: timeout_secs.max(0),
         }),
         wait,
-    )
-    .await?;
+    )?;
     match resp {
         shim_response::Response::ExecSync(r) => Ok((r.stdout, r.stderr, r.exit_code)),
         _ => Err(Error::Internal("unexpected answer to exec".into())),
     }
 }
 
+fn not_running(record: &ContainerRecord) -> Error {
+    Error::WrongState {
+        kind: "container",
+        id: record.id.clone(),
+        state: format!("{:?}", record.state).to_lowercase(),
+        wanted: "it must be running",
+    }
+}
+
 /// ReopenContainerLog.
-pub async fn reopen_log(daemon: &Daemon, id: &str) -> Result<()> {
-    let record = refresh(daemon, find(daemon, id)?)?;
+pub fn reopen_log(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
+    let record = current(daemon, get(daemon, &guard.container_id)?);
     if record.state != ContainerState::Running {
-        return Err(Error::FailedPrecondition(format!(
-            "container {} is not running",
-            record.id
-        )));
+        return Err(not_running(&record));
     }
     shim::call(
         &shim_dir(daemon, &record.id),
         shim_request::Request::ReopenLog(Default::default()),
         SHIM_TIMEOUT,
-    )
-    .await?;
+    )?;
     Ok(())
 }
 

@@ -13,6 +13,7 @@ use berth_proto::{read_frame, write_frame};
 use prost::Message;
 
 use crate::error::{Error, IoContext, Result};
+use crate::process::ProcessIdentity;
 
 /// `<state_dir>/shims/<id>`: config.pb, shim.sock, shim.pid, exit.pb.
 pub fn shim_dir(state_dir: &Path, id: &str) -> PathBuf {
@@ -39,61 +40,76 @@ fn binary(env: &str, name: &str) -> PathBuf {
 }
 
 /// Writes the shim's config and runs `berth-shim start`, which returns once
-/// the container exists (or failed to be created).
-pub async fn launch(dir: &Path, config: &ShimConfig) -> Result<()> {
+/// the container exists (or failed to be created); returns the identity of
+/// the monitor process it left running.
+pub fn launch(dir: &Path, config: &ShimConfig) -> Result<ProcessIdentity> {
     std::fs::create_dir_all(dir).context(|| format!("create {}", dir.display()))?;
     std::fs::write(dir.join("config.pb"), config.encode_to_vec())
         .context(|| format!("write {}/config.pb", dir.display()))?;
-    let output = tokio::process::Command::new(shim_binary())
+    let output = std::process::Command::new(shim_binary())
         .arg("start")
         .arg(dir)
         .stdin(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .output()
-        .await
         .map_err(|e| Error::io(format!("run {}", shim_binary().display()), e))?;
     let mut out = output.stdout.as_slice();
     match read_frame::<ShimResponse>(&mut out) {
-        Ok(resp) => into_result(resp).map(|_| ()),
-        Err(_) => Err(Error::Internal(format!(
-            "shim for {} failed to start ({}): {}",
-            config.id,
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
-        ))),
-    }
+        Ok(resp) => into_result(resp)?,
+        Err(_) => {
+            return Err(Error::Internal(format!(
+                "shim for {} failed to start ({}): {}",
+                config.id,
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            )));
+        }
+    };
+    // The monitor wrote its pid before answering and is alive now, so the
+    // identity read here is the monitor's own.
+    let pid = read_pid(dir)
+        .ok_or_else(|| Error::Internal(format!("shim for {} left no pid file", config.id)))?;
+    ProcessIdentity::of(pid)
+        .map_err(|e| Error::io(format!("identity of shim {pid} for {}", config.id), e))
 }
 
-/// One request to the shim of `dir`.
-pub async fn call(
+fn read_pid(dir: &Path) -> Option<i32> {
+    std::fs::read_to_string(dir.join("shim.pid"))
+        .ok()
+        .and_then(|s| s.trim().parse::<i32>().ok())
+}
+
+/// One request to the shim of `dir`, waiting up to `timeout` for the answer.
+/// Blocking: call it from domain code, never from an async worker.
+pub fn call(
     dir: &Path,
     request: shim_request::Request,
     timeout: Duration,
 ) -> Result<shim_response::Response> {
     let socket = dir.join("shim.sock");
-    tokio::task::spawn_blocking(move || {
-        let mut stream = connect_socket(&socket).map_err(|e| {
-            Error::FailedPrecondition(format!(
-                "shim at {} is not reachable: {e}",
-                socket.display()
-            ))
-        })?;
-        stream.set_read_timeout(Some(timeout)).ok();
-        stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
-        write_frame(
-            &mut stream,
-            &ShimRequest {
-                request: Some(request),
-            },
-        )
-        .map_err(|e| Error::Internal(format!("send to shim {}: {e}", socket.display())))?;
-        let resp: ShimResponse = read_frame(&mut stream)
-            .map_err(|e| Error::Internal(format!("answer from shim {}: {e}", socket.display())))?;
-        into_result(resp)
-    })
-    .await
-    .map_err(|e| Error::Internal(format!("shim call task: {e}")))?
+    let mut stream = connect_socket(&socket).map_err(|e| Error::ShimUnreachable {
+        socket: socket.clone(),
+        source: e,
+    })?;
+    stream.set_read_timeout(Some(timeout)).ok();
+    stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
+    write_frame(
+        &mut stream,
+        &ShimRequest {
+            request: Some(request),
+        },
+    )
+    .map_err(|e| Error::Internal(format!("send to shim {}: {e}", socket.display())))?;
+    let resp: ShimResponse = read_frame(&mut stream)
+        .map_err(|e| Error::Internal(format!("answer from shim {}: {e}", socket.display())))?;
+    into_result(resp)
+}
+
+/// Whether a shim answers on the socket of `dir`: for the remains of a
+/// create that never got a record (and so no recorded identity).
+pub fn answers(dir: &Path) -> bool {
+    connect_socket(&dir.join("shim.sock")).is_ok()
 }
 
 /// Connects to a shim socket. A socket address holds at most 107 bytes and
@@ -140,27 +156,17 @@ pub fn read_exit(dir: &Path) -> Option<ExitRecord> {
     ExitRecord::decode(bytes.as_slice()).ok()
 }
 
-/// Whether the shim process of `dir` is alive (and is a shim, not a
-/// recycled pid).
-pub fn is_alive(dir: &Path) -> bool {
-    let Some(pid) = std::fs::read_to_string(dir.join("shim.pid"))
-        .ok()
-        .and_then(|s| s.trim().parse::<i32>().ok())
-    else {
-        return false;
-    };
+/// The identity of the shim whose pid file is in `dir`, for records made
+/// before identities were recorded: trusted only if that process is a
+/// berth-shim whose socket answers.
+pub fn adopt_identity(dir: &Path) -> Option<ProcessIdentity> {
+    let pid = read_pid(dir)?;
     let mut cmdline = Vec::new();
-    let ok = std::fs::File::open(format!("/proc/{pid}/cmdline"))
-        .and_then(|mut f| f.read_to_end(&mut cmdline));
-    ok.is_ok() && cmdline.windows(10).any(|w| w == b"berth-shim") && !is_zombie(pid)
-}
-
-fn is_zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
+    std::fs::File::open(format!("/proc/{pid}/cmdline"))
+        .and_then(|mut f| f.read_to_end(&mut cmdline))
+        .ok()?;
+    if !cmdline.windows(10).any(|w| w == b"berth-shim") || !answers(dir) {
+        return None;
+    }
+    ProcessIdentity::of(pid).ok()
 }

@@ -169,6 +169,12 @@ pub fn container_status(
     }
 }
 
+/// A container's status with the config stored in its record.
+pub fn container_status_of(r: &ContainerRecord) -> cri::ContainerStatus {
+    let config: Option<cri::ContainerConfig> = serde_json::from_str(&r.config_json).ok();
+    container_status(r, config.as_ref())
+}
+
 fn u64_value(v: Option<u64>) -> Option<cri::UInt64Value> {
     v.map(|value| cri::UInt64Value { value })
 }

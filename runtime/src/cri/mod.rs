@@ -2,6 +2,7 @@
 //! on berthd's domain modules and their answers back into CRI messages.
 
 mod convert;
+mod events;
 mod image;
 mod runtime;
 mod status;

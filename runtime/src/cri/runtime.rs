@@ -1,6 +1,5 @@
 //! CRI v1 RuntimeService.
 
-use std::pin::Pin;
 use std::sync::Arc;
 
 use k8s_cri::v1::runtime_service_server::RuntimeService as CriRuntimeService;
@@ -25,8 +24,7 @@ impl RuntimeService {
     }
 }
 
-type EventStream =
-    Pin<Box<dyn tokio_stream::Stream<Item = Result<ContainerEventResponse, Status>> + Send>>;
+type EventStream = super::events::EventStream;
 
 cri_service! {
     impl CriRuntimeService for RuntimeService {
@@ -99,52 +97,42 @@ cri_service! {
         async fn run_pod_sandbox(&self, request: Request<RunPodSandboxRequest>) -> Result<Response<RunPodSandboxResponse>, Status> {
             let request = request.into_inner();
             let config = request.config.ok_or_else(|| Error::InvalidArgument("sandbox config is required".into()))?;
-            let id = sandbox::run(&self.daemon, config, &request.runtime_handler).await?;
+            let id = self.daemon.run(move |d| sandbox::run(d, config, &request.runtime_handler)).await?;
             Ok(Response::new(RunPodSandboxResponse { pod_sandbox_id: id }))
         }
 
         async fn stop_pod_sandbox(&self, request: Request<StopPodSandboxRequest>) -> Result<Response<StopPodSandboxResponse>, Status> {
             let id = request.into_inner().pod_sandbox_id;
-            let mut record = match sandbox::find(&self.daemon, &id) {
-                Ok(r) => r,
-                // Stopping what is gone is done, as kubelet expects.
-                Err(Error::NotFound(_)) => return Ok(Response::new(StopPodSandboxResponse {})),
-                Err(e) => return Err(e.into()),
-            };
-            tracing::Span::current().record("pod_id", record.id.as_str());
-            for c in container::of_sandbox(&self.daemon, &record.id)? {
-                container::stop(&self.daemon, &c.id, 0).await?;
-            }
-            sandbox::stop(&self.daemon, &mut record).await?;
+            // Stopping what is gone is done, as kubelet expects.
+            self.daemon.on_sandbox(&id, sandbox::stop).await?;
             Ok(Response::new(StopPodSandboxResponse {}))
         }
 
         async fn remove_pod_sandbox(&self, request: Request<RemovePodSandboxRequest>) -> Result<Response<RemovePodSandboxResponse>, Status> {
             let id = request.into_inner().pod_sandbox_id;
-            let record = match sandbox::find(&self.daemon, &id) {
-                Ok(r) => r,
-                Err(Error::NotFound(_)) => return Ok(Response::new(RemovePodSandboxResponse {})),
-                Err(e) => return Err(e.into()),
-            };
-            tracing::Span::current().record("pod_id", record.id.as_str());
-            for c in container::of_sandbox(&self.daemon, &record.id)? {
-                container::remove(&self.daemon, &c.id).await?;
-            }
-            sandbox::remove(&self.daemon, &record).await?;
+            self.daemon.on_sandbox(&id, sandbox::remove).await?;
             Ok(Response::new(RemovePodSandboxResponse {}))
         }
 
         async fn pod_sandbox_status(&self, request: Request<PodSandboxStatusRequest>) -> Result<Response<PodSandboxStatusResponse>, Status> {
             let request = request.into_inner();
-            let record = sandbox::find(&self.daemon, &request.pod_sandbox_id)?;
-            tracing::Span::current().record("pod_id", record.id.as_str());
-            let ctx = sandbox::context(&self.daemon, record)?;
+            let verbose = request.verbose;
+            let (ctx, containers) = self.daemon.run(move |d| {
+                let ctx = sandbox::context(d, sandbox::find(d, &request.pod_sandbox_id)?)?;
+                let containers = container::of_sandbox(d, &ctx.record.id)?
+                    .into_iter()
+                    .map(|c| container::current(d, c))
+                    .collect::<Vec<_>>();
+                Ok((ctx, containers))
+            }).await?;
+            tracing::Span::current().record("pod_id", ctx.record.id.as_str());
             let status = convert::pod_sandbox_status(&ctx.record, &ctx.config);
             let mut info = std::collections::HashMap::new();
-            if request.verbose {
+            if verbose {
                 let detail = serde_json::json!({
                     "stateDir": ctx.dir,
                     "cgroupParent": ctx.record.cgroup_parent,
+                    "reason": ctx.record.reason,
                     "namespaces": {
                         "network": ctx.namespace_path(Kind::Net),
                         "ipc": ctx.namespace_path(Kind::Ipc),
@@ -154,12 +142,7 @@ cri_service! {
                 });
                 info.insert("info".to_string(), detail.to_string());
             }
-            let mut containers_statuses = Vec::new();
-            for c in container::of_sandbox(&self.daemon, &ctx.record.id)? {
-                let c = container::refresh(&self.daemon, c)?;
-                let config: Option<ContainerConfig> = serde_json::from_str(&c.config_json).ok();
-                containers_statuses.push(convert::container_status(&c, config.as_ref()));
-            }
+            let containers_statuses = containers.iter().map(convert::container_status_of).collect();
             Ok(Response::new(PodSandboxStatusResponse {
                 status: Some(status),
                 info,
@@ -170,8 +153,9 @@ cri_service! {
 
         async fn list_pod_sandbox(&self, request: Request<ListPodSandboxRequest>) -> Result<Response<ListPodSandboxResponse>, Status> {
             let filter = request.into_inner().filter;
+            let records = self.daemon.run(|d| d.store.list::<crate::store::SandboxRecord>()).await?;
             let mut items = Vec::new();
-            for r in self.daemon.store.list::<crate::store::SandboxRecord>()? {
+            for r in records {
                 if let Some(f) = &filter {
                     if !f.id.is_empty() && !r.id.starts_with(&f.id) {
                         continue;
@@ -194,51 +178,52 @@ cri_service! {
         async fn create_container(&self, request: Request<CreateContainerRequest>) -> Result<Response<CreateContainerResponse>, Status> {
             let request = request.into_inner();
             let config = request.config.ok_or_else(|| Error::InvalidArgument("container config is required".into()))?;
-            let id = container::create(&self.daemon, &request.pod_sandbox_id, config, request.sandbox_config).await?;
+            let id = self.daemon.in_sandbox(&request.pod_sandbox_id, move |d, pod| container::create(d, pod, config)).await?;
             Ok(Response::new(CreateContainerResponse { container_id: id }))
         }
 
         async fn start_container(&self, request: Request<StartContainerRequest>) -> Result<Response<StartContainerResponse>, Status> {
-            container::start(&self.daemon, &request.into_inner().container_id).await?;
+            self.daemon.on_container(&request.into_inner().container_id, container::start).await?;
             Ok(Response::new(StartContainerResponse {}))
         }
 
         async fn stop_container(&self, request: Request<StopContainerRequest>) -> Result<Response<StopContainerResponse>, Status> {
             let request = request.into_inner();
-            container::stop(&self.daemon, &request.container_id, request.timeout).await?;
+            let timeout = request.timeout;
+            self.daemon.on_container(&request.container_id, move |d, c| container::stop(d, c, timeout)).await?;
             Ok(Response::new(StopContainerResponse {}))
         }
 
         async fn remove_container(&self, request: Request<RemoveContainerRequest>) -> Result<Response<RemoveContainerResponse>, Status> {
-            container::remove(&self.daemon, &request.into_inner().container_id).await?;
-            Ok(Response::new(RemoveContainerResponse {}))
+            let id = request.into_inner().container_id;
+            match self.daemon.on_container(&id, container::remove).await {
+                // Removing what is gone is done, as kubelet expects.
+                Ok(()) | Err(Error::Missing { .. }) => Ok(Response::new(RemoveContainerResponse {})),
+                Err(e) => Err(e.into()),
+            }
         }
 
         async fn list_containers(&self, request: Request<ListContainersRequest>) -> Result<Response<ListContainersResponse>, Status> {
             let filter = request.into_inner().filter;
-            let mut containers = Vec::new();
-            for r in self.daemon.store.list::<crate::store::ContainerRecord>()? {
-                if let Some(f) = &filter
-                    && !convert::container_matches(&r, &f.id, &f.pod_sandbox_id, &f.label_selector)
-                {
-                    continue;
-                }
-                let r = container::refresh(&self.daemon, r)?;
-                if let Some(f) = &filter
-                    && let Some(s) = &f.state
-                    && s.state != convert::container_state(r.state) as i32
-                {
-                    continue;
-                }
-                containers.push(convert::container(&r));
-            }
+            let records = self.daemon.run(move |d| {
+                Ok(d.store
+                    .list::<crate::store::ContainerRecord>()?
+                    .into_iter()
+                    .filter(|r| filter.as_ref().is_none_or(|f| convert::container_matches(r, &f.id, &f.pod_sandbox_id, &f.label_selector)))
+                    .map(|r| container::current(d, r))
+                    .filter(|r| {
+                        filter.as_ref().and_then(|f| f.state.as_ref()).is_none_or(|s| s.state == convert::container_state(r.state) as i32)
+                    })
+                    .collect::<Vec<_>>())
+            }).await?;
+            let mut containers: Vec<Container> = records.iter().map(convert::container).collect();
             containers.sort_by_key(|c| c.created_at);
             Ok(Response::new(ListContainersResponse { containers }))
         }
 
         async fn container_status(&self, request: Request<ContainerStatusRequest>) -> Result<Response<ContainerStatusResponse>, Status> {
             let request = request.into_inner();
-            let record = container::refresh(&self.daemon, container::find(&self.daemon, &request.container_id)?)?;
+            let record = self.daemon.run(move |d| Ok(container::current(d, container::find(d, &request.container_id)?))).await?;
             tracing::Span::current().record("container_id", record.id.as_str());
             let config: Option<ContainerConfig> = serde_json::from_str(&record.config_json).ok();
             let status = convert::container_status(&record, config.as_ref());
@@ -249,6 +234,7 @@ cri_service! {
                     "sandboxID": record.sandbox_id,
                     "cgroupsPath": record.cgroups_path,
                     "snapshotChainIDs": record.snapshot_chain_ids,
+                    "shim": record.shim,
                     "config": config,
                 });
                 info.insert("info".to_string(), detail.to_string());
@@ -258,53 +244,41 @@ cri_service! {
 
         async fn exec_sync(&self, request: Request<ExecSyncRequest>) -> Result<Response<ExecSyncResponse>, Status> {
             let request = request.into_inner();
-            let (stdout, stderr, exit_code) =
-                container::exec_sync(&self.daemon, &request.container_id, request.cmd, request.timeout).await?;
+            let (stdout, stderr, exit_code) = self.daemon.run(move |d| {
+                container::exec_sync(d, &request.container_id, request.cmd, request.timeout)
+            }).await?;
             Ok(Response::new(ExecSyncResponse { stdout, stderr, exit_code }))
         }
 
         async fn reopen_container_log(&self, request: Request<ReopenContainerLogRequest>) -> Result<Response<ReopenContainerLogResponse>, Status> {
-            container::reopen_log(&self.daemon, &request.into_inner().container_id).await?;
+            self.daemon.on_container(&request.into_inner().container_id, container::reopen_log).await?;
             Ok(Response::new(ReopenContainerLogResponse {}))
         }
 
         async fn container_stats(&self, request: Request<ContainerStatsRequest>) -> Result<Response<ContainerStatsResponse>, Status> {
-            let record = container::refresh(&self.daemon, container::find(&self.daemon, &request.into_inner().container_id)?)?;
-            tracing::Span::current().record("container_id", record.id.as_str());
-            let daemon = self.daemon.clone();
-            let stats = tokio::task::spawn_blocking(move || {
-                let s = container::stats(&daemon, &record);
-                convert::container_stats(&record, &s)
-            })
-            .await
-            .map_err(|e| Status::internal(format!("stats task: {e}")))?;
+            let id = request.into_inner().container_id;
+            let stats = self.daemon.run(move |d| {
+                let record = container::current(d, container::find(d, &id)?);
+                tracing::Span::current().record("container_id", record.id.as_str());
+                let s = container::stats(d, &record);
+                Ok(convert::container_stats(&record, &s))
+            }).await?;
             Ok(Response::new(ContainerStatsResponse { stats: Some(stats) }))
         }
 
         async fn list_container_stats(&self, request: Request<ListContainerStatsRequest>) -> Result<Response<ListContainerStatsResponse>, Status> {
             let filter = request.into_inner().filter;
-            let mut records = Vec::new();
-            for r in self.daemon.store.list::<crate::store::ContainerRecord>()? {
-                if let Some(f) = &filter
-                    && !convert::container_matches(&r, &f.id, &f.pod_sandbox_id, &f.label_selector)
-                {
-                    continue;
-                }
-                // kubelet asks for the stats of running containers.
-                let r = container::refresh(&self.daemon, r)?;
-                if r.state == crate::store::ContainerState::Running {
-                    records.push(r);
-                }
-            }
-            let daemon = self.daemon.clone();
-            let stats = tokio::task::spawn_blocking(move || {
-                records
-                    .iter()
-                    .map(|r| convert::container_stats(r, &container::stats(&daemon, r)))
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .map_err(|e| Status::internal(format!("stats task: {e}")))?;
+            let stats = self.daemon.run(move |d| {
+                Ok(d.store
+                    .list::<crate::store::ContainerRecord>()?
+                    .into_iter()
+                    .filter(|r| filter.as_ref().is_none_or(|f| convert::container_matches(r, &f.id, &f.pod_sandbox_id, &f.label_selector)))
+                    .map(|r| container::current(d, r))
+                    // kubelet asks for the stats of running containers.
+                    .filter(|r| r.state == crate::store::ContainerState::Running)
+                    .map(|r| convert::container_stats(&r, &container::stats(d, &r)))
+                    .collect::<Vec<_>>())
+            }).await?;
             Ok(Response::new(ListContainerStatsResponse { stats }))
         }
 
@@ -313,12 +287,16 @@ cri_service! {
             let linux = request
                 .linux
                 .ok_or_else(|| Error::InvalidArgument("linux resources are required".into()))?;
-            container::update_resources(&self.daemon, &request.container_id, linux)?;
+            self.daemon.on_container(&request.container_id, move |d, c| container::update_resources(d, c, linux)).await?;
             Ok(Response::new(UpdateContainerResourcesResponse {}))
         }
 
-        async fn get_container_events(&self, _request: Request<GetEventsRequest>) -> Result<Response<Self::GetContainerEventsStream>, Status> {
-            Err(Error::Unimplemented("RuntimeService/GetContainerEvents").into())
+        async fn get_container_events(&self, request: Request<GetEventsRequest>) -> Result<Response<Self::GetContainerEventsStream>, Status> {
+            let who = request
+                .remote_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| "CRI client".into());
+            Ok(Response::new(super::events::stream(self.daemon.clone(), &who)))
         }
     }
     unimplemented "RuntimeService" {

@@ -10,7 +10,8 @@ impl From<Error> for Status {
             Error::InvalidArgument(_) | Error::Config { .. } | Error::BadImage(_) => {
                 Code::InvalidArgument
             }
-            Error::NotFound(_) => Code::NotFound,
+            Error::NotFound(_) | Error::Missing { .. } => Code::NotFound,
+            Error::ShimUnreachable { .. } | Error::WrongState { .. } => Code::FailedPrecondition,
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unimplemented(_) => Code::Unimplemented,
@@ -20,11 +21,13 @@ impl From<Error> for Status {
             Error::Store(_)
             | Error::Io { .. }
             | Error::Internal(_)
+            | Error::Process(_)
             | Error::AlreadyRunning { .. } => Code::Internal,
         };
+        let message = crate::error::chain(&err);
         if code == Code::Internal {
-            tracing::error!(error = %err, "request failed");
+            tracing::error!(error = %message, "request failed");
         }
-        Status::new(code, err.to_string())
+        Status::new(code, message)
     }
 }

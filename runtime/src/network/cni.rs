@@ -203,6 +203,14 @@ impl Cni {
         }
     }
 
+    /// The network list a cached ADD used, if any.
+    pub fn cached_network(&self, sandbox_id: &str) -> Option<NetworkList> {
+        let bytes = std::fs::read(self.cache_path(sandbox_id)).ok()?;
+        serde_json::from_slice::<Cached>(&bytes)
+            .ok()
+            .map(|c| c.network)
+    }
+
     /// Whether an ADD is cached for the sandbox.
     pub fn has_cache(&self, sandbox_id: &str) -> bool {
         self.cache_path(sandbox_id).exists()

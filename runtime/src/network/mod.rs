@@ -82,6 +82,46 @@ impl Network {
         Ok(ips)
     }
 
+    /// What is wrong with a ready pod's network, if anything: its cached ADD
+    /// is gone, a pod IP is no longer on an interface of its namespace, or
+    /// (for host-local IPAM) the IP's allocation was released.
+    pub fn check(&self, sandbox_id: &str, netns: &Path, pod_ips: &[String]) -> Option<String> {
+        if pod_ips.is_empty() {
+            // Loopback only: nothing was added.
+            return None;
+        }
+        let Some(network) = self.cni.cached_network(sandbox_id) else {
+            return Some("the pod's CNI result is gone".into());
+        };
+        let present = match crate::sandbox::namespaces::addresses(netns) {
+            Ok(a) => a,
+            Err(e) => return Some(format!("cannot read the pod's addresses: {e}")),
+        };
+        for ip in pod_ips {
+            if !present.iter().any(|a| a == ip) {
+                return Some(format!(
+                    "pod IP {ip} is no longer on an interface of the pod's network namespace"
+                ));
+            }
+        }
+        for plugin in &network.plugins {
+            let ipam = &plugin["ipam"];
+            if ipam["type"].as_str() != Some("host-local") {
+                continue;
+            }
+            let data_dir = ipam["dataDir"]
+                .as_str()
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/var/lib/cni/networks"));
+            for ip in pod_ips {
+                if !data_dir.join(&network.name).join(ip).exists() {
+                    return Some(format!("the IPAM allocation of pod IP {ip} was released"));
+                }
+            }
+        }
+        None
+    }
+
     /// Tears a pod's network down with what setup used. Idempotent.
     pub async fn teardown(&self, sandbox_id: &str) -> Result<()> {
         if self.cni.has_cache(sandbox_id) {

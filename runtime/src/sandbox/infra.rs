@@ -7,13 +7,14 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::process::ProcessIdentity;
 
-/// Starts the infra process in a new PID namespace; returns its host pid.
+/// Starts the infra process in a new PID namespace; returns its identity.
 ///
 /// berthd is multi-threaded, so the forked child only makes raw syscalls
 /// until it execs: unshare, fork (the grandchild is PID 1 of the new
 /// namespace), report the pid through a pipe, exit.
-pub fn start(shim: &Path, log: &Path) -> Result<i32> {
+pub fn start(shim: &Path, log: &Path) -> Result<ProcessIdentity> {
     let prog = CString::new(shim.as_os_str().as_bytes())
         .map_err(|_| Error::InvalidArgument("shim path contains NUL".into()))?;
     let arg1 = CString::new("pause").unwrap();
@@ -84,24 +85,39 @@ pub fn start(shim: &Path, log: &Path) -> Result<i32> {
                 "infra process did not start (status {status:#x})"
             )));
         }
-        Ok(i32::from_ne_bytes(buf))
+        let pid = i32::from_ne_bytes(buf);
+        // Read while it cannot have been reaped: PID 1 of its namespace
+        // lives until it is killed.
+        ProcessIdentity::of(pid)
+            .map_err(|e| Error::io(format!("identity of infra process {pid}"), e))
     }
 }
 
-/// Whether `pid` is still our infra process (not a recycled pid).
-pub fn is_alive(pid: i32) -> bool {
-    if pid <= 0 {
-        return false;
-    }
-    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    cmdline.windows(10).any(|w| w == b"berth-shim") && cmdline.windows(5).any(|w| w == b"pause")
-}
-
-pub fn stop(pid: i32) {
-    if is_alive(pid) {
-        // SAFETY: signalling a pid we verified is our infra process.
-        unsafe {
-            libc::kill(pid, libc::SIGKILL);
+/// Kills the infra process if it is still the one recorded (a recycled
+/// pid is never signalled) and waits until it is gone.
+pub fn stop(infra: &ProcessIdentity) {
+    match infra.signal(libc::SIGKILL) {
+        Ok(true) => {
+            if !infra.wait_gone(std::time::Duration::from_secs(5)) {
+                tracing::warn!(
+                    pid = infra.pid,
+                    "infra process still there 5 s after SIGKILL"
+                );
+            }
         }
+        Ok(false) => {}
+        Err(e) => tracing::warn!(pid = infra.pid, error = %e, "could not signal the infra process"),
     }
+}
+
+/// The identity of infra process `pid` from a record made before
+/// identities were recorded: trusted only if it is a `berth-shim pause`.
+pub fn adopt(pid: i32) -> Option<ProcessIdentity> {
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let is_infra = cmdline.windows(10).any(|w| w == b"berth-shim")
+        && cmdline.windows(5).any(|w| w == b"pause");
+    if !is_infra {
+        return None;
+    }
+    ProcessIdentity::of(pid).ok().filter(|p| p.is_alive())
 }

@@ -12,7 +12,12 @@ use k8s_cri::v1::{NamespaceMode, PodSandboxConfig};
 
 use crate::daemon::Daemon;
 use crate::error::{Error, IoContext, Result};
+use crate::events::{Event, EventKind};
+use crate::locks::SandboxGuard;
+use crate::names;
+use crate::process::ProcessIdentity;
 use crate::store::{KeyValue, SandboxRecord, SandboxState};
+use crate::undo::Undo;
 use namespaces::{Kind, NamespaceSetup};
 
 /// Where a sandbox keeps its files and pinned namespaces.
@@ -42,8 +47,10 @@ impl SandboxContext {
     /// The pod's shared PID namespace, when it has one and its infra
     /// process lives.
     pub fn pid_namespace(&self) -> Option<PathBuf> {
-        (self.record.infra_pid > 0 && infra::is_alive(self.record.infra_pid))
-            .then(|| PathBuf::from(format!("/proc/{}/ns/pid", self.record.infra_pid)))
+        self.record
+            .infra
+            .is_alive()
+            .then(|| PathBuf::from(format!("/proc/{}/ns/pid", self.record.infra.pid)))
     }
 
     pub fn namespace_options(&self) -> NamespaceOptionsView {
@@ -74,18 +81,6 @@ impl NamespaceOptionsView {
             ipc: mode(opts.map(|o| o.ipc)),
         }
     }
-}
-
-pub fn new_id() -> String {
-    let mut bytes = [0u8; 32];
-    getrandom(&mut bytes);
-    hex::encode(bytes)
-}
-
-fn getrandom(buf: &mut [u8]) {
-    // SAFETY: getrandom writes at most buf.len() bytes into buf.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    assert_eq!(n as usize, buf.len(), "getrandom failed");
 }
 
 /// Checks and normalizes the pod's sysctls against its namespaces.
@@ -139,12 +134,16 @@ pub fn validate_sysctls(
     Ok(out)
 }
 
-/// RunPodSandbox. Everything made is undone when a later step fails.
-pub async fn run(
-    daemon: &Daemon,
-    config: PodSandboxConfig,
-    runtime_handler: &str,
-) -> Result<String> {
+/// What a RunPodSandbox request asks for, checked.
+struct RunRequest {
+    meta: k8s_cri::v1::PodSandboxMetadata,
+    own_net: bool,
+    own_ipc: bool,
+    shared_pid: bool,
+    sysctls: Vec<(String, String)>,
+}
+
+fn check_run(config: &PodSandboxConfig, runtime_handler: &str) -> Result<RunRequest> {
     if !runtime_handler.is_empty() {
         return Err(Error::NotFound(format!(
             "runtime handler {runtime_handler:?} is not configured (only the default handler \"\" is)"
@@ -159,7 +158,7 @@ pub async fn run(
             "sandbox metadata needs name, namespace and uid".into(),
         ));
     }
-    let ns = NamespaceOptionsView::of(&config);
+    let ns = NamespaceOptionsView::of(config);
     let own_net = ns.network != NamespaceMode::Node;
     let own_ipc = ns.ipc != NamespaceMode::Node;
     let sysctls = validate_sysctls(
@@ -176,120 +175,69 @@ pub async fn run(
             "pid namespace mode TARGET is for containers, not pods".into(),
         ));
     }
-    let shared_pid = ns.pid == NamespaceMode::Pod;
+    if !config.log_directory.is_empty() && !Path::new(&config.log_directory).is_absolute() {
+        return Err(Error::InvalidArgument(format!(
+            "log_directory {:?} must be absolute",
+            config.log_directory
+        )));
+    }
+    Ok(RunRequest {
+        meta,
+        own_net,
+        own_ipc,
+        shared_pid: ns.pid == NamespaceMode::Pod,
+        sysctls,
+    })
+}
 
-    let id = new_id();
-    let reservation = daemon.reserve_name(
-        &format!(
-            "sandbox/{}/{}/{}/{}",
-            meta.namespace, meta.name, meta.uid, meta.attempt
-        ),
+fn event(kind: EventKind, id: &str) -> Event {
+    Event {
+        kind,
+        id: id.to_string(),
+        sandbox_id: id.to_string(),
+        at_ns: crate::timing::now_ns(),
+        container: None,
+    }
+}
+
+/// RunPodSandbox. Every step registers its undo; on failure they run in
+/// reverse and nothing is left.
+pub fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &str) -> Result<String> {
+    let request = check_run(&config, runtime_handler)?;
+    let meta = &request.meta;
+    let id = names::new_id();
+    let reservation = daemon.names.reserve(
+        &names::sandbox_key(&meta.namespace, &meta.name, &meta.uid, meta.attempt),
         &id,
     )?;
     tracing::Span::current().record("pod_id", id.as_str());
 
     let dir = sandbox_dir(&daemon.config.state_dir, &id);
     let mut phases = crate::timing::Phases::start("RunPodSandbox");
-    let mut undo = Undo::default();
-    let mut network_added = false;
-    let result = async {
-        std::fs::create_dir_all(dir.join("ns")).context(|| format!("create {}", dir.display()))?;
-        undo.push_dir(dir.clone());
-
-        let hostname = if own_net {
+    let mut undo = Undo::new(format!("pod sandbox {id}"));
+    let result = (|| {
+        make_dir(&dir, &mut undo)?;
+        let hostname = if request.own_net {
             config.hostname.clone()
         } else {
             String::new()
         };
-        let mut kinds = Vec::new();
-        if own_net {
-            kinds.push(Kind::Net);
-            kinds.push(Kind::Uts);
-        }
-        if own_ipc {
-            kinds.push(Kind::Ipc);
-        }
-        let pinned = namespaces::create(
-            &dir.join("ns"),
-            NamespaceSetup {
-                kinds,
-                hostname: (!hostname.is_empty()).then(|| hostname.clone()),
-                sysctls,
-            },
-        )?;
-        for (_, path) in &pinned {
-            undo.push_pin(path.clone());
-        }
+        pin_namespaces(&dir, &request, &hostname, &mut undo)?;
         phases.mark("namespaces");
-
-        let pod_ips = if own_net {
-            network_added = true;
-            daemon
-                .network
-                .setup(&id, &dir.join("ns").join("net"), &config)
-                .await?
+        let pod_ips = if request.own_net {
+            add_network(daemon, &id, &dir, &config, &mut undo)?
         } else {
             Vec::new()
         };
         phases.mark("network");
-
-        // Files the containers bind-mount.
-        if own_net {
-            let name = if hostname.is_empty() {
-                meta.name.clone()
-            } else {
-                hostname.clone()
-            };
-            files::write(&dir.join("hostname"), &format!("{name}\n"))?;
-            files::write(&dir.join("hosts"), &files::hosts(&name, &pod_ips))?;
-        } else {
-            files::copy_host("/etc/hosts", &dir.join("hosts"))?;
-            files::write(&dir.join("hostname"), &format!("{}\n", host_hostname()))?;
-        }
-        let dns = config.dns_config.as_ref();
-        match files::resolv_conf(dns) {
-            Some(text) if own_net => files::write(&dir.join("resolv.conf"), &text)?,
-            _ => files::copy_host("/etc/resolv.conf", &dir.join("resolv.conf"))?,
-        }
-
-        if !config.log_directory.is_empty() {
-            let log_dir = Path::new(&config.log_directory);
-            if !log_dir.is_absolute() {
-                return Err(Error::InvalidArgument(format!(
-                    "log_directory {:?} must be absolute",
-                    config.log_directory
-                )));
-            }
-            std::fs::create_dir_all(log_dir).context(|| format!("create {}", log_dir.display()))?;
-        }
-
+        write_files(&dir, &config, &request, &hostname, &pod_ips)?;
         phases.mark("files");
-        let cgroup_parent = config
-            .linux
-            .as_ref()
-            .map(|l| l.cgroup_parent.clone())
-            .filter(|p| !p.is_empty())
-            .unwrap_or_else(|| format!("/berth/{id}"));
-        let created_cgroup = crate::cgroups::create_dir(daemon.cgroup_mode, &cgroup_parent)?;
-        if created_cgroup {
-            undo.push_cgroup(daemon.cgroup_mode, cgroup_parent.clone());
-            // For start-up recovery, should berthd die before the record.
-            let _ = std::fs::write(dir.join("cgroup"), &cgroup_parent);
-        }
-        let infra_pid = if shared_pid {
-            let pid = infra::start(
-                &crate::container::shim::shim_binary(),
-                &dir.join("infra.log"),
-            )?;
-            undo.push(move || infra::stop(pid));
-            // Inside the pod's cgroup, so pod limits apply to it too.
-            let _ = std::fs::write(dir.join("infra.pid"), pid.to_string());
-            crate::cgroups::add_process(daemon.cgroup_mode, &cgroup_parent, pid)?;
-            pid
+        let (cgroup_parent, created_cgroup) = make_cgroup(daemon, &id, &dir, &config, &mut undo)?;
+        let infra = if request.shared_pid {
+            start_infra(daemon, &dir, &cgroup_parent, &mut undo)?
         } else {
-            0
+            ProcessIdentity::default()
         };
-
         phases.mark("cgroup+infra");
         let record = SandboxRecord {
             id: id.clone(),
@@ -309,13 +257,24 @@ pub async fn run(
             created_cgroup,
             hostname,
             pod_ips,
-            infra_pid,
+            infra_pid: infra.pid,
+            infra,
+            reason: String::new(),
         };
-        daemon.store.put(&record)?;
+        // The record is the commit point.
+        daemon.publish_with(|| {
+            daemon.store.insert_new(&record)?;
+            Ok((
+                (),
+                vec![
+                    event(EventKind::Created, &id),
+                    event(EventKind::Started, &id),
+                ],
+            ))
+        })?;
         phases.mark("store");
         Ok(())
-    }
-    .await;
+    })();
     phases.log();
     match result {
         Ok(()) => {
@@ -325,12 +284,166 @@ pub async fn run(
             Ok(id)
         }
         Err(e) => {
-            if network_added && let Err(del) = daemon.network.teardown(&id).await {
-                tracing::warn!(pod_id = %id, error = %del, "network teardown after a failed RunPodSandbox failed");
-            }
             undo.run();
             Err(e)
         }
+    }
+}
+
+fn make_dir(dir: &Path, undo: &mut Undo) -> Result<()> {
+    std::fs::create_dir_all(dir.join("ns")).context(|| format!("create {}", dir.display()))?;
+    let dir = dir.to_path_buf();
+    undo.push(format!("remove {}", dir.display()), move || {
+        remove_dir_all(&dir)
+    });
+    Ok(())
+}
+
+fn pin_namespaces(dir: &Path, request: &RunRequest, hostname: &str, undo: &mut Undo) -> Result<()> {
+    let mut kinds = Vec::new();
+    if request.own_net {
+        kinds.push(Kind::Net);
+        kinds.push(Kind::Uts);
+    }
+    if request.own_ipc {
+        kinds.push(Kind::Ipc);
+    }
+    // Each pin is undone even if a later one fails: create() unpins what it
+    // pinned before failing.
+    let pinned = namespaces::create(
+        &dir.join("ns"),
+        NamespaceSetup {
+            kinds,
+            hostname: (!hostname.is_empty()).then(|| hostname.to_string()),
+            sysctls: request.sysctls.clone(),
+        },
+    )?;
+    for (_, path) in pinned {
+        undo.push(format!("unpin {}", path.display()), move || {
+            namespaces::unpin(&path)
+        });
+    }
+    Ok(())
+}
+
+fn add_network(
+    daemon: &Daemon,
+    id: &str,
+    dir: &Path,
+    config: &PodSandboxConfig,
+    undo: &mut Undo,
+) -> Result<Vec<String>> {
+    // Registered first: a failed ADD may have made part of the network, and
+    // teardown is a no-op without the cache ADD writes before it starts.
+    {
+        let rt = daemon.rt.clone();
+        let network = daemon.network.clone();
+        let id = id.to_string();
+        undo.push(format!("tear down the network of {id}"), move || {
+            rt.block_on(network.teardown(&id))
+        });
+    }
+    daemon.rt.block_on(
+        daemon
+            .network
+            .setup(id, &dir.join("ns").join("net"), config),
+    )
+}
+
+/// The hostname, hosts and resolv.conf files the containers bind-mount, and
+/// the pod's log directory.
+fn write_files(
+    dir: &Path,
+    config: &PodSandboxConfig,
+    request: &RunRequest,
+    hostname: &str,
+    pod_ips: &[String],
+) -> Result<()> {
+    if request.own_net {
+        let name = if hostname.is_empty() {
+            request.meta.name.clone()
+        } else {
+            hostname.to_string()
+        };
+        files::write(&dir.join("hostname"), &format!("{name}\n"))?;
+        files::write(&dir.join("hosts"), &files::hosts(&name, pod_ips))?;
+    } else {
+        files::copy_host("/etc/hosts", &dir.join("hosts"))?;
+        files::write(&dir.join("hostname"), &format!("{}\n", host_hostname()))?;
+    }
+    match files::resolv_conf(config.dns_config.as_ref()) {
+        Some(text) if request.own_net => files::write(&dir.join("resolv.conf"), &text)?,
+        _ => files::copy_host("/etc/resolv.conf", &dir.join("resolv.conf"))?,
+    }
+    if !config.log_directory.is_empty() {
+        let log_dir = Path::new(&config.log_directory);
+        std::fs::create_dir_all(log_dir).context(|| format!("create {}", log_dir.display()))?;
+    }
+    Ok(())
+}
+
+/// The pod cgroup. A breadcrumb naming it is written before it is made, so
+/// start-up recovery finds it should berthd die before the record exists;
+/// if the breadcrumb cannot be written, nothing is made.
+fn make_cgroup(
+    daemon: &Daemon,
+    id: &str,
+    dir: &Path,
+    config: &PodSandboxConfig,
+    undo: &mut Undo,
+) -> Result<(String, bool)> {
+    let cgroup_parent = config
+        .linux
+        .as_ref()
+        .map(|l| l.cgroup_parent.clone())
+        .filter(|p| !p.is_empty())
+        .unwrap_or_else(|| format!("/berth/{id}"));
+    let breadcrumb = dir.join("cgroup");
+    std::fs::write(&breadcrumb, &cgroup_parent)
+        .context(|| format!("write {}", breadcrumb.display()))?;
+    let created = crate::cgroups::create_dir(daemon.cgroup_mode, &cgroup_parent)?;
+    if created {
+        let mode = daemon.cgroup_mode;
+        let path = cgroup_parent.clone();
+        undo.push(format!("remove cgroup {path}"), move || {
+            crate::cgroups::remove_dir(mode, &path)
+        });
+    } else {
+        // Not ours (kubelet made it): recovery must leave it alone.
+        std::fs::remove_file(&breadcrumb).context(|| format!("remove {}", breadcrumb.display()))?;
+    }
+    Ok((cgroup_parent, created))
+}
+
+/// The infra process of a shared PID namespace, inside the pod cgroup.
+fn start_infra(
+    daemon: &Daemon,
+    dir: &Path,
+    cgroup_parent: &str,
+    undo: &mut Undo,
+) -> Result<ProcessIdentity> {
+    let infra = infra::start(
+        &crate::container::shim::shim_binary(),
+        &dir.join("infra.log"),
+    )?;
+    undo.push(format!("stop infra process {}", infra.pid), move || {
+        infra::stop(&infra);
+        Ok(())
+    });
+    // For start-up recovery, should berthd die before the record.
+    let breadcrumb = dir.join("infra.pid");
+    std::fs::write(&breadcrumb, infra.to_breadcrumb())
+        .context(|| format!("write {}", breadcrumb.display()))?;
+    // Inside the pod's cgroup, so pod limits apply to it too.
+    crate::cgroups::add_process(daemon.cgroup_mode, cgroup_parent, infra.pid)?;
+    Ok(infra)
+}
+
+fn remove_dir_all(path: &Path) -> Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("remove {}", path.display()), e)),
     }
 }
 
@@ -341,27 +454,45 @@ fn host_hostname() -> String {
         .unwrap_or_default()
 }
 
-/// Finds a sandbox by full id or unique prefix.
-pub fn find(daemon: &Daemon, id: &str) -> Result<SandboxRecord> {
+/// Finds a sandbox by full id or unique prefix; `None` when there is none.
+pub fn lookup(daemon: &Daemon, id: &str) -> Result<Option<SandboxRecord>> {
     if id.is_empty() {
         return Err(Error::InvalidArgument("pod sandbox id is required".into()));
     }
     if let Some(r) = daemon.store.get::<SandboxRecord>(id)? {
-        return Ok(r);
+        return Ok(Some(r));
     }
-    let matches: Vec<SandboxRecord> = daemon
+    let mut matches: Vec<SandboxRecord> = daemon
         .store
         .list::<SandboxRecord>()?
         .into_iter()
         .filter(|s| s.id.starts_with(id))
         .collect();
     match matches.len() {
-        1 => Ok(matches.into_iter().next().unwrap()),
-        0 => Err(Error::NotFound(format!("pod sandbox {id} not found"))),
+        0 | 1 => Ok(matches.pop()),
         _ => Err(Error::InvalidArgument(format!(
             "pod sandbox id prefix {id} is ambiguous"
         ))),
     }
+}
+
+/// Finds a sandbox by full id or unique prefix.
+pub fn find(daemon: &Daemon, id: &str) -> Result<SandboxRecord> {
+    lookup(daemon, id)?.ok_or_else(|| Error::Missing {
+        kind: "pod sandbox",
+        id: id.to_string(),
+    })
+}
+
+/// The record of sandbox `id` (a full id).
+pub fn get(daemon: &Daemon, id: &str) -> Result<SandboxRecord> {
+    daemon
+        .store
+        .get::<SandboxRecord>(id)?
+        .ok_or_else(|| Error::Missing {
+            kind: "pod sandbox",
+            id: id.to_string(),
+        })
 }
 
 pub fn context(daemon: &Daemon, record: SandboxRecord) -> Result<SandboxContext> {
@@ -374,27 +505,88 @@ pub fn context(daemon: &Daemon, record: SandboxRecord) -> Result<SandboxContext>
     })
 }
 
-/// StopPodSandbox after its containers were stopped: releases the network.
-/// Idempotent.
-pub async fn stop(daemon: &Daemon, record: &mut SandboxRecord) -> Result<()> {
-    daemon.network.teardown(&record.id).await?;
-    if record.infra_pid > 0 {
-        infra::stop(record.infra_pid);
+/// What is broken in a READY sandbox, checked against the kernel: a pinned
+/// namespace gone, the infra process gone, the network gone.
+pub fn broken(daemon: &Daemon, ctx: &SandboxContext) -> Option<String> {
+    let ns = ctx.namespace_options();
+    let mut kinds = Vec::new();
+    if ns.network != NamespaceMode::Node {
+        kinds.extend([Kind::Net, Kind::Uts]);
     }
-    if record.state != SandboxState::NotReady {
-        record.state = SandboxState::NotReady;
-        daemon.store.put(record)?;
-        tracing::info!(pod_id = %record.id, "sandbox stopped");
+    if ns.ipc != NamespaceMode::Node {
+        kinds.push(Kind::Ipc);
     }
+    for kind in kinds {
+        let path = ctx.dir.join("ns").join(kind.name());
+        if !namespaces::is_pinned(&path) {
+            return Some(format!("the pod's {} namespace is gone", kind.name()));
+        }
+    }
+    if ns.pid == NamespaceMode::Pod && !ctx.record.infra.is_alive() {
+        return Some("the infra process holding the pod's PID namespace is gone".into());
+    }
+    if ns.network != NamespaceMode::Node {
+        return daemon.network.check(
+            &ctx.record.id,
+            &ctx.dir.join("ns").join("net"),
+            &ctx.record.pod_ips,
+        );
+    }
+    None
+}
+
+/// Marks the sandbox not ready (with why), publishing the change once.
+pub fn mark_not_ready(daemon: &Daemon, id: &str, reason: &str) -> Result<()> {
+    daemon.publish_with(|| {
+        let mut changed = false;
+        daemon.store.update::<SandboxRecord>(id, |r| {
+            changed = r.state != SandboxState::NotReady;
+            r.state = SandboxState::NotReady;
+            if !reason.is_empty() {
+                r.reason = reason.to_string();
+            }
+            Ok(())
+        })?;
+        let events = if changed {
+            vec![event(EventKind::Stopped, id)]
+        } else {
+            Vec::new()
+        };
+        Ok(((), events))
+    })
+}
+
+/// StopPodSandbox, holding the pod: stops its containers, marks it not
+/// ready (durably, before anything is released, so a crash half way never
+/// leaves a READY pod without its network), then releases the network and
+/// the infra process. Idempotent.
+pub fn stop(daemon: &Daemon, pod: &SandboxGuard) -> Result<()> {
+    let Some(record) = daemon.store.get::<SandboxRecord>(&pod.sandbox_id)? else {
+        return Ok(());
+    };
+    tracing::Span::current().record("pod_id", record.id.as_str());
+    crate::container::stop_all(daemon, &record.id)?;
+    mark_not_ready(daemon, &record.id, "")?;
+    daemon.rt.block_on(daemon.network.teardown(&record.id))?;
+    if record.infra.pid > 0 {
+        infra::stop(&record.infra);
+    }
+    tracing::info!(pod_id = %record.id, "sandbox stopped");
     Ok(())
 }
 
-/// RemovePodSandbox after its containers were removed: unpins the
-/// namespaces, removes files and cgroup, forgets the record.
-pub async fn remove(daemon: &Daemon, record: &SandboxRecord) -> Result<()> {
-    daemon.network.teardown(&record.id).await?;
-    if record.infra_pid > 0 {
-        infra::stop(record.infra_pid);
+/// RemovePodSandbox, holding the pod: removes its containers, then the
+/// network, namespaces, files and cgroup, and last the record. Idempotent.
+pub fn remove(daemon: &Daemon, pod: &SandboxGuard) -> Result<()> {
+    let Some(record) = daemon.store.get::<SandboxRecord>(&pod.sandbox_id)? else {
+        return Ok(());
+    };
+    tracing::Span::current().record("pod_id", record.id.as_str());
+    crate::container::remove_all(daemon, &record.id)?;
+    mark_not_ready(daemon, &record.id, "")?;
+    daemon.rt.block_on(daemon.network.teardown(&record.id))?;
+    if record.infra.pid > 0 {
+        infra::stop(&record.infra);
     }
     let dir = sandbox_dir(&daemon.config.state_dir, &record.id);
     for kind in [Kind::Net, Kind::Ipc, Kind::Uts] {
@@ -403,50 +595,14 @@ pub async fn remove(daemon: &Daemon, record: &SandboxRecord) -> Result<()> {
     if record.created_cgroup {
         crate::cgroups::remove_dir(daemon.cgroup_mode, &record.cgroup_parent)?;
     }
-    match std::fs::remove_dir_all(&dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(Error::io(format!("remove {}", dir.display()), e)),
-    }
-    daemon.store.delete::<SandboxRecord>(&record.id)?;
-    daemon.release_name(&record.id);
+    remove_dir_all(&dir)?;
+    daemon.publish_with(|| {
+        daemon.store.delete::<SandboxRecord>(&record.id)?;
+        Ok(((), vec![event(EventKind::Deleted, &record.id)]))
+    })?;
+    daemon.names.release(&record.id);
     tracing::info!(pod_id = %record.id, "sandbox removed");
     Ok(())
-}
-
-/// Undo steps of a create, run in reverse on failure.
-#[derive(Default)]
-pub struct Undo {
-    steps: Vec<Box<dyn FnOnce() + Send>>,
-}
-
-impl Undo {
-    pub fn push(&mut self, f: impl FnOnce() + Send + 'static) {
-        self.steps.push(Box::new(f));
-    }
-    pub fn push_dir(&mut self, dir: PathBuf) {
-        self.push(move || {
-            let _ = std::fs::remove_dir_all(&dir);
-        });
-    }
-    fn push_pin(&mut self, path: PathBuf) {
-        self.push(move || {
-            let _ = namespaces::unpin(&path);
-        });
-    }
-    fn push_cgroup(&mut self, mode: crate::cgroups::CgroupMode, path: String) {
-        self.push(move || {
-            let _ = crate::cgroups::remove_dir(mode, &path);
-        });
-    }
-    pub fn run(self) {
-        for step in self.steps.into_iter().rev() {
-            step();
-        }
-    }
-    pub fn forget(mut self) {
-        self.steps.clear();
-    }
 }
 
 #[cfg(test)]

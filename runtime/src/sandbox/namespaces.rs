@@ -116,6 +116,34 @@ fn create_in_thread(dir: &Path, setup: &NamespaceSetup) -> Result<Vec<(Kind, Pat
     Ok(pinned)
 }
 
+/// The IP addresses on the interfaces of the network namespace pinned at
+/// `netns`, read from a thread that enters it.
+pub fn addresses(netns: &Path) -> Result<Vec<String>> {
+    let file = std::fs::File::open(netns)
+        .map_err(|e| Error::io(format!("open {}", netns.display()), e))?;
+    std::thread::Builder::new()
+        .name("berth-netns-read".into())
+        .spawn(move || -> Result<Vec<String>> {
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
+                .map_err(|e| Error::Internal(format!("enter the pod network namespace: {e}")))?;
+            let addrs = nix::ifaddrs::getifaddrs()
+                .map_err(|e| Error::Internal(format!("list addresses: {e}")))?;
+            Ok(addrs
+                .filter_map(|a| {
+                    let addr = a.address?;
+                    if let Some(v4) = addr.as_sockaddr_in() {
+                        Some(v4.ip().to_string())
+                    } else {
+                        addr.as_sockaddr_in6().map(|v6| v6.ip().to_string())
+                    }
+                })
+                .collect())
+        })
+        .map_err(|e| Error::io("spawn namespace thread", e))?
+        .join()
+        .map_err(|_| Error::Internal("namespace thread panicked".into()))?
+}
+
 /// Unmounts and removes a pinned namespace file; fine if already gone.
 pub fn unpin(path: &Path) -> Result<()> {
     match umount2(path, MntFlags::MNT_DETACH) {

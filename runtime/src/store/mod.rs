@@ -7,6 +7,7 @@
 //! leaves either the old or the new state, never a torn one.
 
 mod records;
+mod txn;
 
 use std::path::Path;
 

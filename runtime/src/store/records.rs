@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::Record;
+use crate::process::ProcessIdentity;
 
 /// An ordered key/value pair (labels, annotations) that keeps JSON stable.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -61,6 +62,10 @@ pub struct SandboxRecord {
     pub pod_ips: Vec<String>,
     /// The infra process holding a shared PID namespace (0: none).
     pub infra_pid: i32,
+    /// The same process, identified so a recycled pid is never taken for it.
+    pub infra: ProcessIdentity,
+    /// Why the sandbox is not ready, when berthd found it broken.
+    pub reason: String,
 }
 
 impl Record for SandboxRecord {
@@ -107,6 +112,8 @@ pub struct ContainerRecord {
     pub cgroups_path: String,
     /// The container's init as seen from the host, once started.
     pub pid: i32,
+    /// The container's shim (monitor) process.
+    pub shim: ProcessIdentity,
     /// The CRI `ContainerConfig` as JSON.
     pub config_json: String,
 }

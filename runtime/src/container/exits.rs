@@ -1,0 +1,153 @@
+//! Watching containers exit on their own, so their STOPPED transition (and
+//! event) happens within moments of the exit without anyone polling.
+//!
+//! The shim renames `exit.pb` into its directory when the container exits;
+//! an inotify watch per shim directory sees that rename. A sweep every few
+//! seconds catches what inotify cannot report: a shim that died without an
+//! exit record, or a watch that could not be added. Read paths that notice
+//! a change hand it here (`hint`) instead of writing themselves.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::{AsFd, AsRawFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
+
+use crate::daemon::Daemon;
+use crate::error::{Error, Result};
+use crate::store::{ContainerRecord, ContainerState};
+
+/// How often every created or running container is checked regardless of
+/// inotify.
+const SWEEP_EVERY: Duration = Duration::from_secs(2);
+/// How long a hint waits at most before it is handled.
+const HINT_LATENCY: Duration = Duration::from_millis(100);
+
+pub struct ExitWatcher {
+    inotify: Inotify,
+    watches: Mutex<HashMap<WatchDescriptor, String>>,
+    hints: Mutex<HashSet<String>>,
+}
+
+impl ExitWatcher {
+    pub fn new() -> Result<ExitWatcher> {
+        let inotify = Inotify::init(InitFlags::IN_CLOEXEC | InitFlags::IN_NONBLOCK)
+            .map_err(|e| Error::io("inotify for container exits", e.into()))?;
+        Ok(ExitWatcher {
+            inotify,
+            watches: Mutex::new(HashMap::new()),
+            hints: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// Watches the shim dir of container `id` for its exit record. A
+    /// failure is logged: the sweep still notices the exit, later.
+    pub fn watch(&self, shim_dir: &Path, id: &str) {
+        match self.inotify.add_watch(
+            shim_dir,
+            AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ONLYDIR,
+        ) {
+            Ok(wd) => {
+                self.watches.lock().unwrap().insert(wd, id.to_string());
+            }
+            Err(e) => {
+                tracing::warn!(container_id = id, dir = %shim_dir.display(), error = %e, "cannot watch for the container's exit; the periodic sweep will see it")
+            }
+        }
+    }
+
+    /// A read path saw that container `id` changed; record it soon.
+    pub fn hint(&self, id: &str) {
+        self.hints.lock().unwrap().insert(id.to_string());
+    }
+
+    /// Watches every container that may still exit, records the exits that
+    /// happened while berthd was down, and starts the watcher thread.
+    pub fn start(daemon: &Arc<Daemon>) -> Result<()> {
+        for record in daemon.store.list::<ContainerRecord>()? {
+            if may_exit(&record) {
+                daemon
+                    .exits
+                    .watch(&super::shim_dir(daemon, &record.id), &record.id);
+            }
+        }
+        sweep(daemon);
+        let weak = Arc::downgrade(daemon);
+        std::thread::Builder::new()
+            .name("berth-exits".into())
+            .spawn(move || run(weak))
+            .map_err(|e| Error::io("spawn the exit watcher", e))?;
+        Ok(())
+    }
+}
+
+fn may_exit(record: &ContainerRecord) -> bool {
+    matches!(
+        record.state,
+        ContainerState::Created | ContainerState::Running
+    )
+}
+
+fn observe(daemon: &Daemon, id: &str) {
+    if let Err(e) = super::observe_exit(daemon, id) {
+        tracing::warn!(container_id = id, error = %crate::error::chain(&e), "could not record the container's exit");
+    }
+}
+
+fn sweep(daemon: &Daemon) {
+    match daemon.store.list::<ContainerRecord>() {
+        Ok(records) => {
+            for record in records.iter().filter(|r| may_exit(r)) {
+                observe(daemon, &record.id);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %crate::error::chain(&e), "exit sweep could not list containers")
+        }
+    }
+}
+
+fn run(weak: Weak<Daemon>) {
+    let mut last_sweep = Instant::now();
+    loop {
+        let Some(daemon) = weak.upgrade() else {
+            return;
+        };
+        let exits = &daemon.exits;
+        let mut fds = [libc::pollfd {
+            fd: exits.inotify.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        // SAFETY: one valid pollfd, for the inotify fd the watcher owns.
+        unsafe { libc::poll(fds.as_mut_ptr(), 1, HINT_LATENCY.as_millis() as i32) };
+        let mut changed = Vec::new();
+        if let Ok(events) = exits.inotify.read_events() {
+            let mut watches = exits.watches.lock().unwrap();
+            for event in events {
+                if event.mask.contains(AddWatchFlags::IN_IGNORED) {
+                    // The shim dir is gone (container removed).
+                    watches.remove(&event.wd);
+                    continue;
+                }
+                let is_exit = event
+                    .name
+                    .as_ref()
+                    .is_some_and(|n| n.as_encoded_bytes() == b"exit.pb");
+                if is_exit && let Some(id) = watches.get(&event.wd) {
+                    changed.push(id.clone());
+                }
+            }
+        }
+        changed.extend(exits.hints.lock().unwrap().drain());
+        for id in changed {
+            observe(&daemon, &id);
+        }
+        if last_sweep.elapsed() >= SWEEP_EVERY {
+            sweep(&daemon);
+            last_sweep = Instant::now();
+        }
+    }
+}

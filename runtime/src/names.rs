@@ -1,0 +1,123 @@
+//! Ids and names of sandboxes and containers: new random ids, and the
+//! names kubelet requires to be unique (one sandbox per
+//! namespace/name/uid/attempt, one container per sandbox/name/attempt).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use crate::error::{Error, Result};
+use crate::store::{ContainerRecord, SandboxRecord};
+
+/// A new object id: 32 random bytes in hex, as containerd's.
+pub fn new_id() -> String {
+    let mut bytes = [0u8; 32];
+    // SAFETY: getrandom writes at most bytes.len() bytes into bytes.
+    let n = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    assert_eq!(n as usize, bytes.len(), "getrandom failed");
+    hex::encode(bytes)
+}
+
+pub fn sandbox_key(namespace: &str, name: &str, uid: &str, attempt: u32) -> String {
+    format!("sandbox/{namespace}/{name}/{uid}/{attempt}")
+}
+
+pub fn sandbox_record_key(s: &SandboxRecord) -> String {
+    sandbox_key(&s.namespace, &s.name, &s.uid, s.attempt)
+}
+
+pub fn container_key(sandbox_id: &str, name: &str, attempt: u32) -> String {
+    format!("container/{sandbox_id}/{name}/{attempt}")
+}
+
+/// Names in use, name → owner id.
+#[derive(Default, Clone)]
+pub struct Names {
+    taken: Arc<Mutex<HashMap<String, String>>>,
+}
+
+/// A name held for an object being created; released on drop unless kept.
+pub struct NameReservation {
+    names: Names,
+    key: String,
+    kept: bool,
+}
+
+impl NameReservation {
+    pub fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for NameReservation {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.names.taken.lock().unwrap().remove(&self.key);
+        }
+    }
+}
+
+impl Names {
+    /// The names of the recorded objects.
+    pub fn of_records(sandboxes: &[SandboxRecord], containers: &[ContainerRecord]) -> Names {
+        let names = Names::default();
+        {
+            let mut taken = names.taken.lock().unwrap();
+            for s in sandboxes {
+                taken.insert(sandbox_record_key(s), s.id.clone());
+            }
+            for c in containers {
+                taken.insert(
+                    container_key(&c.sandbox_id, &c.name, c.attempt),
+                    c.id.clone(),
+                );
+            }
+        }
+        names
+    }
+
+    /// Reserves `key` for `id`; AlreadyExists when taken.
+    pub fn reserve(&self, key: &str, id: &str) -> Result<NameReservation> {
+        let mut taken = self.taken.lock().unwrap();
+        if let Some(owner) = taken.get(key) {
+            return Err(Error::AlreadyExists(format!(
+                "name {key} is already in use by {owner}"
+            )));
+        }
+        taken.insert(key.to_string(), id.to_string());
+        Ok(NameReservation {
+            names: self.clone(),
+            key: key.to_string(),
+            kept: false,
+        })
+    }
+
+    /// Frees every name held by `id`.
+    pub fn release(&self, id: &str) {
+        self.taken.lock().unwrap().retain(|_, owner| owner != id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_name_is_held_until_released_or_dropped() {
+        let names = Names::default();
+        let r = names.reserve("k", "a").unwrap();
+        assert!(names.reserve("k", "b").is_err());
+        drop(r);
+        names.reserve("k", "b").unwrap().keep();
+        assert!(names.reserve("k", "c").is_err());
+        names.release("b");
+        assert!(names.reserve("k", "c").is_ok());
+    }
+
+    #[test]
+    fn ids_are_random_hex() {
+        let (a, b) = (new_id(), new_id());
+        assert_eq!(a.len(), 64);
+        assert_ne!(a, b);
+        assert!(a.bytes().all(|c| c.is_ascii_hexdigit()));
+    }
+}
