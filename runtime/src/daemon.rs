@@ -10,7 +10,9 @@ use crate::cgroups::CgroupMode;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::{Event, EventHub};
+use crate::host::{Host, RealHost};
 use crate::image::Images;
+use crate::layout::Layout;
 use crate::locks::{ContainerGuard, ObjectLocks, SandboxGuard, SandboxShared};
 use crate::names::Names;
 use crate::network::{self, Network};
@@ -24,9 +26,12 @@ const POD_CIDR_SETTING: &str = "pod_cidr";
 
 pub struct Daemon {
     pub config: Config,
+    /// Every path of the on-disk layout.
+    pub layout: Layout,
     pub store: Arc<Store>,
     pub images: Images,
-    pub network: Arc<Network>,
+    /// The kernel and process boundary of the lifecycle code.
+    pub host: Arc<dyn Host>,
     pub cgroup_mode: CgroupMode,
     /// Previous CPU samples, for ContainerStats' nanocores.
     pub cpu_samples: crate::container::stats::CpuSamples,
@@ -40,9 +45,6 @@ pub struct Daemon {
     transitions: Mutex<()>,
     /// Containers whose exit is being watched (exit records, dead shims).
     pub exits: crate::container::exits::ExitWatcher,
-    /// The async runtime, for the few async calls (CNI plugins, the
-    /// image store) domain code makes from its blocking threads.
-    pub rt: tokio::runtime::Handle,
 }
 
 /// One readiness condition as `Status` reports it.
@@ -66,26 +68,42 @@ impl Condition {
 }
 
 impl Daemon {
+    /// The daemon on this host. Must be called inside the tokio runtime.
     pub fn open(config: Config) -> Result<Arc<Daemon>> {
-        let store = Arc::new(Store::open(&config.store_path())?);
-        let images = Images::open(&config.root_dir, &config.registry, store.clone())?;
-        let cgroup_mode = CgroupMode::detect(std::path::Path::new("/sys/fs/cgroup"));
-        let names = Names::of_records(
-            &store.list::<SandboxRecord>()?,
-            &store.list::<ContainerRecord>()?,
-        );
+        let cgroup_mode = CgroupMode::detect(std::path::Path::new(crate::cgroups::CGROUP_ROOT));
         if config.cni.write_default_conflist
             && let Some(path) =
                 network::write_default_conflist(&config.cni.conf_dir, &config.cni.default_subnet)?
         {
             tracing::info!(path = %path.display(), "wrote the default CNI network config");
         }
-        let network = Arc::new(Network::new(&config));
+        let host = RealHost {
+            cgroup_mode,
+            network: Arc::new(Network::new(&config)),
+            rt: tokio::runtime::Handle::current(),
+        };
+        Self::with_host(config, cgroup_mode, Arc::new(host))
+    }
+
+    /// The daemon over `host` (a recording fake in unit tests).
+    pub fn with_host(
+        config: Config,
+        cgroup_mode: CgroupMode,
+        host: Arc<dyn Host>,
+    ) -> Result<Arc<Daemon>> {
+        let layout = Layout::new(&config.root_dir, &config.state_dir);
+        let store = Arc::new(Store::open(&layout.store())?);
+        let images = Images::open(&config.root_dir, &config.registry, store.clone())?;
+        let names = Names::of_records(
+            &store.list::<SandboxRecord>()?,
+            &store.list::<ContainerRecord>()?,
+        );
         Ok(Arc::new(Daemon {
             config,
+            layout,
             store,
             images,
-            network,
+            host,
             cgroup_mode,
             cpu_samples: Default::default(),
             names,
@@ -93,7 +111,6 @@ impl Daemon {
             events: EventHub::default(),
             transitions: Mutex::new(()),
             exits: crate::container::exits::ExitWatcher::new()?,
-            rt: tokio::runtime::Handle::current(),
         }))
     }
 

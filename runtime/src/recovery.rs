@@ -38,7 +38,7 @@ pub fn recover(daemon: &Daemon) -> Result<()> {
     discard_unrecorded_sandboxes(daemon)?;
     adopt_identities(daemon)?;
     verify_sandboxes(daemon)?;
-    let tmp = daemon.config.state_dir.join("cni").join("tmp");
+    let tmp = daemon.layout.cni_cache().join("tmp");
     if tmp.exists() {
         logged(
             "remove the CNI temp dir",
@@ -52,9 +52,8 @@ pub fn recover(daemon: &Daemon) -> Result<()> {
 
 /// A shim dir or a rootfs without a record.
 fn discard_unrecorded_containers(daemon: &Daemon) -> Result<()> {
-    let state = &daemon.config.state_dir;
-    let mut ids = entries(&container::shim::shim_dir(state, ""), "");
-    ids.extend(entries(&daemon.config.root_dir.join("containers"), ""));
+    let mut ids = entries(&daemon.layout.shims(), "");
+    ids.extend(entries(&daemon.layout.containers(), ""));
     ids.sort();
     ids.dedup();
     for id in ids {
@@ -73,13 +72,12 @@ fn discard_unrecorded_containers(daemon: &Daemon) -> Result<()> {
 /// A network added, namespaces pinned, a cgroup or an infra process made,
 /// but no record.
 fn discard_unrecorded_sandboxes(daemon: &Daemon) -> Result<()> {
-    let state = &daemon.config.state_dir;
-    for id in entries(&state.join("cni"), ".json") {
+    for id in entries(&daemon.layout.cni_cache(), ".json") {
         if daemon.store.get::<SandboxRecord>(&id)?.is_none() {
             tracing::warn!(pod_id = %id, "releasing the network of an unfinished sandbox");
             // DEL may need a retry (a plugin racing another for a lock).
             for attempt in 1..=5 {
-                match daemon.rt.block_on(daemon.network.teardown(&id)) {
+                match daemon.host.network_teardown(&id) {
                     Ok(()) => break,
                     Err(e) => {
                         tracing::warn!(pod_id = %id, attempt, error = %crate::error::chain(&e), "network teardown failed");
@@ -89,23 +87,23 @@ fn discard_unrecorded_sandboxes(daemon: &Daemon) -> Result<()> {
             }
         }
     }
-    for id in entries(&state.join("sandboxes"), "") {
+    for id in entries(&daemon.layout.sandboxes(), "") {
         if daemon.store.get::<SandboxRecord>(&id)?.is_some() {
             continue;
         }
         tracing::warn!(pod_id = %id, "removing the remains of an unfinished sandbox");
-        let dir = sandbox::sandbox_dir(state, &id);
+        let dir = daemon.layout.sandbox(&id);
         if let Some(infra) = std::fs::read_to_string(dir.join("infra.pid"))
             .ok()
             .and_then(|s| ProcessIdentity::parse_breadcrumb(&s))
         {
-            sandbox::infra::stop(&infra);
+            daemon.host.stop_infra(&infra);
         }
         if let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) {
             logged(
                 "remove the pod cgroup",
                 &id,
-                crate::cgroups::remove_dir(daemon.cgroup_mode, cgroup.trim()),
+                daemon.host.remove_cgroup(cgroup.trim()),
             );
         }
         for kind in [
@@ -116,7 +114,9 @@ fn discard_unrecorded_sandboxes(daemon: &Daemon) -> Result<()> {
             logged(
                 "unpin a namespace",
                 &id,
-                namespaces::unpin(&dir.join("ns").join(kind.name())),
+                daemon
+                    .host
+                    .unpin_namespace(&dir.join("ns").join(kind.name())),
             );
         }
         logged(
@@ -138,7 +138,7 @@ fn adopt_identities(daemon: &Daemon) -> Result<()> {
         {
             continue;
         }
-        let dir = container::shim::shim_dir(&daemon.config.state_dir, &c.id);
+        let dir = daemon.layout.shim(&c.id);
         if let Some(shim) = container::shim::adopt_identity(&dir) {
             tracing::info!(container_id = %c.id, pid = shim.pid, "recorded the shim's identity");
             daemon.store.update::<ContainerRecord>(&c.id, |r| {

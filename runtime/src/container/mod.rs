@@ -13,11 +13,11 @@ use std::time::{Duration, Instant};
 
 use berth_proto::shim::{ExitRecord, ShimConfig, shim_request, shim_response};
 use k8s_cri::v1::ContainerConfig;
-use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use crate::daemon::Daemon;
 use crate::error::{Error, IoContext, Result};
 use crate::events::{Event, EventKind};
+use crate::host::Host;
 use crate::locks::{ContainerGuard, SandboxShared};
 use crate::names;
 use crate::oci;
@@ -29,11 +29,11 @@ use crate::undo::Undo;
 const SHIM_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn container_dir(daemon: &Daemon, id: &str) -> PathBuf {
-    daemon.config.root_dir.join("containers").join(id)
+    daemon.layout.container(id)
 }
 
 fn shim_dir(daemon: &Daemon, id: &str) -> PathBuf {
-    shim::shim_dir(&daemon.config.state_dir, id)
+    daemon.layout.shim(id)
 }
 
 /// The CRI log path: inside the sandbox's log directory, never outside it.
@@ -73,40 +73,6 @@ fn memory_cgroup(daemon: &Daemon, cgroups_path: &str) -> String {
         crate::cgroups::CgroupMode::Legacy => {
             format!("{}/memory/{rel}", crate::cgroups::CGROUP_ROOT)
         }
-    }
-}
-
-fn mount_overlay(lower: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> Result<()> {
-    if lower.is_empty() {
-        return Err(Error::BadImage("image has no layers".into()));
-    }
-    let lowerdir = lower
-        .iter()
-        .map(|p| p.display().to_string())
-        .collect::<Vec<_>>()
-        .join(":");
-    let options = format!(
-        "lowerdir={lowerdir},upperdir={},workdir={}",
-        upper.display(),
-        work.display()
-    );
-    mount(
-        Some("overlay"),
-        target,
-        Some("overlay"),
-        MsFlags::empty(),
-        Some(options.as_str()),
-    )
-    .map_err(|e| Error::Internal(format!("mount overlay rootfs at {}: {e}", target.display())))
-}
-
-fn unmount(target: &Path) -> Result<()> {
-    match umount2(target, MntFlags::MNT_DETACH) {
-        Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
-        Err(e) => Err(Error::Internal(format!(
-            "unmount {}: {e}",
-            target.display()
-        ))),
     }
 }
 
@@ -249,7 +215,7 @@ fn prepare_rootfs(
             remove_dir_all(&dir)
         });
     }
-    mount_overlay(
+    daemon.host.mount_overlay(
         &daemon.images.lower_dirs(image),
         &dir.join("upper"),
         &dir.join("work"),
@@ -257,8 +223,9 @@ fn prepare_rootfs(
     )?;
     {
         let rootfs = rootfs.clone();
+        let host = daemon.host.clone();
         undo.push(format!("unmount {}", rootfs.display()), move || {
-            unmount(&rootfs)
+            host.unmount(&rootfs)
         });
     }
     Ok(rootfs)
@@ -279,7 +246,7 @@ fn write_bundle(
     let ns = sandbox.namespace_options();
     let pid = match ns.pid {
         k8s_cri::v1::NamespaceMode::Node => oci::PidMode::Host,
-        k8s_cri::v1::NamespaceMode::Pod => match sandbox.pid_namespace() {
+        k8s_cri::v1::NamespaceMode::Pod => match sandbox.pid_namespace(daemon.host.as_ref()) {
             Some(path) => oci::PidMode::Pod(path),
             None => {
                 return Err(Error::FailedPrecondition(format!(
@@ -356,15 +323,16 @@ fn launch_shim(
         let sdir = sdir.clone();
         let runtime_root = runtime_root(daemon);
         let id = id.to_string();
+        let host = daemon.host.clone();
         undo.push(format!("shut down the shim of {id}"), move || {
-            discard_shim(&sdir, &runtime_root, &id)
+            discard_shim(host.as_ref(), &sdir, &runtime_root, &id)
         });
     }
-    shim::launch(&sdir, config)
+    daemon.host.launch_shim(&sdir, config)
 }
 
 fn runtime_root(daemon: &Daemon) -> PathBuf {
-    daemon.config.state_dir.join("runtime")
+    daemon.layout.runtime_root()
 }
 
 fn remove_dir_all(path: &Path) -> Result<()> {
@@ -377,16 +345,16 @@ fn remove_dir_all(path: &Path) -> Result<()> {
 
 /// Asks a shim that answers to delete its container and exit; without a
 /// shim, deletes what libcontainer may have left.
-fn discard_shim(sdir: &Path, runtime_root: &Path, id: &str) -> Result<()> {
-    if shim::answers(sdir) {
-        shim::call(
+fn discard_shim(host: &dyn Host, sdir: &Path, runtime_root: &Path, id: &str) -> Result<()> {
+    if host.shim_answers(sdir) {
+        host.call_shim(
             sdir,
             shim_request::Request::Shutdown(Default::default()),
             SHIM_TIMEOUT,
         )?;
     }
     if runtime_root.join(id).exists() {
-        delete_with_helper(runtime_root, id)?;
+        host.delete_container(runtime_root, id)?;
     }
     Ok(())
 }
@@ -439,8 +407,8 @@ fn get(daemon: &Daemon, id: &str) -> Result<ContainerRecord> {
 }
 
 /// Whether the container's shim is alive, by its recorded identity.
-fn shim_alive(record: &ContainerRecord) -> bool {
-    record.shim.is_alive()
+fn shim_alive(daemon: &Daemon, record: &ContainerRecord) -> bool {
+    daemon.host.is_alive(&record.shim)
 }
 
 fn apply_exit(record: &mut ContainerRecord, exit: &ExitRecord) {
@@ -474,7 +442,7 @@ pub fn current(daemon: &Daemon, mut record: ContainerRecord) -> ContainerRecord 
     if let Some(exit) = shim::read_exit(&dir) {
         apply_exit(&mut record, &exit);
         daemon.exits.hint(&record.id);
-    } else if !shim_alive(&record) {
+    } else if !shim_alive(daemon, &record) {
         apply_lost_shim(&mut record);
         daemon.exits.hint(&record.id);
     }
@@ -528,7 +496,7 @@ pub fn observe_exit(daemon: &Daemon, id: &str) -> Result<()> {
             _ => Vec::new(),
         })?;
         tracing::info!(container_id = %id, exit_code = exit.exit_code, reason = %exit.reason, "container exited");
-    } else if !shim_alive(&record) {
+    } else if !shim_alive(daemon, &record) {
         tracing::warn!(container_id = %id, "shim is gone; container state unknown");
         transition(daemon, id, |r| {
             if matches!(r.state, ContainerState::Created | ContainerState::Running) {
@@ -555,12 +523,12 @@ pub fn start(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
         });
     }
     let dir = shim_dir(daemon, &record.id);
-    shim::call(
+    daemon.host.call_shim(
         &dir,
         shim_request::Request::Start(Default::default()),
         SHIM_TIMEOUT,
     )?;
-    let (started_at_ns, pid) = match shim::call(
+    let (started_at_ns, pid) = match daemon.host.call_shim(
         &dir,
         shim_request::Request::State(Default::default()),
         SHIM_TIMEOUT,
@@ -619,13 +587,13 @@ pub fn parse_signal(name: &str) -> Option<i32> {
 }
 
 /// Waits until the shim records the exit, up to `timeout`.
-fn wait_exit(dir: &Path, record: &ContainerRecord, timeout: Duration) -> bool {
+fn wait_exit(daemon: &Daemon, dir: &Path, record: &ContainerRecord, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if shim::read_exit(dir).is_some() {
             return true;
         }
-        if Instant::now() >= deadline || !shim_alive(record) {
+        if Instant::now() >= deadline || !shim_alive(daemon, record) {
             return shim::read_exit(dir).is_some();
         }
         std::thread::sleep(Duration::from_millis(2));
@@ -648,7 +616,10 @@ fn stop_record(daemon: &Daemon, record: ContainerRecord, timeout_secs: i64) -> R
     match record.state {
         ContainerState::Exited => return observe_exit(daemon, &record.id),
         ContainerState::Unknown => {
-            if let Err(e) = delete_with_helper(&runtime_root(daemon), &record.id) {
+            if let Err(e) = daemon
+                .host
+                .delete_container(&runtime_root(daemon), &record.id)
+            {
                 tracing::warn!(container_id = %record.id, error = %crate::error::chain(&e), "could not delete the orphaned container");
             }
             return observe_exit(daemon, &record.id);
@@ -657,14 +628,19 @@ fn stop_record(daemon: &Daemon, record: ContainerRecord, timeout_secs: i64) -> R
     }
     if timeout_secs > 0 {
         let signal = stop_signal(daemon, &record);
-        kill(&dir, &record, signal)?;
-        if wait_exit(&dir, &record, Duration::from_secs(timeout_secs as u64)) {
+        kill(daemon, &dir, &record, signal)?;
+        if wait_exit(
+            daemon,
+            &dir,
+            &record,
+            Duration::from_secs(timeout_secs as u64),
+        ) {
             return observe_exit(daemon, &record.id);
         }
         tracing::info!(container_id = %record.id, "stop timeout passed; killing");
     }
-    kill(&dir, &record, libc::SIGKILL)?;
-    if !wait_exit(&dir, &record, Duration::from_secs(10)) && shim_alive(&record) {
+    kill(daemon, &dir, &record, libc::SIGKILL)?;
+    if !wait_exit(daemon, &dir, &record, Duration::from_secs(10)) && shim_alive(daemon, &record) {
         return Err(Error::Internal(format!(
             "container {} did not exit after SIGKILL",
             record.id
@@ -673,40 +649,16 @@ fn stop_record(daemon: &Daemon, record: ContainerRecord, timeout_secs: i64) -> R
     observe_exit(daemon, &record.id)
 }
 
-fn kill(dir: &Path, record: &ContainerRecord, signal: i32) -> Result<()> {
-    match shim::call(
+fn kill(daemon: &Daemon, dir: &Path, record: &ContainerRecord, signal: i32) -> Result<()> {
+    match daemon.host.call_shim(
         dir,
         shim_request::Request::Kill(berth_proto::shim::KillRequest { signal, all: false }),
         SHIM_TIMEOUT,
     ) {
         Ok(_) => Ok(()),
         // The shim died under us: observe_exit reports it.
-        Err(Error::ShimUnreachable { .. }) if !shim_alive(record) => Ok(()),
+        Err(Error::ShimUnreachable { .. }) if !shim_alive(daemon, record) => Ok(()),
         Err(e) => Err(e),
-    }
-}
-
-/// Deletes a container whose shim is gone through the libcontainer helper.
-fn delete_with_helper(runtime_root: &Path, id: &str) -> Result<()> {
-    let helper = shim::container_helper_binary();
-    let out = std::process::Command::new(&helper)
-        .arg("--root")
-        .arg(runtime_root)
-        .args(["delete", id])
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .output()
-        .map_err(|e| Error::io(format!("run {}", helper.display()), e))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(Error::Internal(format!(
-            "{} delete {id}: {}: {}",
-            helper.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
     }
 }
 
@@ -734,18 +686,20 @@ fn remove_record(daemon: &Daemon, record: ContainerRecord) -> Result<()> {
         stop_record(daemon, record.clone(), 0)?;
     }
     phases.mark("stop");
-    if shim_alive(&record) {
-        shim::call(
+    if shim_alive(daemon, &record) {
+        daemon.host.call_shim(
             &dir,
             shim_request::Request::Shutdown(Default::default()),
             SHIM_TIMEOUT,
         )?;
     } else if runtime_root(daemon).join(&record.id).exists() {
-        delete_with_helper(&runtime_root(daemon), &record.id)?;
+        daemon
+            .host
+            .delete_container(&runtime_root(daemon), &record.id)?;
     }
     phases.mark("shim-shutdown");
     let cdir = container_dir(daemon, &record.id);
-    unmount(&cdir.join("rootfs"))?;
+    daemon.host.unmount(&cdir.join("rootfs"))?;
     remove_dir_all(&cdir)?;
     remove_dir_all(&dir)?;
     phases.mark("rootfs+dirs");
@@ -781,9 +735,14 @@ pub fn remove_all(daemon: &Daemon, sandbox_id: &str) -> Result<()> {
 /// Removes what an unfinished create of `id` left: its shim (asked to
 /// delete the container), the libcontainer state, the rootfs mount, dirs.
 pub fn discard_unrecorded(daemon: &Daemon, id: &str) -> Result<()> {
-    discard_shim(&shim_dir(daemon, id), &runtime_root(daemon), id)?;
+    discard_shim(
+        daemon.host.as_ref(),
+        &shim_dir(daemon, id),
+        &runtime_root(daemon),
+        id,
+    )?;
     let cdir = container_dir(daemon, id);
-    unmount(&cdir.join("rootfs"))?;
+    daemon.host.unmount(&cdir.join("rootfs"))?;
     remove_dir_all(&cdir)?;
     remove_dir_all(&shim_dir(daemon, id))
 }
@@ -808,7 +767,7 @@ pub fn update_resources(
             wanted: "resources are updated only while it runs",
         });
     }
-    resources::apply(daemon.cgroup_mode, &record.cgroups_path, &new)?;
+    daemon.host.apply_resources(&record.cgroups_path, &new)?;
     let mut config: ContainerConfig = serde_json::from_str(&record.config_json)
         .map_err(|e| Error::Store(format!("container {} config: {e}", record.id)))?;
     config.linux.get_or_insert_with(Default::default).resources = Some(new);
@@ -862,7 +821,7 @@ pub fn exec_sync(
     } else {
         Duration::from_secs(24 * 3600)
     };
-    let resp = shim::call(
+    let resp = daemon.host.call_shim(
         &dir,
         shim_request::Request::ExecSync(berth_proto::shim::ExecSyncRequest {
             args: cmd,
@@ -891,7 +850,7 @@ pub fn reopen_log(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
     if record.state != ContainerState::Running {
         return Err(not_running(&record));
     }
-    shim::call(
+    daemon.host.call_shim(
         &shim_dir(daemon, &record.id),
         shim_request::Request::ReopenLog(Default::default()),
         SHIM_TIMEOUT,

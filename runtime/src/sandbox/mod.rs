@@ -20,11 +20,6 @@ use crate::store::{KeyValue, SandboxRecord, SandboxState};
 use crate::undo::Undo;
 use namespaces::{Kind, NamespaceSetup};
 
-/// Where a sandbox keeps its files and pinned namespaces.
-pub fn sandbox_dir(state_dir: &Path, id: &str) -> PathBuf {
-    state_dir.join("sandboxes").join(id)
-}
-
 /// What a container of this sandbox joins and mounts.
 #[derive(Debug, Clone)]
 pub struct SandboxContext {
@@ -46,10 +41,8 @@ impl SandboxContext {
 
     /// The pod's shared PID namespace, when it has one and its infra
     /// process lives.
-    pub fn pid_namespace(&self) -> Option<PathBuf> {
-        self.record
-            .infra
-            .is_alive()
+    pub fn pid_namespace(&self, host: &dyn crate::host::Host) -> Option<PathBuf> {
+        host.is_alive(&self.record.infra)
             .then(|| PathBuf::from(format!("/proc/{}/ns/pid", self.record.infra.pid)))
     }
 
@@ -212,7 +205,7 @@ pub fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &str) -> 
     )?;
     tracing::Span::current().record("pod_id", id.as_str());
 
-    let dir = sandbox_dir(&daemon.config.state_dir, &id);
+    let dir = daemon.layout.sandbox(&id);
     let mut phases = crate::timing::Phases::start("RunPodSandbox");
     let mut undo = Undo::new(format!("pod sandbox {id}"));
     let result = (|| {
@@ -222,7 +215,7 @@ pub fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &str) -> 
         } else {
             String::new()
         };
-        pin_namespaces(&dir, &request, &hostname, &mut undo)?;
+        pin_namespaces(daemon, &dir, &request, &hostname, &mut undo)?;
         phases.mark("namespaces");
         let pod_ips = if request.own_net {
             add_network(daemon, &id, &dir, &config, &mut undo)?
@@ -299,7 +292,13 @@ fn make_dir(dir: &Path, undo: &mut Undo) -> Result<()> {
     Ok(())
 }
 
-fn pin_namespaces(dir: &Path, request: &RunRequest, hostname: &str, undo: &mut Undo) -> Result<()> {
+fn pin_namespaces(
+    daemon: &Daemon,
+    dir: &Path,
+    request: &RunRequest,
+    hostname: &str,
+    undo: &mut Undo,
+) -> Result<()> {
     let mut kinds = Vec::new();
     if request.own_net {
         kinds.push(Kind::Net);
@@ -310,7 +309,7 @@ fn pin_namespaces(dir: &Path, request: &RunRequest, hostname: &str, undo: &mut U
     }
     // Each pin is undone even if a later one fails: create() unpins what it
     // pinned before failing.
-    let pinned = namespaces::create(
+    let pinned = daemon.host.pin_namespaces(
         &dir.join("ns"),
         NamespaceSetup {
             kinds,
@@ -319,8 +318,9 @@ fn pin_namespaces(dir: &Path, request: &RunRequest, hostname: &str, undo: &mut U
         },
     )?;
     for (_, path) in pinned {
+        let host = daemon.host.clone();
         undo.push(format!("unpin {}", path.display()), move || {
-            namespaces::unpin(&path)
+            host.unpin_namespace(&path)
         });
     }
     Ok(())
@@ -336,18 +336,15 @@ fn add_network(
     // Registered first: a failed ADD may have made part of the network, and
     // teardown is a no-op without the cache ADD writes before it starts.
     {
-        let rt = daemon.rt.clone();
-        let network = daemon.network.clone();
+        let host = daemon.host.clone();
         let id = id.to_string();
         undo.push(format!("tear down the network of {id}"), move || {
-            rt.block_on(network.teardown(&id))
+            host.network_teardown(&id)
         });
     }
-    daemon.rt.block_on(
-        daemon
-            .network
-            .setup(id, &dir.join("ns").join("net"), config),
-    )
+    daemon
+        .host
+        .network_setup(id, &dir.join("ns").join("net"), config)
 }
 
 /// The hostname, hosts and resolv.conf files the containers bind-mount, and
@@ -401,12 +398,12 @@ fn make_cgroup(
     let breadcrumb = dir.join("cgroup");
     std::fs::write(&breadcrumb, &cgroup_parent)
         .context(|| format!("write {}", breadcrumb.display()))?;
-    let created = crate::cgroups::create_dir(daemon.cgroup_mode, &cgroup_parent)?;
+    let created = daemon.host.create_cgroup(&cgroup_parent)?;
     if created {
-        let mode = daemon.cgroup_mode;
+        let host = daemon.host.clone();
         let path = cgroup_parent.clone();
         undo.push(format!("remove cgroup {path}"), move || {
-            crate::cgroups::remove_dir(mode, &path)
+            host.remove_cgroup(&path)
         });
     } else {
         // Not ours (kubelet made it): recovery must leave it alone.
@@ -422,20 +419,20 @@ fn start_infra(
     cgroup_parent: &str,
     undo: &mut Undo,
 ) -> Result<ProcessIdentity> {
-    let infra = infra::start(
-        &crate::container::shim::shim_binary(),
-        &dir.join("infra.log"),
-    )?;
-    undo.push(format!("stop infra process {}", infra.pid), move || {
-        infra::stop(&infra);
-        Ok(())
-    });
+    let infra = daemon.host.start_infra(&dir.join("infra.log"))?;
+    {
+        let host = daemon.host.clone();
+        undo.push(format!("stop infra process {}", infra.pid), move || {
+            host.stop_infra(&infra);
+            Ok(())
+        });
+    }
     // For start-up recovery, should berthd die before the record.
     let breadcrumb = dir.join("infra.pid");
     std::fs::write(&breadcrumb, infra.to_breadcrumb())
         .context(|| format!("write {}", breadcrumb.display()))?;
     // Inside the pod's cgroup, so pod limits apply to it too.
-    crate::cgroups::add_process(daemon.cgroup_mode, cgroup_parent, infra.pid)?;
+    daemon.host.add_to_cgroup(cgroup_parent, infra.pid)?;
     Ok(infra)
 }
 
@@ -499,7 +496,7 @@ pub fn context(daemon: &Daemon, record: SandboxRecord) -> Result<SandboxContext>
     let config: PodSandboxConfig = serde_json::from_str(&record.config_json)
         .map_err(|e| Error::Store(format!("sandbox {} config: {e}", record.id)))?;
     Ok(SandboxContext {
-        dir: sandbox_dir(&daemon.config.state_dir, &record.id),
+        dir: daemon.layout.sandbox(&record.id),
         record,
         config,
     })
@@ -518,15 +515,15 @@ pub fn broken(daemon: &Daemon, ctx: &SandboxContext) -> Option<String> {
     }
     for kind in kinds {
         let path = ctx.dir.join("ns").join(kind.name());
-        if !namespaces::is_pinned(&path) {
+        if !daemon.host.is_pinned(&path) {
             return Some(format!("the pod's {} namespace is gone", kind.name()));
         }
     }
-    if ns.pid == NamespaceMode::Pod && !ctx.record.infra.is_alive() {
+    if ns.pid == NamespaceMode::Pod && !daemon.host.is_alive(&ctx.record.infra) {
         return Some("the infra process holding the pod's PID namespace is gone".into());
     }
     if ns.network != NamespaceMode::Node {
-        return daemon.network.check(
+        return daemon.host.network_check(
             &ctx.record.id,
             &ctx.dir.join("ns").join("net"),
             &ctx.record.pod_ips,
@@ -567,9 +564,9 @@ pub fn stop(daemon: &Daemon, pod: &SandboxGuard) -> Result<()> {
     tracing::Span::current().record("pod_id", record.id.as_str());
     crate::container::stop_all(daemon, &record.id)?;
     mark_not_ready(daemon, &record.id, "")?;
-    daemon.rt.block_on(daemon.network.teardown(&record.id))?;
+    daemon.host.network_teardown(&record.id)?;
     if record.infra.pid > 0 {
-        infra::stop(&record.infra);
+        daemon.host.stop_infra(&record.infra);
     }
     tracing::info!(pod_id = %record.id, "sandbox stopped");
     Ok(())
@@ -584,16 +581,18 @@ pub fn remove(daemon: &Daemon, pod: &SandboxGuard) -> Result<()> {
     tracing::Span::current().record("pod_id", record.id.as_str());
     crate::container::remove_all(daemon, &record.id)?;
     mark_not_ready(daemon, &record.id, "")?;
-    daemon.rt.block_on(daemon.network.teardown(&record.id))?;
+    daemon.host.network_teardown(&record.id)?;
     if record.infra.pid > 0 {
-        infra::stop(&record.infra);
+        daemon.host.stop_infra(&record.infra);
     }
-    let dir = sandbox_dir(&daemon.config.state_dir, &record.id);
+    let dir = daemon.layout.sandbox(&record.id);
     for kind in [Kind::Net, Kind::Ipc, Kind::Uts] {
-        namespaces::unpin(&dir.join("ns").join(kind.name()))?;
+        daemon
+            .host
+            .unpin_namespace(&dir.join("ns").join(kind.name()))?;
     }
     if record.created_cgroup {
-        crate::cgroups::remove_dir(daemon.cgroup_mode, &record.cgroup_parent)?;
+        daemon.host.remove_cgroup(&record.cgroup_parent)?;
     }
     remove_dir_all(&dir)?;
     daemon.publish_with(|| {

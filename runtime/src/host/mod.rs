@@ -1,0 +1,227 @@
+//! The kernel and process boundary of the lifecycle code: mounts, pinned
+//! namespaces, cgroups, the infra process, shims, the libcontainer helper
+//! and CNI. Sandbox and container lifecycles (and their undo paths) call
+//! only this trait, so they run against [`RealHost`] in berthd and against
+//! the recording fake in unit tests, without root.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use berth_proto::shim::{ShimConfig, shim_request, shim_response};
+use k8s_cri::v1::{LinuxContainerResources, PodSandboxConfig};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+use crate::cgroups::CgroupMode;
+use crate::container::shim;
+use crate::error::{Error, Result};
+use crate::network::Network;
+use crate::process::ProcessIdentity;
+use crate::sandbox::namespaces::{self, Kind, NamespaceSetup};
+
+pub trait Host: Send + Sync + 'static {
+    fn mount_overlay(
+        &self,
+        lower: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> Result<()>;
+    /// Unmounts `target`; fine if nothing is mounted there.
+    fn unmount(&self, target: &Path) -> Result<()>;
+
+    /// Creates the pod's namespaces and pins them under `dir`; on error
+    /// nothing stays pinned.
+    fn pin_namespaces(&self, dir: &Path, setup: NamespaceSetup) -> Result<Vec<(Kind, PathBuf)>>;
+    /// Unpins a namespace; fine if it is not pinned.
+    fn unpin_namespace(&self, path: &Path) -> Result<()>;
+    fn is_pinned(&self, path: &Path) -> bool;
+
+    /// Creates cgroup `path`; whether it did not exist before.
+    fn create_cgroup(&self, path: &str) -> Result<bool>;
+    fn remove_cgroup(&self, path: &str) -> Result<()>;
+    fn add_to_cgroup(&self, path: &str, pid: i32) -> Result<()>;
+    fn apply_resources(&self, path: &str, resources: &LinuxContainerResources) -> Result<()>;
+
+    fn start_infra(&self, log: &Path) -> Result<ProcessIdentity>;
+    /// Kills the infra process if it is still the one identified.
+    fn stop_infra(&self, infra: &ProcessIdentity);
+    fn is_alive(&self, process: &ProcessIdentity) -> bool;
+
+    /// Starts a shim in `dir`; returns its monitor's identity.
+    fn launch_shim(&self, dir: &Path, config: &ShimConfig) -> Result<ProcessIdentity>;
+    fn call_shim(
+        &self,
+        dir: &Path,
+        request: shim_request::Request,
+        timeout: Duration,
+    ) -> Result<shim_response::Response>;
+    /// Whether a shim answers in `dir` (for remains without a record).
+    fn shim_answers(&self, dir: &Path) -> bool;
+    /// Deletes what libcontainer keeps of container `id` under `root`.
+    fn delete_container(&self, root: &Path, id: &str) -> Result<()>;
+
+    fn network_setup(
+        &self,
+        sandbox_id: &str,
+        netns: &Path,
+        config: &PodSandboxConfig,
+    ) -> Result<Vec<String>>;
+    /// Idempotent: without a cached ADD it does nothing.
+    fn network_teardown(&self, sandbox_id: &str) -> Result<()>;
+    /// What is wrong with a ready pod's network, if anything.
+    fn network_check(&self, sandbox_id: &str, netns: &Path, pod_ips: &[String]) -> Option<String>;
+}
+
+/// The host berthd runs on.
+pub struct RealHost {
+    pub cgroup_mode: CgroupMode,
+    pub network: Arc<Network>,
+    /// For the CNI calls, which are async, made from blocking threads.
+    pub rt: tokio::runtime::Handle,
+}
+
+impl Host for RealHost {
+    fn mount_overlay(
+        &self,
+        lower: &[PathBuf],
+        upper: &Path,
+        work: &Path,
+        target: &Path,
+    ) -> Result<()> {
+        if lower.is_empty() {
+            return Err(Error::BadImage("image has no layers".into()));
+        }
+        let lowerdir = lower
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect::<Vec<_>>()
+            .join(":");
+        let options = format!(
+            "lowerdir={lowerdir},upperdir={},workdir={}",
+            upper.display(),
+            work.display()
+        );
+        mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(options.as_str()),
+        )
+        .map_err(|e| {
+            Error::io(
+                format!("mount overlay rootfs at {}", target.display()),
+                e.into(),
+            )
+        })
+    }
+
+    fn unmount(&self, target: &Path) -> Result<()> {
+        match umount2(target, MntFlags::MNT_DETACH) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+            Err(e) => Err(Error::io(format!("unmount {}", target.display()), e.into())),
+        }
+    }
+
+    fn pin_namespaces(&self, dir: &Path, setup: NamespaceSetup) -> Result<Vec<(Kind, PathBuf)>> {
+        namespaces::create(dir, setup)
+    }
+
+    fn unpin_namespace(&self, path: &Path) -> Result<()> {
+        namespaces::unpin(path)
+    }
+
+    fn is_pinned(&self, path: &Path) -> bool {
+        namespaces::is_pinned(path)
+    }
+
+    fn create_cgroup(&self, path: &str) -> Result<bool> {
+        crate::cgroups::create_dir(self.cgroup_mode, path)
+    }
+
+    fn remove_cgroup(&self, path: &str) -> Result<()> {
+        crate::cgroups::remove_dir(self.cgroup_mode, path)
+    }
+
+    fn add_to_cgroup(&self, path: &str, pid: i32) -> Result<()> {
+        crate::cgroups::add_process(self.cgroup_mode, path, pid)
+    }
+
+    fn apply_resources(&self, path: &str, resources: &LinuxContainerResources) -> Result<()> {
+        crate::container::resources::apply(self.cgroup_mode, path, resources)
+    }
+
+    fn start_infra(&self, log: &Path) -> Result<ProcessIdentity> {
+        crate::sandbox::infra::start(&shim::shim_binary(), log)
+    }
+
+    fn stop_infra(&self, infra: &ProcessIdentity) {
+        crate::sandbox::infra::stop(infra)
+    }
+
+    fn is_alive(&self, process: &ProcessIdentity) -> bool {
+        process.is_alive()
+    }
+
+    fn launch_shim(&self, dir: &Path, config: &ShimConfig) -> Result<ProcessIdentity> {
+        shim::launch(dir, config)
+    }
+
+    fn call_shim(
+        &self,
+        dir: &Path,
+        request: shim_request::Request,
+        timeout: Duration,
+    ) -> Result<shim_response::Response> {
+        shim::call(dir, request, timeout)
+    }
+
+    fn shim_answers(&self, dir: &Path) -> bool {
+        shim::answers(dir)
+    }
+
+    fn delete_container(&self, root: &Path, id: &str) -> Result<()> {
+        let helper = shim::container_helper_binary();
+        let out = std::process::Command::new(&helper)
+            .arg("--root")
+            .arg(root)
+            .args(["delete", id])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .map_err(|e| Error::io(format!("run {}", helper.display()), e))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(Error::Internal(format!(
+                "{} delete {id}: {}: {}",
+                helper.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+
+    fn network_setup(
+        &self,
+        sandbox_id: &str,
+        netns: &Path,
+        config: &PodSandboxConfig,
+    ) -> Result<Vec<String>> {
+        self.rt
+            .block_on(self.network.setup(sandbox_id, netns, config))
+    }
+
+    fn network_teardown(&self, sandbox_id: &str) -> Result<()> {
+        self.rt.block_on(self.network.teardown(sandbox_id))
+    }
+
+    fn network_check(&self, sandbox_id: &str, netns: &Path, pod_ips: &[String]) -> Option<String> {
+        self.network.check(sandbox_id, netns, pod_ips)
+    }
+}
+
+#[cfg(test)]
+pub mod fake;
