@@ -54,6 +54,9 @@ pub enum Error {
 
     #[error("{0}")]
     Internal(String),
+
+    #[error(transparent)]
+    Process(#[from] crate::process::ProcessError),
 }
 
 impl Error {

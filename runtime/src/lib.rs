@@ -11,6 +11,7 @@ pub mod image;
 pub mod logging;
 pub mod network;
 pub mod oci;
+pub mod process;
 pub mod recovery;
 pub mod sandbox;
 pub mod server;

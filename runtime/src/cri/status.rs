@@ -20,6 +20,7 @@ impl From<Error> for Status {
             Error::Store(_)
             | Error::Io { .. }
             | Error::Internal(_)
+            | Error::Process(_)
             | Error::AlreadyRunning { .. } => Code::Internal,
         };
         if code == Code::Internal {
