@@ -17,7 +17,17 @@ impl From<Error> for Status {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
+            // A full disk, not a bug.
+            Error::NoSpace { .. } => Code::ResourceExhausted,
+            // The store has reopened its file after the I/O error, so a retry
+            // may succeed: transient, not a bug.
+            Error::StoreDb {
+                source: redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed,
+                ..
+            } => Code::Unavailable,
             Error::Store(_)
+            | Error::StoreDb { .. }
+            | Error::StoreRecord { .. }
             | Error::Io { .. }
             | Error::Internal(_)
             | Error::Process(_)
@@ -27,5 +37,29 @@ impl From<Error> for Status {
             tracing::error!(error = %err, "request failed");
         }
         Status::new(code, err.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_errors_map_by_cause() {
+        let no_space = Error::NoSpace {
+            what: "metadata store: no space left on device for put sandboxes a".into(),
+            source: std::io::Error::from_raw_os_error(libc::ENOSPC),
+        };
+        assert_eq!(Status::from(no_space).code(), Code::ResourceExhausted);
+        let io = Error::StoreDb {
+            op: "get sandboxes a".into(),
+            source: redb::Error::PreviousIo,
+        };
+        assert_eq!(Status::from(io).code(), Code::Unavailable);
+        let corrupt = Error::StoreDb {
+            op: "get sandboxes a".into(),
+            source: redb::Error::Corrupted("bad page".into()),
+        };
+        assert_eq!(Status::from(corrupt).code(), Code::Internal);
     }
 }
