@@ -17,7 +17,8 @@ impl From<Error> for Status {
             Error::Unauthenticated(_) => Code::Unauthenticated,
             Error::Unavailable(_) => Code::Unavailable,
             Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
-            // A full disk, not a bug.
+            // A full disk, not a bug: removals, which free space, still work
+            // (the store keeps a reserve for its deletes).
             Error::NoSpace { .. } => Code::ResourceExhausted,
             // The store has reopened its file after the I/O error, so a retry
             // may succeed: transient, not a bug.

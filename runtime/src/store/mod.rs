@@ -11,12 +11,27 @@
 //! The store reopens it right after such an error: the failing call returns
 //! the error, the next one runs against the reopened file (which holds the
 //! last commit).
+//!
+//! Space: a delete is a copy-on-write commit too and writes new pages, so on a
+//! full filesystem it fails like any write (measured on tmpfs: after a put
+//! failed with ENOSPC and the file was reopened, the next delete also failed
+//! with ENOSPC in 11 of 12 layouts) and nothing could be removed to free
+//! space. Preallocating inside meta.redb does not help: redb grows its file
+//! sparsely, doubling it, and its free pages may lie in the holes. So the
+//! store keeps a reserve file of `RESERVE_BYTES` next to meta.redb. A delete
+//! that fails for space releases the reserve and is retried once; writes that
+//! may grow the store (put, insert, update, setting) are refused with
+//! `Error::NoSpace` until the reserve can be allocated again, so they do not
+//! eat what was released for deletes. The released space is free for any
+//! process: one writing non-stop in the same filesystem can take it first.
 
 mod records;
 
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -58,6 +73,10 @@ const SETTINGS: TableDefinition<&str, &str> = TableDefinition::new("settings");
 /// The setting `is_writable` writes to find out whether writes work again.
 const WRITE_PROBE_SETTING: &str = "berth.write_probe";
 
+/// The size of the reserve file released for deletes when the filesystem is
+/// full. A delete writes a few pages per tree level: room for dozens.
+pub const RESERVE_BYTES: u64 = 1 << 20;
+
 pub struct Store {
     path: PathBuf,
     /// None after a reopen failed; the next call tries again.
@@ -67,13 +86,17 @@ pub struct Store {
     generation: AtomicU64,
     /// Whether the last write committed.
     writable: AtomicBool,
+    reserve: Reserve,
 }
 
-/// Whether a call writes.
+/// Which writes a call makes, for the space check.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Access {
     Read,
-    Write,
+    /// Frees space (delete): runs even without the reserve.
+    Shrink,
+    /// May grow the file: refused while the reserve cannot be allocated.
+    Grow,
 }
 
 /// How a closure run against the database failed: in redb (which may call
@@ -146,12 +169,21 @@ impl Store {
                 .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         }
         let db = open_db(path)?;
+        let mut reserve_path = path.as_os_str().to_owned();
+        reserve_path.push(".reserve");
         let store = Store {
             path: path.to_path_buf(),
             db: RwLock::new(Some(db)),
             generation: AtomicU64::new(0),
             writable: AtomicBool::new(true),
+            reserve: Reserve {
+                path: reserve_path.into(),
+                held: Mutex::new(false),
+            },
         };
+        if let Err(e) = store.reserve.ensure() {
+            tracing::warn!(path = %store.reserve.path.display(), error = %e, "metadata store: cannot allocate the reserve file");
+        }
         store.create_tables()?;
         Ok(store)
     }
@@ -186,7 +218,7 @@ impl Store {
             return Ok(());
         }
         self.run(
-            Access::Write,
+            Access::Grow,
             || "create tables".into(),
             |db| {
                 let txn = db.begin_write()?;
@@ -208,6 +240,22 @@ impl Store {
         op: impl FnOnce() -> String,
         f: impl FnOnce(&redb::Database) -> Result<T, Failure>,
     ) -> Result<T> {
+        if access == Access::Grow
+            && let Err(source) = self.reserve.ensure()
+        {
+            self.writable.store(false, Ordering::SeqCst);
+            return Err(if is_no_space(&source) {
+                Error::NoSpace {
+                    what: format!("metadata store: no space left on device for {}", op()),
+                    source,
+                }
+            } else {
+                Error::io(
+                    format!("metadata store: allocate {}", self.reserve.path.display()),
+                    source,
+                )
+            });
+        }
         let (generation, result) = {
             let (guard, generation) = self.handle()?;
             let db = guard.as_ref().expect("handle() returns an open database");
@@ -266,10 +314,32 @@ impl Store {
         Ok(())
     }
 
-    /// Whether writes work: the last write committed or, after a failed
-    /// one, a probe write commits now. For `Status` (RuntimeReady).
+    /// Whether writes work: the filesystem has room to grow the store, and
+    /// the last write committed or, after a failed one, a probe write commits
+    /// now. For `Status` (RuntimeReady). The room check is there because a
+    /// small probe can commit into free pages of the file while a put that
+    /// needs the file to grow still fails.
     pub fn is_writable(&self) -> bool {
-        self.writable.load(Ordering::SeqCst) || self.set_setting(WRITE_PROBE_SETTING, "ok").is_ok()
+        self.has_room()
+            && (self.writable.load(Ordering::SeqCst)
+                || self.set_setting(WRITE_PROBE_SETTING, "ok").is_ok())
+    }
+
+    fn has_room(&self) -> bool {
+        let dir = self.path.parent().unwrap_or(Path::new("."));
+        match nix::sys::statvfs::statvfs(dir) {
+            Ok(fs) => {
+                // Root may also use the blocks kept for it (ext4's 5 %).
+                let blocks = if nix::unistd::geteuid().is_root() {
+                    fs.blocks_free()
+                } else {
+                    fs.blocks_available()
+                };
+                blocks as u64 * fs.fragment_size() >= RESERVE_BYTES
+            }
+            // Unknown: let the writes tell.
+            Err(_) => true,
+        }
     }
 
     /// Inserts or replaces a record; durable when this returns.
@@ -277,7 +347,7 @@ impl Store {
         let key = record.key();
         let bytes = encode(record)?;
         self.run(
-            Access::Write,
+            Access::Grow,
             || format!("put {} {key}", R::TABLE),
             |db| {
                 let txn = db.begin_write()?;
@@ -294,7 +364,7 @@ impl Store {
         let key = record.key();
         let bytes = encode(record)?;
         self.run(
-            Access::Write,
+            Access::Grow,
             || format!("insert {} {key}", R::TABLE),
             |db| {
                 let txn = db.begin_write()?;
@@ -321,7 +391,7 @@ impl Store {
     /// written.
     pub fn update<R: Record>(&self, key: &str, f: impl FnOnce(&mut R) -> Result<()>) -> Result<R> {
         self.run(
-            Access::Write,
+            Access::Grow,
             || format!("update {} {key}", R::TABLE),
             |db| {
                 let txn = db.begin_write()?;
@@ -365,18 +435,32 @@ impl Store {
         )
     }
 
-    /// Removes a record; returns whether it existed.
+    /// Removes a record; returns whether it existed. Works while the
+    /// filesystem is full, as long as the reserve lasts (see the module doc).
     pub fn delete<R: Record>(&self, key: &str) -> Result<bool> {
-        self.run(
-            Access::Write,
-            || format!("delete {} {key}", R::TABLE),
-            |db| {
-                let txn = db.begin_write()?;
-                let existed = txn.open_table(table::<R>())?.remove(key)?.is_some();
-                txn.commit()?;
-                Ok(existed)
-            },
-        )
+        let attempt = || {
+            self.run(
+                Access::Shrink,
+                || format!("delete {} {key}", R::TABLE),
+                |db| {
+                    let txn = db.begin_write()?;
+                    let existed = txn.open_table(table::<R>())?.remove(key)?.is_some();
+                    txn.commit()?;
+                    Ok(existed)
+                },
+            )
+        };
+        match attempt() {
+            // run() has reopened the database; the retry commits into the
+            // space the reserve held.
+            Err(Error::NoSpace { .. }) if self.reserve.release() => {
+                tracing::warn!(
+                    "metadata store: filesystem full, released the reserve for a delete"
+                );
+                attempt()
+            }
+            result => result,
+        }
     }
 
     pub fn list<R: Record>(&self) -> Result<Vec<R>> {
@@ -398,7 +482,7 @@ impl Store {
 
     pub fn set_setting(&self, key: &str, value: &str) -> Result<()> {
         self.run(
-            Access::Write,
+            Access::Grow,
             || format!("set setting {key}"),
             |db| {
                 let txn = db.begin_write()?;
@@ -421,6 +505,76 @@ impl Store {
             },
         )
     }
+}
+
+/// A file holding space for deletes on a full filesystem.
+struct Reserve {
+    path: PathBuf,
+    /// Whether the file holds `RESERVE_BYTES`. Behind a mutex so that
+    /// concurrent calls allocate and release it once.
+    held: Mutex<bool>,
+}
+
+impl Reserve {
+    /// Allocates the reserve unless it is held. On failure nothing of it is
+    /// left behind, so a partial allocation does not eat the space either.
+    fn ensure(&self) -> std::io::Result<()> {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if *held {
+            return Ok(());
+        }
+        let result = allocate(&self.path, RESERVE_BYTES);
+        if result.is_err() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+        *held = result.is_ok();
+        result
+    }
+
+    /// Frees the reserve; returns whether it was held.
+    fn release(&self) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+        if !*held {
+            return false;
+        }
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            tracing::warn!(path = %self.path.display(), error = %e, "metadata store: cannot remove the reserve file");
+            return false;
+        }
+        *held = false;
+        true
+    }
+}
+
+/// Makes `path` a file of `len` allocated bytes (not a sparse one).
+fn allocate(path: &Path, len: u64) -> std::io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    loop {
+        // SAFETY: fallocate on a descriptor we own.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+        if rc == 0 {
+            return file.sync_all();
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            // Filesystems without fallocate: blocks written out hold space too.
+            Some(libc::EOPNOTSUPP) => break,
+            _ => return Err(e),
+        }
+    }
+    let chunk = vec![0xa5u8; 64 * 1024];
+    let mut written = 0;
+    while written < len {
+        let n = chunk.len().min((len - written) as usize);
+        file.write_all_at(&chunk[..n], written)?;
+        written += n as u64;
+    }
+    file.sync_all()
 }
 
 fn encode<R: Record>(record: &R) -> Result<Vec<u8>> {
@@ -581,6 +735,22 @@ mod tests {
         assert_eq!(store.get::<SandboxRecord>("a").unwrap(), Some(sandbox("a")));
         store.insert_new(&sandbox("b")).unwrap();
         assert_eq!(store.list::<SandboxRecord>().unwrap().len(), 2);
+    }
+
+    #[test]
+    fn open_allocates_the_reserve() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("meta.redb")).unwrap();
+        assert!(store.is_writable());
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(dir.path().join("meta.redb.reserve")).unwrap();
+        assert_eq!(meta.len(), RESERVE_BYTES);
+        assert!(meta.blocks() * 512 >= RESERVE_BYTES, "sparse: {meta:?}");
+        assert!(store.reserve.release());
+        assert!(!dir.path().join("meta.redb.reserve").exists());
+        // The next write that may grow the store takes it back.
+        store.put(&sandbox("a")).unwrap();
+        assert!(dir.path().join("meta.redb.reserve").exists());
     }
 
     #[test]
