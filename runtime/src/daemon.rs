@@ -192,9 +192,23 @@ impl Daemon {
         Ok(value)
     }
 
-    /// RuntimeReady and NetworkReady, in that order.
+    /// RuntimeReady and NetworkReady, in that order. The runtime is not
+    /// ready while its store cannot be written (a full disk): nothing could
+    /// be created.
     pub fn conditions(&self) -> Vec<Condition> {
-        let runtime = Condition::ready("RuntimeReady");
+        let runtime = if self.store.is_writable() {
+            Condition::ready("RuntimeReady")
+        } else {
+            Condition {
+                kind: "RuntimeReady",
+                ready: false,
+                reason: "MetadataStoreNotWritable".into(),
+                message: format!(
+                    "the metadata store {} cannot be written (is its disk full?)",
+                    self.layout.store().display()
+                ),
+            }
+        };
         let network = match network::readiness(&self.config.cni.conf_dir, &self.config.cni.bin_dirs)
         {
             Ok(_) => Condition::ready("NetworkReady"),

@@ -13,6 +13,31 @@ pub enum Error {
     #[error("metadata store: {0}")]
     Store(String),
 
+    /// A metadata store operation failed in redb.
+    #[error("metadata store: {op}: {source}")]
+    StoreDb {
+        op: String,
+        #[source]
+        source: redb::Error,
+    },
+
+    /// A stored record that cannot be encoded or decoded.
+    #[error("metadata store: {table} record {key}: {source}")]
+    StoreRecord {
+        table: &'static str,
+        key: String,
+        #[source]
+        source: crate::store::RecordError,
+    },
+
+    /// The filesystem (or quota) has no room for something berthd must write.
+    #[error("{what}: {source}")]
+    NoSpace {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+
     #[error("{context}: {source}")]
     Io {
         context: String,

@@ -44,7 +44,8 @@ cri_service! {
         async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
             let conditions = self
                 .daemon
-                .conditions()
+                .run(|d| Ok(d.conditions()))
+                .await?
                 .into_iter()
                 .map(|c| RuntimeCondition {
                     r#type: c.kind.into(),

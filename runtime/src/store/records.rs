@@ -71,6 +71,7 @@ pub struct SandboxRecord {
 impl Record for SandboxRecord {
     const TABLE: &'static str = "sandboxes";
     const VERSION: u32 = 1;
+    const KIND: &'static str = "pod sandbox";
     fn key(&self) -> &str {
         &self.id
     }
@@ -121,6 +122,7 @@ pub struct ContainerRecord {
 impl Record for ContainerRecord {
     const TABLE: &'static str = "containers";
     const VERSION: u32 = 1;
+    const KIND: &'static str = "container";
     fn key(&self) -> &str {
         &self.id
     }
@@ -150,6 +152,7 @@ pub struct ImageRecord {
 impl Record for ImageRecord {
     const TABLE: &'static str = "images";
     const VERSION: u32 = 1;
+    const KIND: &'static str = "image";
     fn key(&self) -> &str {
         &self.id
     }
