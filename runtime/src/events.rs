@@ -20,7 +20,7 @@ pub const SUBSCRIBER_BUFFER: usize = 1024;
 
 /// Events published before the first subscriber, shortly after start-up
 /// (exits that happened while berthd was down, found by recovery), are
-/// handed to subscribers that connect within this window.
+/// handed to the first subscriber if it connects within this window.
 const STARTUP_REPLAY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,8 +51,8 @@ struct Subscriber {
 struct Inner {
     next_id: u64,
     subscribers: Vec<Subscriber>,
-    /// Start-up events kept for the first subscribers; `None` once the
-    /// replay window has passed.
+    /// Start-up events kept for the first subscriber; `None` once it took
+    /// them or the replay window has passed.
     backlog: Option<Vec<Event>>,
     published: u64,
     dropped_subscribers: u64,
@@ -85,10 +85,8 @@ impl EventHub {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let mut inner = self.inner.lock().unwrap();
         self.expire_backlog(&mut inner);
-        if let Some(backlog) = &inner.backlog {
-            for event in backlog.iter().take(SUBSCRIBER_BUFFER) {
-                let _ = tx.try_send(event.clone());
-            }
+        for event in inner.backlog.take().unwrap_or_default() {
+            let _ = tx.try_send(event);
         }
         let id = inner.next_id;
         inner.next_id += 1;
@@ -207,11 +205,15 @@ mod tests {
     }
 
     #[test]
-    fn start_up_events_reach_the_first_subscribers() {
+    fn start_up_events_reach_the_first_subscriber_only() {
         let hub = EventHub::default();
         hub.publish(event("exited-while-down", EventKind::Stopped));
         let mut first = hub.subscribe("kubelet");
         assert_eq!(first.try_recv().unwrap().id, "exited-while-down");
+        hub.publish(event("later", EventKind::Stopped));
+        let mut second = hub.subscribe("crictl");
+        assert_eq!(first.try_recv().unwrap().id, "later");
+        assert!(second.try_recv().is_err());
     }
 
     #[test]

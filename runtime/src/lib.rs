@@ -23,3 +23,6 @@ pub mod server;
 pub mod store;
 pub mod timing;
 pub mod undo;
+
+#[cfg(test)]
+mod lifecycle_tests;

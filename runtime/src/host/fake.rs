@@ -34,12 +34,21 @@ struct State {
     network_problem: Option<String>,
 }
 
-#[derive(Default)]
 pub struct RecordingHost {
     state: Mutex<State>,
+    /// Where the fake CNI keeps its cache, as the real one does, so
+    /// recovery finds unrecorded networks.
+    cni_cache: PathBuf,
 }
 
 impl RecordingHost {
+    pub fn new(cni_cache: &Path) -> RecordingHost {
+        RecordingHost {
+            state: Mutex::new(State::default()),
+            cni_cache: cni_cache.to_path_buf(),
+        }
+    }
+
     /// Every call so far, in order.
     pub fn calls(&self) -> Vec<String> {
         self.state.lock().unwrap().calls.clone()
@@ -259,6 +268,9 @@ impl Host for RecordingHost {
         _config: &PodSandboxConfig,
     ) -> Result<Vec<String>> {
         self.call("network_setup", sandbox_id)?;
+        std::fs::create_dir_all(&self.cni_cache).map_err(|e| Error::io("fake CNI cache", e))?;
+        std::fs::write(self.cni_cache.join(format!("{sandbox_id}.json")), b"{}")
+            .map_err(|e| Error::io("fake CNI cache", e))?;
         self.state
             .lock()
             .unwrap()
@@ -269,6 +281,7 @@ impl Host for RecordingHost {
 
     fn network_teardown(&self, sandbox_id: &str) -> Result<()> {
         self.call("network_teardown", sandbox_id)?;
+        let _ = std::fs::remove_file(self.cni_cache.join(format!("{sandbox_id}.json")));
         self.state.lock().unwrap().networks.remove(sandbox_id);
         Ok(())
     }

@@ -1,0 +1,468 @@
+//! RunPodSandbox, CreateContainer, removal and recovery driven against the
+//! recording host: no root, every kernel step observed, a failure injected
+//! at every step, and each earlier step checked to be undone in reverse.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use k8s_cri::v1::{
+    ContainerConfig, ContainerMetadata, ImageSpec, PodSandboxConfig, PodSandboxMetadata,
+};
+
+use crate::config::Config;
+use crate::daemon::Daemon;
+use crate::error::Error;
+use crate::events::EventKind;
+use crate::host::fake::RecordingHost;
+use crate::store::{ContainerRecord, ImageRecord, SandboxRecord, SandboxState};
+use crate::{cgroups::CgroupMode, container, recovery, sandbox};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    host: Arc<RecordingHost>,
+    daemon: Arc<Daemon>,
+    rt: tokio::runtime::Runtime,
+}
+
+const IMAGE: &str = "docker.io/library/busybox:latest";
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = Config::default();
+    config.root_dir = dir.path().join("root");
+    config.state_dir = dir.path().join("state");
+    config.cni.write_default_conflist = false;
+    let host = Arc::new(RecordingHost::new(&config.state_dir.join("cni")));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let daemon = Daemon::with_host(config, CgroupMode::Legacy, host.clone()).unwrap();
+    daemon
+        .store
+        .put(&ImageRecord {
+            id: "sha256:0123456789abcdef".into(),
+            repo_tags: vec![IMAGE.into()],
+            chain_ids: vec!["sha256:aaaa".into()],
+            config_json: r#"{"config":{"Cmd":["sh"]}}"#.into(),
+            ..Default::default()
+        })
+        .unwrap();
+    Fixture {
+        _dir: dir,
+        host,
+        daemon,
+        rt,
+    }
+}
+
+fn pod_config(name: &str) -> PodSandboxConfig {
+    PodSandboxConfig {
+        metadata: Some(PodSandboxMetadata {
+            name: name.into(),
+            namespace: "default".into(),
+            uid: format!("uid-{name}"),
+            attempt: 0,
+        }),
+        hostname: name.into(),
+        ..Default::default()
+    }
+}
+
+fn container_config(name: &str) -> ContainerConfig {
+    ContainerConfig {
+        metadata: Some(ContainerMetadata {
+            name: name.into(),
+            attempt: 0,
+        }),
+        image: Some(ImageSpec {
+            image: IMAGE.into(),
+            ..Default::default()
+        }),
+        command: vec!["sleep".into(), "60".into()],
+        ..Default::default()
+    }
+}
+
+/// The operation names of `calls`.
+fn ops(calls: &[String]) -> Vec<&str> {
+    calls
+        .iter()
+        .map(|c| c.split(' ').next().unwrap_or_default())
+        .collect()
+}
+
+/// The calls made after the first call of `op`.
+fn after(calls: &[String], op: &str) -> Vec<String> {
+    let at = calls
+        .iter()
+        .position(|c| c.split(' ').next() == Some(op))
+        .unwrap_or_else(|| panic!("{op} was never called: {calls:?}"));
+    calls[at + 1..].to_vec()
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Fixture {
+    fn run_pod(&self, name: &str) -> crate::error::Result<String> {
+        let mut config = pod_config(name);
+        config.log_directory = self
+            ._dir
+            .path()
+            .join("logs")
+            .join(name)
+            .display()
+            .to_string();
+        sandbox::run(&self.daemon, config, "")
+    }
+
+    fn create(
+        &self,
+        pod: &str,
+        name: &str,
+        config: ContainerConfig,
+    ) -> crate::error::Result<String> {
+        let _ = name;
+        let guard = self.rt.block_on(self.daemon.locks.sandbox_shared(pod));
+        container::create(&self.daemon, &guard, config)
+    }
+
+    fn start(&self, pod: &str, id: &str) {
+        let guard = self.rt.block_on(self.daemon.locks.container(pod, id));
+        container::start(&self.daemon, &guard).unwrap();
+    }
+
+    fn remove_pod(&self, pod: &str) {
+        let guard = self.rt.block_on(self.daemon.locks.sandbox(pod));
+        sandbox::remove(&self.daemon, &guard).unwrap();
+    }
+
+    /// Nothing of any pod or container is left: no simulated process, pin,
+    /// mount, cgroup or network, no dir, no record.
+    fn assert_nothing_left(&self) {
+        assert_eq!(self.host.leftovers(), Vec::<String>::new());
+        let layout = &self.daemon.layout;
+        for dir in [layout.sandboxes(), layout.shims(), layout.containers()] {
+            assert_eq!(entries(&dir), Vec::<String>::new(), "{}", dir.display());
+        }
+        assert_eq!(
+            entries(&layout.cni_cache()),
+            Vec::<String>::new(),
+            "CNI cache"
+        );
+        assert!(
+            self.daemon
+                .store
+                .list::<SandboxRecord>()
+                .unwrap()
+                .is_empty()
+        );
+        assert!(
+            self.daemon
+                .store
+                .list::<ContainerRecord>()
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
+
+#[test]
+fn run_pod_sandbox_makes_every_step_in_order() {
+    let f = fixture();
+    let id = f.run_pod("web").unwrap();
+    assert_eq!(
+        ops(&f.host.calls()),
+        [
+            "pin_namespaces",
+            "network_setup",
+            "create_cgroup",
+            "start_infra",
+            "add_to_cgroup"
+        ]
+    );
+    let record = f.daemon.store.get::<SandboxRecord>(&id).unwrap().unwrap();
+    assert_eq!(record.state, SandboxState::Ready);
+    assert_eq!(record.pod_ips, ["10.88.0.7"]);
+    assert!(f.host.is_alive(&record.infra));
+    let breadcrumb =
+        std::fs::read_to_string(f.daemon.layout.sandbox(&id).join("infra.pid")).unwrap();
+    assert_eq!(
+        crate::process::ProcessIdentity::parse_breadcrumb(&breadcrumb),
+        Some(record.infra)
+    );
+}
+
+use crate::host::Host as _;
+
+#[test]
+fn a_failing_run_pod_sandbox_step_undoes_every_earlier_one_in_reverse() {
+    let cases: [(&str, &[&str]); 5] = [
+        ("pin_namespaces", &[]),
+        (
+            "network_setup",
+            &[
+                "network_teardown",
+                "unpin_namespace",
+                "unpin_namespace",
+                "unpin_namespace",
+            ],
+        ),
+        (
+            "create_cgroup",
+            &[
+                "network_teardown",
+                "unpin_namespace",
+                "unpin_namespace",
+                "unpin_namespace",
+            ],
+        ),
+        (
+            "start_infra",
+            &[
+                "remove_cgroup",
+                "network_teardown",
+                "unpin_namespace",
+                "unpin_namespace",
+                "unpin_namespace",
+            ],
+        ),
+        (
+            "add_to_cgroup",
+            &[
+                "stop_infra",
+                "remove_cgroup",
+                "network_teardown",
+                "unpin_namespace",
+                "unpin_namespace",
+                "unpin_namespace",
+            ],
+        ),
+    ];
+    for (failing, undo) in cases {
+        let f = fixture();
+        f.host.fail_next(failing);
+        let err = f.run_pod("web").unwrap_err();
+        assert!(err.to_string().contains("injected"), "{failing}: {err}");
+        let calls = f.host.calls();
+        assert_eq!(
+            ops(&after(&calls, failing)),
+            undo,
+            "failing {failing}: {calls:?}"
+        );
+        // Pins are undone latest first.
+        let unpins: Vec<String> = calls
+            .iter()
+            .filter(|c| c.starts_with("unpin_namespace"))
+            .cloned()
+            .collect();
+        if !unpins.is_empty() {
+            assert_eq!(
+                unpins,
+                [
+                    "unpin_namespace ipc",
+                    "unpin_namespace uts",
+                    "unpin_namespace net"
+                ]
+            );
+        }
+        f.assert_nothing_left();
+        // The name is free again.
+        f.host.clear_calls();
+        f.run_pod("web").unwrap();
+    }
+}
+
+#[test]
+fn a_failing_create_container_step_undoes_every_earlier_one() {
+    let bad_log = {
+        let mut c = container_config("app");
+        c.log_path = "../escape.log".into();
+        c
+    };
+    let cases: [(&str, Option<ContainerConfig>, &[&str]); 3] = [
+        ("mount_overlay", None, &[]),
+        ("launch_shim", None, &["unmount"]),
+        // A bad request found after the rootfs was mounted.
+        ("mount_overlay", Some(bad_log), &["unmount"]),
+    ];
+    for (step, config, undo) in cases {
+        let f = fixture();
+        let pod = f.run_pod("web").unwrap();
+        f.host.clear_calls();
+        let injected = config.is_none();
+        if injected {
+            f.host.fail_next(step);
+        }
+        let err = f
+            .create(
+                &pod,
+                "app",
+                config.unwrap_or_else(|| container_config("app")),
+            )
+            .unwrap_err();
+        if !injected {
+            assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+        }
+        let calls = f.host.calls();
+        assert_eq!(ops(&after(&calls, step)), undo, "{step}: {calls:?}");
+        let layout = &f.daemon.layout;
+        assert_eq!(entries(&layout.containers()), Vec::<String>::new());
+        assert_eq!(entries(&layout.shims()), Vec::<String>::new());
+        assert!(f.daemon.store.list::<ContainerRecord>().unwrap().is_empty());
+        // The name is free again and the pod still works.
+        f.create(&pod, "app", container_config("app")).unwrap();
+        f.remove_pod(&pod);
+        f.assert_nothing_left();
+    }
+}
+
+#[test]
+fn remove_pod_sandbox_releases_everything_and_publishes_events() {
+    let f = fixture();
+    let mut events = f.daemon.events.subscribe("test");
+    let pod = f.run_pod("web").unwrap();
+    let c = f.create(&pod, "app", container_config("app")).unwrap();
+    f.start(&pod, &c);
+    f.host.clear_calls();
+    f.remove_pod(&pod);
+    let calls = f.host.calls();
+    for op in [
+        "call_shim kill",
+        "call_shim shutdown",
+        "network_teardown",
+        "stop_infra",
+        "remove_cgroup",
+    ] {
+        assert!(calls.iter().any(|c| c.starts_with(op)), "{op}: {calls:?}");
+    }
+    f.assert_nothing_left();
+    let seen: Vec<(String, EventKind)> = std::iter::from_fn(|| events.try_recv().ok())
+        .map(|e| (e.id, e.kind))
+        .collect();
+    let of = |id: &str| -> Vec<EventKind> {
+        seen.iter()
+            .filter(|(i, _)| i == id)
+            .map(|(_, k)| *k)
+            .collect()
+    };
+    use EventKind::*;
+    assert_eq!(of(&c), [Created, Started, Stopped, Deleted]);
+    assert_eq!(of(&pod), [Created, Started, Stopped, Deleted]);
+}
+
+#[test]
+fn a_removed_record_is_never_written_back() {
+    let f = fixture();
+    let pod = f.run_pod("web").unwrap();
+    f.remove_pod(&pod);
+    let err = sandbox::mark_not_ready(&f.daemon, &pod, "late").unwrap_err();
+    assert!(err.to_string().contains("not found"), "{err}");
+    assert!(f.daemon.store.get::<SandboxRecord>(&pod).unwrap().is_none());
+}
+
+#[test]
+fn recovery_discards_what_has_no_record() {
+    let f = fixture();
+    let pod = f.run_pod("web").unwrap();
+    let c = f.create(&pod, "app", container_config("app")).unwrap();
+    // berthd died before either record was committed.
+    f.daemon.store.delete::<ContainerRecord>(&c).unwrap();
+    f.daemon.store.delete::<SandboxRecord>(&pod).unwrap();
+    f.host.clear_calls();
+    recovery::recover(&f.daemon).unwrap();
+    let calls = f.host.calls();
+    for op in [
+        "call_shim shutdown",
+        "unmount",
+        "network_teardown",
+        "stop_infra",
+        "remove_cgroup",
+        "unpin_namespace net",
+    ] {
+        assert!(calls.iter().any(|c| c.starts_with(op)), "{op}: {calls:?}");
+    }
+    f.assert_nothing_left();
+}
+
+#[test]
+fn recovery_marks_a_broken_ready_sandbox_not_ready_with_the_reason() {
+    let f = fixture();
+    let healthy = f.run_pod("healthy").unwrap();
+    let no_network = f.run_pod("no-network").unwrap();
+    let no_infra = f.run_pod("no-infra").unwrap();
+    // The network of one pod vanished (its teardown ran, the record was
+    // never marked), the infra process of another died.
+    f.host.network_teardown(&no_network).unwrap();
+    let infra = f
+        .daemon
+        .store
+        .get::<SandboxRecord>(&no_infra)
+        .unwrap()
+        .unwrap()
+        .infra;
+    f.host.kill(infra.pid);
+    recovery::recover(&f.daemon).unwrap();
+    let state = |id: &str| {
+        let r = f.daemon.store.get::<SandboxRecord>(id).unwrap().unwrap();
+        (r.state, r.reason)
+    };
+    assert_eq!(state(&healthy), (SandboxState::Ready, String::new()));
+    let (s, reason) = state(&no_network);
+    assert_eq!(s, SandboxState::NotReady);
+    assert!(reason.contains("CNI"), "{reason}");
+    let (s, reason) = state(&no_infra);
+    assert_eq!(s, SandboxState::NotReady);
+    assert!(reason.contains("infra"), "{reason}");
+}
+
+#[test]
+fn a_shim_that_dies_makes_the_container_unknown_and_stopped_once() {
+    let f = fixture();
+    let pod = f.run_pod("web").unwrap();
+    let c = f.create(&pod, "app", container_config("app")).unwrap();
+    f.start(&pod, &c);
+    let mut events = f.daemon.events.subscribe("test");
+    // The first subscriber gets what happened before it: skip that.
+    while events.try_recv().is_ok() {}
+    let shim = f
+        .daemon
+        .store
+        .get::<ContainerRecord>(&c)
+        .unwrap()
+        .unwrap()
+        .shim;
+    f.host.kill(shim.pid);
+    // A read computes the state without writing it.
+    let seen = container::current(
+        &f.daemon,
+        f.daemon.store.get::<ContainerRecord>(&c).unwrap().unwrap(),
+    );
+    assert_eq!(seen.state, crate::store::ContainerState::Unknown);
+    assert_eq!(
+        f.daemon
+            .store
+            .get::<ContainerRecord>(&c)
+            .unwrap()
+            .unwrap()
+            .state,
+        crate::store::ContainerState::Running
+    );
+    // The owner records it, once.
+    container::observe_exit(&f.daemon, &c).unwrap();
+    container::observe_exit(&f.daemon, &c).unwrap();
+    let kinds: Vec<EventKind> = std::iter::from_fn(|| events.try_recv().ok())
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, [EventKind::Stopped]);
+    f.remove_pod(&pod);
+    f.assert_nothing_left();
+}
