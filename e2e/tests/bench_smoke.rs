@@ -43,6 +43,8 @@ async fn quick_bench_against_berth_has_every_row() {
         "daemon RSS with 30 pods × 1 container",
         "ListContainers at 30 containers",
         "ListContainerStats at 30 containers",
+        "ContainerStatus p99 while 10 RemovePodSandbox run concurrently",
+        "container exit → STOPPED event",
         "pull+unpack 20 MiB incompressible, 5 layers (cold cache)",
     ];
     let lines: Vec<&str> = table.lines().collect();

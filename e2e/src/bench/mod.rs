@@ -341,6 +341,8 @@ async fn bench_target(
     scenarios::concurrent(t, factory, plan, res).await;
     scenarios::memory(t, factory, plan, res).await;
     scenarios::many(t, factory, plan, res).await;
+    scenarios::status_during_removals(t, factory, plan, res).await;
+    scenarios::exit_to_event(t, factory, plan, res).await;
     scenarios::pull_throughput(t, big, plan, res).await;
     match target::sweep(&mut t.client, &factory.run_id).await {
         Ok((0, 0)) => {}

@@ -61,6 +61,10 @@ pub const RSS_MANY: &str = "daemon_rss_many";
 pub const LIST_CONTAINERS: &str = "list_containers_many";
 pub const LIST_STATS: &str = "list_container_stats_many";
 pub const PULL: &str = "pull_throughput";
+pub const STATUS_DURING_REMOVALS: &str = "container_status_p99_during_removals";
+pub const EXIT_TO_EVENT: &str = "exit_to_stopped_event";
+/// Pods removed at once in the [`STATUS_DURING_REMOVALS`] scenario.
+pub const REMOVALS: usize = 10;
 
 pub fn concurrent_id(pods: usize) -> String {
     format!("concurrent_{pods}")
@@ -109,6 +113,18 @@ pub fn catalogue(plan: &Plan) -> Vec<MetricDef> {
     v.push(def(
         LIST_STATS,
         format!("ListContainerStats at {} containers", plan.many),
+        "ms",
+        Lower,
+    ));
+    v.push(def(
+        STATUS_DURING_REMOVALS,
+        format!("ContainerStatus p99 while {REMOVALS} RemovePodSandbox run concurrently"),
+        "ms",
+        Lower,
+    ));
+    v.push(def(
+        EXIT_TO_EVENT,
+        "container exit → STOPPED event",
         "ms",
         Lower,
     ));
@@ -236,6 +252,15 @@ pub fn summary(values: &[f64]) -> Summary {
         min: v[0],
         mean: v.iter().sum::<f64>() / n as f64,
     }
+}
+
+/// The `p`-quantile (0 < p <= 1) of `values` by nearest rank; `values`
+/// must not be empty.
+pub fn percentile(values: &[f64], p: f64) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    v[rank - 1]
 }
 
 /// What one runtime measured.
@@ -556,6 +581,10 @@ mod tests {
         let s = summary(&v);
         assert_eq!((s.median, s.p90, s.max), (15.5, 27.0, 30.0));
         assert_eq!(summary(&[7.0]).p90, 7.0);
+        let v: Vec<f64> = (1..=200).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.99), 198.0);
+        assert_eq!(percentile(&[5.0, 1.0], 0.99), 5.0);
+        assert_eq!(percentile(&[4.0], 0.5), 4.0);
     }
 
     #[test]

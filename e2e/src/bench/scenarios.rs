@@ -568,3 +568,269 @@ pub async fn version(t: &mut Target) -> Result<String, String> {
         v.runtime_name, v.runtime_version, v.runtime_api_version
     ))
 }
+
+/// ContainerStatus latency on an untouched container while
+/// [`report::REMOVALS`] pods (one running container each) are removed with
+/// RemovePodSandbox all at once: one p99 per run (`plan.concurrent_runs`),
+/// the median over every call in the note.
+pub async fn status_during_removals(
+    t: &mut Target,
+    f: &PodFactory,
+    plan: &Plan,
+    res: &mut RuntimeResult,
+) {
+    let pods = report::REMOVALS + 1;
+    let mut col = Collector::default();
+    let mut all: Vec<f64> = Vec::new();
+    let mut remove_failures = 0usize;
+    let mut first_remove_failure = None;
+    for run in 0..plan.concurrent_runs {
+        progress(
+            t,
+            &format!(
+                "ContainerStatus during {} RemovePodSandbox, run {}/{}",
+                report::REMOVALS,
+                run + 1,
+                plan.concurrent_runs
+            ),
+        );
+        let (ok, failed) = launch_many(t, f, pods, 4, false, "rm").await;
+        if !failed.is_empty() {
+            col.fail(failure_text(&failed, pods));
+            teardown_many(&t.client, cleanup_list(&ok, &failed), 8).await;
+            continue;
+        }
+        let (watched, doomed) = ok.split_last().expect("pods were launched");
+
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let looper = {
+            let stop = stop.clone();
+            let mut c = t.client.clone();
+            let id = watched.container_id.clone();
+            tokio::spawn(async move {
+                let mut lat = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match timed(c.runtime.container_status(ContainerStatusRequest {
+                        container_id: id.clone(),
+                        verbose: false,
+                    }))
+                    .await
+                    {
+                        Ok((_, d)) => lat.push(ms(d)),
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok(lat)
+            })
+        };
+        let mut set = tokio::task::JoinSet::new();
+        for l in doomed {
+            let mut c = t.client.clone();
+            let pod = l.pod_id.clone();
+            set.spawn(async move {
+                call(c.runtime.remove_pod_sandbox(RemovePodSandboxRequest {
+                    pod_sandbox_id: pod.clone(),
+                }))
+                .await
+                .map(|_| ())
+                .map_err(|e| (pod, e))
+            });
+        }
+        let mut left: Vec<(String, Option<String>)> =
+            vec![(watched.pod_id.clone(), Some(watched.container_id.clone()))];
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Ok(())) => {}
+                Ok(Err((pod, e))) => {
+                    remove_failures += 1;
+                    first_remove_failure.get_or_insert(e);
+                    left.push((pod, None));
+                }
+                Err(e) => {
+                    remove_failures += 1;
+                    first_remove_failure.get_or_insert(e.to_string());
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        match looper.await {
+            Ok(Ok(lat)) if !lat.is_empty() => {
+                col.push(report::percentile(&lat, 0.99));
+                all.extend(lat);
+            }
+            Ok(Ok(_)) => col.fail("no ContainerStatus answered while the pods were removed"),
+            Ok(Err(e)) => col.fail(format!("ContainerStatus: {e}")),
+            Err(e) => col.fail(format!("ContainerStatus loop: {e}")),
+        }
+        teardown_many(&t.client, left, 8).await;
+    }
+    let mut notes = Vec::new();
+    if !all.is_empty() {
+        notes.push(format!(
+            "median {} ms, n={}",
+            report::fmt_num(report::summary(&all).median),
+            all.len()
+        ));
+    }
+    if let Some(e) = first_remove_failure {
+        notes.push(format!("{remove_failures} RemovePodSandbox failed: {e}"));
+    }
+    if !notes.is_empty() {
+        col.note(notes.join("; "));
+    }
+    res.set(report::STATUS_DURING_REMOVALS, col.cell("not measured"));
+}
+
+/// How long one container's STOPPED event may take.
+const EVENT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// From StartContainer's answer to the arrival of the STOPPED event of a
+/// container running `sh -c 'exit 0'`, on a GetContainerEvents stream
+/// opened first; n/a when the runtime has no GetContainerEvents.
+pub async fn exit_to_event(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut RuntimeResult) {
+    progress(t, "container exit → STOPPED event");
+    let mut sub = t.client.clone();
+    let stream = match tokio::time::timeout(
+        target::RPC_TIMEOUT,
+        sub.runtime.get_container_events(GetEventsRequest {}),
+    )
+    .await
+    {
+        Ok(Ok(r)) => r.into_inner(),
+        Ok(Err(e)) => {
+            let cell = Cell::na(format!("GetContainerEvents: {}", target::status_text(&e)));
+            res.set(report::EXIT_TO_EVENT, cell);
+            return;
+        }
+        Err(_) => {
+            let cell = Cell::na(format!(
+                "GetContainerEvents: no answer within {:?}",
+                target::RPC_TIMEOUT
+            ));
+            res.set(report::EXIT_TO_EVENT, cell);
+            return;
+        }
+    };
+    // STOPPED events, stamped on arrival.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Result<(String, Instant), String>>();
+    let reader = tokio::spawn(async move {
+        let mut stream = stream;
+        loop {
+            match stream.message().await {
+                Ok(Some(ev)) => {
+                    if ev.container_event_type == ContainerEventType::ContainerStoppedEvent as i32
+                        && tx.send(Ok((ev.container_id, Instant::now()))).is_err()
+                    {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    let _ = tx.send(Err("the event stream ended".into()));
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(format!(
+                        "the event stream failed: {}",
+                        target::status_text(&e)
+                    )));
+                    return;
+                }
+            }
+        }
+    });
+    let config = f.pod("ev");
+    let pod = match call(t.client.runtime.run_pod_sandbox(RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: String::new(),
+    }))
+    .await
+    {
+        Ok(r) => r.pod_sandbox_id,
+        Err(e) => {
+            reader.abort();
+            res.set(
+                report::EXIT_TO_EVENT,
+                Cell::na(format!("RunPodSandbox: {e}")),
+            );
+            return;
+        }
+    };
+    let mut col = Collector::default();
+    for i in 0..plan.warmup + plan.iterations {
+        let rec = i >= plan.warmup;
+        let mut container = f.container();
+        let name = format!("exit-{i}");
+        container.metadata = Some(ContainerMetadata {
+            name: name.clone(),
+            attempt: 0,
+        });
+        container.command = ["/bin/sh", "-c", "exit 0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        container.log_path = format!("{name}.log");
+        let id = match call(t.client.runtime.create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container),
+            sandbox_config: Some(config.clone()),
+        }))
+        .await
+        {
+            Ok(r) => r.container_id,
+            Err(e) => {
+                if rec {
+                    col.fail(format!("CreateContainer: {e}"));
+                }
+                continue;
+            }
+        };
+        let started = call(t.client.runtime.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        }))
+        .await;
+        let t0 = Instant::now();
+        let mut stream_broken = false;
+        match started {
+            Err(e) => {
+                if rec {
+                    col.fail(format!("StartContainer: {e}"));
+                }
+            }
+            Ok(_) => {
+                let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+                let got = loop {
+                    match tokio::time::timeout_at(deadline, rx.recv()).await {
+                        Err(_) => break Err(format!("no STOPPED event within {EVENT_TIMEOUT:?}")),
+                        Ok(None) => {
+                            stream_broken = true;
+                            break Err("the event reader is gone".to_string());
+                        }
+                        Ok(Some(Err(e))) => {
+                            stream_broken = true;
+                            break Err(e);
+                        }
+                        Ok(Some(Ok((cid, at)))) if cid == id => break Ok(at),
+                        Ok(Some(Ok(_))) => {}
+                    }
+                };
+                match got {
+                    // An exit published before StartContainer's answer
+                    // arrived counts as 0.
+                    Ok(at) if rec => col.push(ms(at.saturating_duration_since(t0))),
+                    Ok(_) => {}
+                    Err(e) => col.fail(e),
+                }
+            }
+        }
+        let _ = call(t.client.runtime.remove_container(RemoveContainerRequest {
+            container_id: id.clone(),
+        }))
+        .await;
+        if stream_broken {
+            break;
+        }
+    }
+    reader.abort();
+    teardown(&mut t.client, &pod, None).await;
+    res.set(report::EXIT_TO_EVENT, col.cell("not measured"));
+}
