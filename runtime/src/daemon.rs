@@ -148,10 +148,26 @@ impl Daemon {
         id: &str,
         op: impl FnOnce(&Daemon, &ContainerGuard) -> Result<T> + Send + 'static,
     ) -> Result<T> {
+        self.on_container_if_exists(id, op)
+            .await?
+            .ok_or_else(|| Error::Missing {
+                kind: "container",
+                id: id.to_string(),
+            })
+    }
+
+    /// [`Daemon::on_container`], `None` when no such container exists.
+    pub async fn on_container_if_exists<T: Send + 'static>(
+        self: &Arc<Self>,
+        id: &str,
+        op: impl FnOnce(&Daemon, &ContainerGuard) -> Result<T> + Send + 'static,
+    ) -> Result<Option<T>> {
         let id = id.to_string();
-        let record = self.run(move |d| crate::container::find(d, &id)).await?;
+        let Some(record) = self.run(move |d| crate::container::lookup(d, &id)).await? else {
+            return Ok(None);
+        };
         let guard = self.locks.container(&record.sandbox_id, &record.id).await;
-        self.run(move |d| op(d, &guard)).await
+        self.run(move |d| op(d, &guard)).await.map(Some)
     }
 
     /// Runs `op` in sandbox `id` (full id or unique prefix) while holding

@@ -16,6 +16,7 @@ pub mod logging;
 pub mod names;
 pub mod network;
 pub mod oci;
+pub mod pod;
 pub mod process;
 pub mod recovery;
 pub mod sandbox;

@@ -28,9 +28,11 @@ const IMAGE: &str = "docker.io/library/busybox:latest";
 
 fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = Config::default();
-    config.root_dir = dir.path().join("root");
-    config.state_dir = dir.path().join("state");
+    let mut config = Config {
+        root_dir: dir.path().join("root"),
+        state_dir: dir.path().join("state"),
+        ..Default::default()
+    };
     config.cni.write_default_conflist = false;
     let host = Arc::new(RecordingHost::new(&config.state_dir.join("cni")));
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -142,7 +144,7 @@ impl Fixture {
 
     fn remove_pod(&self, pod: &str) {
         let guard = self.rt.block_on(self.daemon.locks.sandbox(pod));
-        sandbox::remove(&self.daemon, &guard).unwrap();
+        crate::pod::remove(&self.daemon, &guard).unwrap();
     }
 
     /// Nothing of any pod or container is left: no simulated process, pin,

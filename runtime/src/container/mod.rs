@@ -369,30 +369,34 @@ fn event(kind: EventKind, record: &ContainerRecord) -> Event {
     }
 }
 
-/// Finds a container by id or unique id prefix.
-pub fn find(daemon: &Daemon, id: &str) -> Result<ContainerRecord> {
+/// Finds a container by id or unique id prefix; `None` when there is none.
+pub fn lookup(daemon: &Daemon, id: &str) -> Result<Option<ContainerRecord>> {
     if id.is_empty() {
         return Err(Error::InvalidArgument("container id is required".into()));
     }
     if let Some(r) = daemon.store.get::<ContainerRecord>(id)? {
-        return Ok(r);
+        return Ok(Some(r));
     }
-    let matches: Vec<ContainerRecord> = daemon
+    let mut matches: Vec<ContainerRecord> = daemon
         .store
         .list::<ContainerRecord>()?
         .into_iter()
         .filter(|c| c.id.starts_with(id))
         .collect();
     match matches.len() {
-        1 => Ok(matches.into_iter().next().unwrap()),
-        0 => Err(Error::Missing {
-            kind: "container",
-            id: id.to_string(),
-        }),
+        0 | 1 => Ok(matches.pop()),
         _ => Err(Error::InvalidArgument(format!(
             "container id prefix {id} is ambiguous"
         ))),
     }
+}
+
+/// Finds a container by id or unique id prefix.
+pub fn find(daemon: &Daemon, id: &str) -> Result<ContainerRecord> {
+    lookup(daemon, id)?.ok_or_else(|| Error::Missing {
+        kind: "container",
+        id: id.to_string(),
+    })
 }
 
 /// The record of container `id` (a full id), if it still exists.
@@ -683,7 +687,14 @@ fn remove_record(daemon: &Daemon, record: ContainerRecord) -> Result<()> {
         record.state,
         ContainerState::Created | ContainerState::Running
     ) {
-        stop_record(daemon, record.clone(), 0)?;
+        match stop_record(daemon, record.clone(), 0) {
+            // Killed, but the exit could not be recorded on a full disk: the
+            // record goes anyway (deletes have a reserve), freeing space.
+            Err(Error::NoSpace { .. }) => {
+                tracing::warn!(container_id = %record.id, "disk full: removing the container without recording its exit")
+            }
+            other => other?,
+        }
     }
     phases.mark("stop");
     if shim_alive(daemon, &record) {

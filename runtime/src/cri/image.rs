@@ -9,7 +9,7 @@ use tonic::{Request, Response, Status};
 use super::cri_service;
 use crate::daemon::Daemon;
 use crate::error::Error;
-use crate::image::{Credentials, Images, Usage};
+use crate::image::{Credentials, Usage};
 use crate::store::ImageRecord;
 
 pub struct ImageService {
@@ -19,10 +19,6 @@ pub struct ImageService {
 impl ImageService {
     pub fn new(daemon: Arc<Daemon>) -> Self {
         ImageService { daemon }
-    }
-
-    fn images(&self) -> &Images {
-        &self.daemon.images
     }
 }
 
@@ -94,7 +90,13 @@ cri_service! {
                     registry_token: a.registry_token,
                 })
                 .unwrap_or_default();
-            let record = self.images().pull(reference, &creds).await?;
+            // Detached: a pull the client gives up on still finishes (or
+            // cleans up after itself) instead of being dropped half way.
+            let daemon = self.daemon.clone();
+            let reference = reference.to_string();
+            let record = tokio::spawn(async move { daemon.images.pull(&reference, &creds).await })
+                .await
+                .map_err(|e| Status::internal(format!("pull task: {e}")))??;
             Ok(Response::new(PullImageResponse { image_ref: record.id }))
         }
 
@@ -105,10 +107,13 @@ cri_service! {
                 .and_then(|f| f.image)
                 .map(|s| s.image)
                 .filter(|s| !s.is_empty());
-            let images = match wanted {
-                Some(reference) => self.images().resolve(&reference)?.into_iter().collect(),
-                None => self.images().list()?,
-            };
+            let images = self
+                .daemon
+                .run(move |d| match wanted {
+                    Some(reference) => Ok(d.images.resolve(&reference)?.into_iter().collect()),
+                    None => d.images.list(),
+                })
+                .await?;
             Ok(Response::new(ListImagesResponse {
                 images: images.iter().map(to_cri).collect(),
             }))
@@ -116,8 +121,19 @@ cri_service! {
 
         async fn image_status(&self, request: Request<ImageStatusRequest>) -> Result<Response<ImageStatusResponse>, Status> {
             let request = request.into_inner();
-            let reference = image_ref(request.image.as_ref())?;
-            let Some(record) = self.images().resolve(reference)? else {
+            let reference = image_ref(request.image.as_ref())?.to_string();
+            let found = self
+                .daemon
+                .run(move |d| {
+                    Ok(d.images
+                        .resolve(&reference)?
+                        .map(|r| {
+                            let dirs = d.images.snapshot_dirs(&r);
+                            (r, dirs)
+                        }))
+                })
+                .await?;
+            let Some((record, snapshot_dirs)) = found else {
                 return Ok(Response::new(ImageStatusResponse::default()));
             };
             let mut info = std::collections::HashMap::new();
@@ -129,7 +145,7 @@ cri_service! {
                     "diffIDs": record.diff_ids,
                     "layers": record.layers,
                     "manifestDigests": record.manifest_digests,
-                    "snapshotDirs": self.images().snapshot_dirs(&record),
+                    "snapshotDirs": snapshot_dirs,
                     "size": record.size,
                 });
                 info.insert("info".to_string(), detail.to_string());
@@ -142,18 +158,20 @@ cri_service! {
 
         async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
             let request = request.into_inner();
-            let reference = image_ref(request.image.as_ref())?;
-            self.images().remove(reference).await?;
+            let reference = image_ref(request.image.as_ref())?.to_string();
+            // On a blocking thread (garbage collection deletes files), to
+            // its end even if the client goes away.
+            self.daemon
+                .run(move |d| tokio::runtime::Handle::current().block_on(d.images.remove(&reference)))
+                .await?;
             Ok(Response::new(RemoveImageResponse {}))
         }
 
         async fn image_fs_info(&self, _request: Request<ImageFsInfoRequest>) -> Result<Response<ImageFsInfoResponse>, Status> {
-            let images = self.daemon.clone();
-            let (image_fs, container_fs) = tokio::task::spawn_blocking(move || {
-                (images.images.image_fs_usage(), images.images.container_fs_usage())
-            })
-            .await
-            .map_err(|e| Status::internal(format!("filesystem usage task: {e}")))?;
+            let (image_fs, container_fs) = self
+                .daemon
+                .run(|d| Ok((d.images.image_fs_usage(), d.images.container_fs_usage())))
+                .await?;
             let now = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as i64)

@@ -10,6 +10,7 @@ use super::cri_service;
 use crate::container;
 use crate::daemon::{self, Daemon};
 use crate::error::Error;
+use crate::pod;
 use crate::sandbox::{self, namespaces::Kind};
 
 use super::convert;
@@ -105,13 +106,13 @@ cri_service! {
         async fn stop_pod_sandbox(&self, request: Request<StopPodSandboxRequest>) -> Result<Response<StopPodSandboxResponse>, Status> {
             let id = request.into_inner().pod_sandbox_id;
             // Stopping what is gone is done, as kubelet expects.
-            self.daemon.on_sandbox(&id, sandbox::stop).await?;
+            self.daemon.on_sandbox(&id, pod::stop).await?;
             Ok(Response::new(StopPodSandboxResponse {}))
         }
 
         async fn remove_pod_sandbox(&self, request: Request<RemovePodSandboxRequest>) -> Result<Response<RemovePodSandboxResponse>, Status> {
             let id = request.into_inner().pod_sandbox_id;
-            self.daemon.on_sandbox(&id, sandbox::remove).await?;
+            self.daemon.on_sandbox(&id, pod::remove).await?;
             Ok(Response::new(RemovePodSandboxResponse {}))
         }
 
@@ -197,11 +198,9 @@ cri_service! {
 
         async fn remove_container(&self, request: Request<RemoveContainerRequest>) -> Result<Response<RemoveContainerResponse>, Status> {
             let id = request.into_inner().container_id;
-            match self.daemon.on_container(&id, container::remove).await {
-                // Removing what is gone is done, as kubelet expects.
-                Ok(()) | Err(Error::Missing { .. }) => Ok(Response::new(RemoveContainerResponse {})),
-                Err(e) => Err(e.into()),
-            }
+            // Removing what is gone is done, as kubelet expects.
+            self.daemon.on_container_if_exists(&id, container::remove).await?;
+            Ok(Response::new(RemoveContainerResponse {}))
         }
 
         async fn list_containers(&self, request: Request<ListContainersRequest>) -> Result<Response<ListContainersResponse>, Status> {

@@ -13,7 +13,6 @@ use k8s_cri::v1::{NamespaceMode, PodSandboxConfig};
 use crate::daemon::Daemon;
 use crate::error::{Error, IoContext, Result};
 use crate::events::{Event, EventKind};
-use crate::locks::SandboxGuard;
 use crate::names;
 use crate::process::ProcessIdentity;
 use crate::store::{KeyValue, SandboxRecord, SandboxState};
@@ -553,38 +552,39 @@ pub fn mark_not_ready(daemon: &Daemon, id: &str, reason: &str) -> Result<()> {
     })
 }
 
-/// StopPodSandbox, holding the pod: stops its containers, marks it not
-/// ready (durably, before anything is released, so a crash half way never
-/// leaves a READY pod without its network), then releases the network and
-/// the infra process. Idempotent.
-pub fn stop(daemon: &Daemon, pod: &SandboxGuard) -> Result<()> {
-    let Some(record) = daemon.store.get::<SandboxRecord>(&pod.sandbox_id)? else {
-        return Ok(());
-    };
-    tracing::Span::current().record("pod_id", record.id.as_str());
-    crate::container::stop_all(daemon, &record.id)?;
+/// The sandbox's part of StopPodSandbox, once its containers are stopped:
+/// marks it not ready (durably, before anything is released, so a crash half
+/// way never leaves a READY pod without its network), then releases the
+/// network and the infra process. Idempotent.
+pub fn stop(daemon: &Daemon, record: &SandboxRecord) -> Result<()> {
     mark_not_ready(daemon, &record.id, "")?;
-    daemon.host.network_teardown(&record.id)?;
-    if record.infra.pid > 0 {
-        daemon.host.stop_infra(&record.infra);
-    }
+    release(daemon, record)?;
     tracing::info!(pod_id = %record.id, "sandbox stopped");
     Ok(())
 }
 
-/// RemovePodSandbox, holding the pod: removes its containers, then the
-/// network, namespaces, files and cgroup, and last the record. Idempotent.
-pub fn remove(daemon: &Daemon, pod: &SandboxGuard) -> Result<()> {
-    let Some(record) = daemon.store.get::<SandboxRecord>(&pod.sandbox_id)? else {
-        return Ok(());
-    };
-    tracing::Span::current().record("pod_id", record.id.as_str());
-    crate::container::remove_all(daemon, &record.id)?;
-    mark_not_ready(daemon, &record.id, "")?;
+fn release(daemon: &Daemon, record: &SandboxRecord) -> Result<()> {
     daemon.host.network_teardown(&record.id)?;
     if record.infra.pid > 0 {
         daemon.host.stop_infra(&record.infra);
     }
+    Ok(())
+}
+
+/// The sandbox's part of RemovePodSandbox, once its containers are removed:
+/// the network, namespaces, files and cgroup, and last the record.
+/// Idempotent.
+pub fn remove(daemon: &Daemon, record: &SandboxRecord) -> Result<()> {
+    match mark_not_ready(daemon, &record.id, "") {
+        // A full disk must not keep a removal, which frees space, from
+        // going on: the record is deleted below (deletes have a reserve),
+        // and recovery finds a half-removed READY pod broken.
+        Err(Error::NoSpace { .. }) => {
+            tracing::warn!(pod_id = %record.id, "disk full: removing the sandbox without marking it not ready first")
+        }
+        other => other?,
+    }
+    release(daemon, record)?;
     let dir = daemon.layout.sandbox(&record.id);
     for kind in [Kind::Net, Kind::Ipc, Kind::Uts] {
         daemon
