@@ -90,6 +90,40 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A shim could not be talked to: the request or its answer broke off.
+    #[error("shim at {}: {what}", socket.display())]
+    ShimProtocol {
+        socket: PathBuf,
+        what: &'static str,
+        #[source]
+        source: berth_proto::FrameError,
+    },
+
+    /// The shim refused a request, with its own code and reason.
+    #[error("shim at {}: {message}", socket.display())]
+    Shim {
+        socket: PathBuf,
+        code: berth_proto::shim::shim_error::Code,
+        message: String,
+    },
+
+    /// A kernel call on a path failed.
+    #[error("{op} {}", path.display())]
+    Kernel {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: nix::errno::Errno,
+    },
+
+    /// A record or spec could not be (de)serialized.
+    #[error("{what}")]
+    Json {
+        what: String,
+        #[source]
+        source: serde_json::Error,
+    },
+
     /// A sandbox or container that does not exist (any more).
     #[error("{kind} {id} not found")]
     Missing { kind: &'static str, id: String },

@@ -164,8 +164,10 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
             labels: KeyValue::sorted(&config.labels),
             annotations: KeyValue::sorted(&config.annotations),
             snapshot_chain_ids: request.image.chain_ids.clone(),
-            config_json: serde_json::to_string(&config)
-                .map_err(|e| Error::Internal(e.to_string()))?,
+            config_json: serde_json::to_string(&config).map_err(|source| Error::Json {
+                what: format!("encode the config of {id}"),
+                source,
+            })?,
             cgroups_path,
             shim,
             ..Default::default()
@@ -779,10 +781,16 @@ pub fn update_resources(
         });
     }
     daemon.host.apply_resources(&record.cgroups_path, &new)?;
-    let mut config: ContainerConfig = serde_json::from_str(&record.config_json)
-        .map_err(|e| Error::Store(format!("container {} config: {e}", record.id)))?;
+    let mut config: ContainerConfig =
+        serde_json::from_str(&record.config_json).map_err(|source| Error::Json {
+            what: format!("decode the stored config of container {}", record.id),
+            source,
+        })?;
     config.linux.get_or_insert_with(Default::default).resources = Some(new);
-    let config_json = serde_json::to_string(&config).map_err(|e| Error::Internal(e.to_string()))?;
+    let config_json = serde_json::to_string(&config).map_err(|source| Error::Json {
+        what: format!("encode the config of {}", record.id),
+        source,
+    })?;
     transition(daemon, &record.id, |r| {
         r.config_json = config_json;
         Vec::new()

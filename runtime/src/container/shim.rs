@@ -56,7 +56,7 @@ pub fn launch(dir: &Path, config: &ShimConfig) -> Result<ProcessIdentity> {
         .map_err(|e| Error::io(format!("run {}", shim_binary().display()), e))?;
     let mut out = output.stdout.as_slice();
     match read_frame::<ShimResponse>(&mut out) {
-        Ok(resp) => into_result(resp)?,
+        Ok(resp) => into_result(&dir.join("shim.sock"), resp)?,
         Err(_) => {
             return Err(Error::Internal(format!(
                 "shim for {} failed to start ({}): {}",
@@ -100,10 +100,17 @@ pub fn call(
             request: Some(request),
         },
     )
-    .map_err(|e| Error::Internal(format!("send to shim {}: {e}", socket.display())))?;
-    let resp: ShimResponse = read_frame(&mut stream)
-        .map_err(|e| Error::Internal(format!("answer from shim {}: {e}", socket.display())))?;
-    into_result(resp)
+    .map_err(|source| Error::ShimProtocol {
+        socket: socket.clone(),
+        what: "send the request",
+        source,
+    })?;
+    let resp: ShimResponse = read_frame(&mut stream).map_err(|source| Error::ShimProtocol {
+        socket: socket.clone(),
+        what: "read the answer",
+        source,
+    })?;
+    into_result(&socket, resp)
 }
 
 /// Whether a shim answers on the socket of `dir`: for the remains of a
@@ -136,17 +143,19 @@ fn connect_socket(socket: &Path) -> std::io::Result<UnixStream> {
     UnixStream::connect(short)
 }
 
-fn into_result(resp: ShimResponse) -> Result<shim_response::Response> {
+fn into_result(socket: &Path, resp: ShimResponse) -> Result<shim_response::Response> {
     match resp.response {
-        Some(shim_response::Response::Error(e)) => Err(match shim_error::Code::try_from(e.code) {
-            Ok(shim_error::Code::InvalidArgument) => Error::InvalidArgument(e.message),
-            Ok(shim_error::Code::FailedPrecondition) => Error::FailedPrecondition(e.message),
-            Ok(shim_error::Code::NotFound) => Error::NotFound(e.message),
-            Ok(shim_error::Code::DeadlineExceeded) => Error::DeadlineExceeded(e.message),
-            _ => Error::Internal(e.message),
+        Some(shim_response::Response::Error(e)) => Err(Error::Shim {
+            socket: socket.to_path_buf(),
+            code: shim_error::Code::try_from(e.code).unwrap_or(shim_error::Code::Internal),
+            message: e.message,
         }),
         Some(other) => Ok(other),
-        None => Err(Error::Internal("empty answer from shim".into())),
+        None => Err(Error::Shim {
+            socket: socket.to_path_buf(),
+            code: shim_error::Code::Internal,
+            message: "empty answer".into(),
+        }),
     }
 }
 

@@ -13,6 +13,20 @@ impl From<Error> for Status {
             Error::NotFound(_) | Error::Missing { .. } => Code::NotFound,
             Error::ShimUnreachable { .. } | Error::WrongState { .. } => Code::FailedPrecondition,
             Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::Shim { code, .. } => {
+                use berth_proto::shim::shim_error::Code as Shim;
+                match code {
+                    Shim::InvalidArgument => Code::InvalidArgument,
+                    Shim::FailedPrecondition => Code::FailedPrecondition,
+                    Shim::NotFound => Code::NotFound,
+                    Shim::DeadlineExceeded => Code::DeadlineExceeded,
+                    Shim::Internal => Code::Internal,
+                }
+            }
+            Error::Kernel {
+                source: nix::errno::Errno::ENOSPC | nix::errno::Errno::EDQUOT,
+                ..
+            } => Code::ResourceExhausted,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Unimplemented(_) => Code::Unimplemented,
             Error::Unauthenticated(_) => Code::Unauthenticated,
@@ -41,6 +55,9 @@ impl From<Error> for Status {
             | Error::Io { .. }
             | Error::Internal(_)
             | Error::Process(_)
+            | Error::ShimProtocol { .. }
+            | Error::Kernel { .. }
+            | Error::Json { .. }
             | Error::AlreadyRunning { .. } => Code::Internal,
         };
         let message = crate::error::chain(&err);

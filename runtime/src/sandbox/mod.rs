@@ -243,8 +243,10 @@ pub fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &str) -> 
             labels: KeyValue::sorted(&config.labels),
             annotations: KeyValue::sorted(&config.annotations),
             log_directory: config.log_directory.clone(),
-            config_json: serde_json::to_string(&config)
-                .map_err(|e| Error::Internal(e.to_string()))?,
+            config_json: serde_json::to_string(&config).map_err(|source| Error::Json {
+                what: format!("encode the config of {id}"),
+                source,
+            })?,
             cgroup_parent,
             created_cgroup,
             hostname,
@@ -492,8 +494,11 @@ pub fn get(daemon: &Daemon, id: &str) -> Result<SandboxRecord> {
 }
 
 pub fn context(daemon: &Daemon, record: SandboxRecord) -> Result<SandboxContext> {
-    let config: PodSandboxConfig = serde_json::from_str(&record.config_json)
-        .map_err(|e| Error::Store(format!("sandbox {} config: {e}", record.id)))?;
+    let config: PodSandboxConfig =
+        serde_json::from_str(&record.config_json).map_err(|source| Error::Json {
+            what: format!("decode the stored config of pod sandbox {}", record.id),
+            source,
+        })?;
     Ok(SandboxContext {
         dir: daemon.layout.sandbox(&record.id),
         record,

@@ -67,7 +67,11 @@ fn create_in_thread(dir: &Path, setup: &NamespaceSetup) -> Result<Vec<(Kind, Pat
         .kinds
         .iter()
         .fold(CloneFlags::empty(), |f, k| f | k.flag());
-    unshare(flags).map_err(|e| Error::Internal(format!("unshare pod namespaces: {e}")))?;
+    unshare(flags).map_err(|source| Error::Kernel {
+        op: "unshare the pod namespaces under",
+        path: dir.to_path_buf(),
+        source,
+    })?;
     if setup.kinds.contains(&Kind::Uts)
         && let Some(h) = &setup.hostname
     {
@@ -96,12 +100,10 @@ fn create_in_thread(dir: &Path, setup: &NamespaceSetup) -> Result<Vec<(Kind, Pat
                     MsFlags::MS_BIND,
                     None::<&str>,
                 )
-                .map_err(|e| {
-                    Error::Internal(format!(
-                        "pin {} namespace at {}: {e}",
-                        kind.name(),
-                        target.display()
-                    ))
+                .map_err(|source| Error::Kernel {
+                    op: "pin the namespace at",
+                    path: target.clone(),
+                    source,
                 })
             });
         if let Err(e) = result {
@@ -121,11 +123,15 @@ fn create_in_thread(dir: &Path, setup: &NamespaceSetup) -> Result<Vec<(Kind, Pat
 pub fn addresses(netns: &Path) -> Result<Vec<String>> {
     let file = std::fs::File::open(netns)
         .map_err(|e| Error::io(format!("open {}", netns.display()), e))?;
+    let netns_path = netns.to_path_buf();
     std::thread::Builder::new()
         .name("berth-netns-read".into())
         .spawn(move || -> Result<Vec<String>> {
-            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET)
-                .map_err(|e| Error::Internal(format!("enter the pod network namespace: {e}")))?;
+            nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|source| Error::Kernel {
+                op: "enter the network namespace",
+                path: netns_path.clone(),
+                source,
+            })?;
             let addrs = nix::ifaddrs::getifaddrs()
                 .map_err(|e| Error::Internal(format!("list addresses: {e}")))?;
             Ok(addrs
@@ -148,7 +154,13 @@ pub fn addresses(netns: &Path) -> Result<Vec<String>> {
 pub fn unpin(path: &Path) -> Result<()> {
     match umount2(path, MntFlags::MNT_DETACH) {
         Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => {}
-        Err(e) => return Err(Error::Internal(format!("unmount {}: {e}", path.display()))),
+        Err(source) => {
+            return Err(Error::Kernel {
+                op: "unmount",
+                path: path.to_path_buf(),
+                source,
+            });
+        }
     }
     match std::fs::remove_file(path) {
         Ok(()) => Ok(()),
