@@ -73,6 +73,39 @@ fn cancelled(code: Code) -> bool {
     matches!(code, Code::Cancelled | Code::DeadlineExceeded)
 }
 
+/// What a batch of calls with deadlines answered: the ids of those that
+/// answered OK (by name), how many hit their deadline, and anything else.
+struct Answers {
+    answered: BTreeMap<String, String>,
+    unexpected: Vec<String>,
+    n_cancelled: usize,
+}
+
+type Answer = (String, Duration, Result<String, tonic::Status>);
+
+async fn collect_answers(set: &mut tokio::task::JoinSet<Answer>) -> Answers {
+    let mut answers = Answers {
+        answered: BTreeMap::new(),
+        unexpected: Vec::new(),
+        n_cancelled: 0,
+    };
+    while let Some(r) = set.join_next().await {
+        let (name, deadline, r) = r.unwrap();
+        match r {
+            Ok(id) => {
+                answers.answered.insert(name, id);
+            }
+            Err(e) if cancelled(e.code()) => answers.n_cancelled += 1,
+            Err(e) => answers.unexpected.push(format!(
+                "{name} ({deadline:?}): {:?}: {}",
+                e.code(),
+                e.message()
+            )),
+        }
+    }
+    answers
+}
+
 fn outcome<T>(r: &Result<T, tonic::Status>) -> String {
     match r {
         Ok(_) => "OK".into(),
@@ -315,23 +348,11 @@ async fn cancelled_create_container_leaves_all_or_nothing() {
             (name, deadline, r)
         });
     }
-    let mut answered: BTreeMap<String, String> = BTreeMap::new();
-    let mut unexpected = Vec::new();
-    let mut n_cancelled = 0;
-    while let Some(r) = set.join_next().await {
-        let (name, deadline, r) = r.unwrap();
-        match r {
-            Ok(id) => {
-                answered.insert(name, id);
-            }
-            Err(e) if cancelled(e.code()) => n_cancelled += 1,
-            Err(e) => unexpected.push(format!(
-                "{name} ({deadline:?}): {:?}: {}",
-                e.code(),
-                e.message()
-            )),
-        }
-    }
+    let Answers {
+        answered,
+        unexpected,
+        n_cancelled,
+    } = collect_answers(&mut set).await;
     eprintln!(
         "{} CreateContainer calls answered OK, {n_cancelled} hit their deadline",
         answered.len()
@@ -612,23 +633,11 @@ async fn cancelled_run_pod_sandbox_leaves_all_or_nothing() {
             (name, deadline, r)
         });
     }
-    let mut answered: BTreeMap<String, String> = BTreeMap::new();
-    let mut unexpected = Vec::new();
-    let mut n_cancelled = 0;
-    while let Some(r) = set.join_next().await {
-        let (name, deadline, r) = r.unwrap();
-        match r {
-            Ok(id) => {
-                answered.insert(name, id);
-            }
-            Err(e) if cancelled(e.code()) => n_cancelled += 1,
-            Err(e) => unexpected.push(format!(
-                "{name} ({deadline:?}): {:?}: {}",
-                e.code(),
-                e.message()
-            )),
-        }
-    }
+    let Answers {
+        answered,
+        unexpected,
+        n_cancelled,
+    } = collect_answers(&mut set).await;
     eprintln!(
         "{} RunPodSandbox calls answered OK, {n_cancelled} hit their deadline",
         answered.len()

@@ -140,18 +140,7 @@ impl ProcessIdentity {
                 0u32,
             )
         };
-        if rc == 0 {
-            return Ok(true);
-        }
-        match io::Error::last_os_error() {
-            // It exited between the check and the signal.
-            e if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
-            source => Err(ProcessError::Signal {
-                pid: self.pid,
-                sig,
-                source,
-            }),
-        }
+        self.signal_outcome(rc == 0, sig)
     }
 
     /// Kernels without pidfds (< 5.3): check, then kill(2). This leaves the
@@ -161,7 +150,14 @@ impl ProcessIdentity {
             return Ok(false);
         }
         // SAFETY: kill(2) on a pid whose start time we just verified.
-        if unsafe { libc::kill(self.pid, sig) } == 0 {
+        let sent = unsafe { libc::kill(self.pid, sig) } == 0;
+        self.signal_outcome(sent, sig)
+    }
+
+    /// What a signal syscall's result means: sent, the process exited
+    /// between the check and the signal (ESRCH), or a real failure.
+    fn signal_outcome(&self, sent: bool, sig: i32) -> Result<bool, ProcessError> {
+        if sent {
             return Ok(true);
         }
         match io::Error::last_os_error() {
