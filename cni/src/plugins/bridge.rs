@@ -157,6 +157,20 @@ impl Drop for IpamGuard<'_> {
     }
 }
 
+/// Removes the container's masquerade rules unless disarmed.
+struct MasqGuard<'a> {
+    req: Option<&'a Request>,
+}
+
+impl Drop for MasqGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(req) = self.req {
+            let comment = masq_comment(&req.container_id, &req.ifname);
+            let _ = remove_masq(|c| c == comment);
+        }
+    }
+}
+
 fn default_route(v4: bool) -> IpNet {
     if v4 {
         "0.0.0.0/0".parse().expect("valid")
@@ -190,7 +204,10 @@ pub fn add(req: &Request) -> Result<CniResult> {
     if conf.is_gateway {
         set_bridge_gateways(&nl, &conf, &br, &result.ips)?;
     }
+    let mut masq_guard = MasqGuard { req: None };
     if conf.ip_masq && !result.ips.is_empty() {
+        // Armed first: setup_masq applies one family at a time.
+        masq_guard.req = Some(req);
         setup_masq(&req.container_id, &req.ifname, &result.ips)?;
     }
 
@@ -198,6 +215,7 @@ pub fn add(req: &Request) -> Result<CniResult> {
     let result = extend_prev(prev, result);
     veth.guard.index = None;
     ipam_guard.plugin = None;
+    masq_guard.req = None;
     Ok(result)
 }
 
@@ -830,6 +848,43 @@ mod tests {
         assert_eq!(idx, [Some(0), Some(3)]);
         // Ours has no DNS: prev's stays.
         assert_eq!(merged.dns.nameservers, ["10.0.0.10"]);
+    }
+
+    /// In a netns of its own (this thread's), so the host's rules are
+    /// never touched; nft inherits the thread's netns.
+    #[test]
+    fn masq_guard_removes_only_this_containers_rules() {
+        if !nix::unistd::geteuid().is_root() || nft::nft_binary().is_none() {
+            eprintln!("skipped: needs root and nft");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let ips = [ipc("10.22.0.5/24", None), ipc("fd22::5/64", None)];
+            setup_masq("guarded", "eth0", &ips).unwrap();
+            setup_masq("other", "eth0", &ips[..1]).unwrap();
+            let comments = |family| -> Vec<String> {
+                nft::rules(family, MASQ_TABLE)
+                    .unwrap()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| r.comment)
+                    .collect()
+            };
+            let req = Request {
+                container_id: "guarded".into(),
+                ifname: "eth0".into(),
+                ..Request::new(Command::Add, Vec::new())
+            };
+            drop(MasqGuard { req: None });
+            assert_eq!(comments("ip").len(), 2);
+            drop(MasqGuard { req: Some(&req) });
+            assert_eq!(comments("ip"), [masq_comment("other", "eth0")]);
+            // Its family's table held only ours: gone.
+            assert!(nft::rules("ip6", MASQ_TABLE).unwrap().is_none());
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
