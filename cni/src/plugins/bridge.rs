@@ -157,6 +157,20 @@ impl Drop for IpamGuard<'_> {
     }
 }
 
+/// Removes the container's masquerade rules unless disarmed.
+struct MasqGuard<'a> {
+    req: Option<&'a Request>,
+}
+
+impl Drop for MasqGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(req) = self.req {
+            let comment = masq_comment(&req.container_id, &req.ifname);
+            let _ = remove_masq(|c| c == comment);
+        }
+    }
+}
+
 fn default_route(v4: bool) -> IpNet {
     if v4 {
         "0.0.0.0/0".parse().expect("valid")
@@ -165,66 +179,132 @@ fn default_route(v4: bool) -> IpNet {
     }
 }
 
+/// Attaches the container: bridge, veth pair, IPAM addresses, routes,
+/// gateway and masquerade. A step that fails undoes what the steps before
+/// it made for this container (the guards, dropped in reverse).
 pub fn add(req: &Request) -> Result<CniResult> {
     let conf = BridgeConfig::parse(&req.config)?;
     // Chained after another plugin (e.g. loopback): our result extends it.
     let prev = NetConf::parse(&req.config)?.prev_result()?;
     let ns = open_netns(Path::new(&req.netns))?;
-
-    // The container must not have the interface already.
-    let exists = in_netns(&ns, || Ok(Netlink::new()?.link(&req.ifname)?.is_some()))?;
-    if exists {
-        return Err(Error::internal(format!(
-            "container veth name {:?} already exists",
-            req.ifname
-        )));
-    }
+    ensure_ifname_free(&ns, &req.ifname)?;
 
     let nl = Netlink::new()?;
     let br = ensure_bridge(&nl, &conf)?;
+    let mut veth = create_veth(&nl, conf.mtu)?;
+    let cont = move_peer_into_netns(&nl, &ns, &veth.peer_name, &req.ifname, conf.mtu)?;
+    attach_host_end(&nl, &conf, &veth.host, &br)?;
 
-    // The veth pair, created in the host namespace.
+    let (mut result, mut ipam_guard) = delegate_ipam(&conf, req)?;
+    assign_gateways(&conf, &mut result);
+    if conf.is_default_gateway {
+        add_default_routes(&mut result);
+    }
+    configure_container(&ns, &req.ifname, cont.index, &result.ips, &result.routes)?;
+    if conf.is_gateway {
+        set_bridge_gateways(&nl, &conf, &br, &result.ips)?;
+    }
+    let mut masq_guard = MasqGuard { req: None };
+    if conf.ip_masq && !result.ips.is_empty() {
+        // Armed first: setup_masq applies one family at a time.
+        masq_guard.req = Some(req);
+        setup_masq(&req.container_id, &req.ifname, &result.ips)?;
+    }
+
+    result.interfaces = describe_interfaces(&nl, req, &br, &veth.host, &cont)?;
+    let result = extend_prev(prev, result);
+    veth.guard.index = None;
+    ipam_guard.plugin = None;
+    masq_guard.req = None;
+    Ok(result)
+}
+
+/// The container must not have the interface already.
+fn ensure_ifname_free(ns: &File, ifname: &str) -> Result<()> {
+    let exists = in_netns(ns, || Ok(Netlink::new()?.link(ifname)?.is_some()))?;
+    if exists {
+        return Err(Error::internal(format!(
+            "container veth name {ifname:?} already exists"
+        )));
+    }
+    Ok(())
+}
+
+/// A veth pair `add` made: the host end, the peer's temporary name, and the
+/// guard that deletes the pair unless `add` gets to the end.
+struct Veth<'a> {
+    host: Link,
+    peer_name: String,
+    guard: VethGuard<'a>,
+}
+
+/// The veth pair, created in the host namespace under free random names.
+fn create_veth(nl: &Netlink, mtu: Option<u32>) -> Result<Veth<'_>> {
     let (host_name, peer_name) = loop {
         let h = format!("veth{}", random_hex());
         let p = format!("vpeer{}", random_hex());
-        if nl.create_veth(&h, &p, conf.mtu)? {
+        if nl.create_veth(&h, &p, mtu)? {
             break (h, p);
         }
     };
     let host = nl
         .link(&host_name)?
         .ok_or_else(|| Error::internal(format!("veth {host_name} vanished")))?;
-    let mut veth_guard = VethGuard {
-        nl: &nl,
+    let guard = VethGuard {
+        nl,
         index: Some(host.index),
     };
+    Ok(Veth {
+        host,
+        peer_name,
+        guard,
+    })
+}
+
+/// Moves the peer into the container's netns and makes it `ifname`, up;
+/// returns it as it is there.
+fn move_peer_into_netns(
+    nl: &Netlink,
+    ns: &File,
+    peer_name: &str,
+    ifname: &str,
+    mtu: Option<u32>,
+) -> Result<Link> {
     let peer = nl
-        .link(&peer_name)?
+        .link(peer_name)?
         .ok_or_else(|| Error::internal(format!("veth peer {peer_name} vanished")))?;
-    nl.move_to_netns(peer.index, &ns)?;
-    let mtu = conf.mtu;
-    let ifname = req.ifname.clone();
-    let cont = in_netns(&ns, || {
+    nl.move_to_netns(peer.index, ns)?;
+    in_netns(ns, || {
         let nl = Netlink::new()?;
         let l = nl
-            .link(&peer_name)?
+            .link(peer_name)?
             .ok_or_else(|| Error::internal(format!("veth peer {peer_name} is not in the netns")))?;
-        nl.rename(l.index, &ifname)?;
+        nl.rename(l.index, ifname)?;
         if let Some(m) = mtu {
             nl.set_mtu(l.index, m)?;
         }
         nl.set_up(l.index)?;
         nl.link_by_index(l.index)?
             .ok_or_else(|| Error::internal(format!("{ifname} vanished")))
-    })?;
+    })
+}
+
+/// Puts the host end on the bridge, up.
+fn attach_host_end(nl: &Netlink, conf: &BridgeConfig, host: &Link, br: &Link) -> Result<()> {
     nl.set_master(host.index, br.index)?;
     if conf.hairpin_mode {
         nl.set_hairpin(host.index, true)?;
     }
-    nl.set_up(host.index)?;
+    nl.set_up(host.index)
+}
 
-    // Addresses from IPAM.
-    let mut ipam_guard = IpamGuard { plugin: None, req };
+/// Addresses, routes and DNS from the IPAM plugin (none without one), and
+/// the guard that releases them unless `add` gets to the end.
+fn delegate_ipam<'a>(
+    conf: &'a BridgeConfig,
+    req: &'a Request,
+) -> Result<(CniResult, IpamGuard<'a>)> {
+    let mut guard = IpamGuard { plugin: None, req };
     let mut result = CniResult {
         cni_version: conf.cni_version.clone(),
         ..Default::default()
@@ -232,7 +312,7 @@ pub fn add(req: &Request) -> Result<CniResult> {
     if let Some(ipam) = &conf.ipam {
         let r = delegate(ipam, req, Command::Add)?
             .ok_or_else(|| Error::internal("IPAM plugin returned no result"))?;
-        ipam_guard.plugin = Some(ipam);
+        guard.plugin = Some(ipam);
         if r.ips.is_empty() {
             return Err(Error::internal("IPAM plugin returned missing IP config"));
         }
@@ -240,6 +320,13 @@ pub fn add(req: &Request) -> Result<CniResult> {
         result.routes = r.routes;
         result.dns = r.dns;
     }
+    Ok((result, guard))
+}
+
+/// Puts every address on the container interface (index 2 of our own
+/// interfaces) and, for a gateway bridge, gives those without a gateway the
+/// first address of their subnet.
+fn assign_gateways(conf: &BridgeConfig, result: &mut CniResult) {
     for ipc in &mut result.ips {
         ipc.interface = Some(2);
         ipc.version = None;
@@ -247,38 +334,46 @@ pub fn add(req: &Request) -> Result<CniResult> {
             ipc.gateway = Some(next_ip(ipc.address.network().addr));
         }
     }
-    if conf.is_default_gateway {
-        for v4 in [true, false] {
-            let Some(gw) = result
-                .ips
-                .iter()
-                .find(|i| i.address.is_ipv4() == v4)
-                .and_then(|i| i.gateway)
-            else {
-                continue;
-            };
-            let def = default_route(v4);
-            if !result.routes.iter().any(|r| r.dst == def) {
-                result.routes.push(Route::new(def, Some(gw)));
-            }
+}
+
+/// A default route per family via that family's first gateway, unless IPAM
+/// gave one already.
+fn add_default_routes(result: &mut CniResult) {
+    for v4 in [true, false] {
+        let Some(gw) = result
+            .ips
+            .iter()
+            .find(|i| i.address.is_ipv4() == v4)
+            .and_then(|i| i.gateway)
+        else {
+            continue;
+        };
+        let def = default_route(v4);
+        if !result.routes.iter().any(|r| r.dst == def) {
+            result.routes.push(Route::new(def, Some(gw)));
         }
     }
+}
 
-    // Configure the container side.
-    let ips = result.ips.clone();
-    let routes = result.routes.clone();
-    let cont_index = cont.index;
-    in_netns(&ns, || {
+/// The addresses and routes on the container interface, inside the netns.
+fn configure_container(
+    ns: &File,
+    ifname: &str,
+    cont_index: u32,
+    ips: &[IpConfig],
+    routes: &[Route],
+) -> Result<()> {
+    in_netns(ns, || {
         let nl = Netlink::new()?;
         if ips.iter().any(|i| !i.address.is_ipv4()) {
             // No duplicate address detection: the address (and routes via
             // it) must work at once. /proc/sys/net follows this thread's netns.
-            crate::netlink::write_sysctl(&format!("net/ipv6/conf/{}/accept_dad", req.ifname), "0")?;
+            crate::netlink::write_sysctl(&format!("net/ipv6/conf/{ifname}/accept_dad"), "0")?;
         }
-        for ipc in &ips {
+        for ipc in ips {
             nl.add_address(cont_index, ipc.address)?;
         }
-        for r in &routes {
+        for r in routes {
             let v4 = r.dst.is_ipv4();
             let gw = r.gw.or_else(|| {
                 ips.iter()
@@ -288,52 +383,68 @@ pub fn add(req: &Request) -> Result<CniResult> {
             nl.add_route(r, gw, cont_index)?;
         }
         Ok(())
-    })?;
+    })
+}
 
-    // The bridge as gateway.
-    if conf.is_gateway {
-        let existing = nl.addresses(br.index)?;
-        let mut v4 = false;
-        let mut v6 = false;
-        for ipc in &result.ips {
-            let Some(gw) = ipc.gateway else { continue };
-            let gw_net = IpNet {
-                addr: gw,
-                prefix: ipc.address.prefix,
-            };
-            if !existing.contains(&gw_net) {
-                let clash = existing.iter().find(|a| {
-                    a.addr != gw && a.is_ipv4() == gw.is_ipv4() && a.network() == gw_net.network()
-                });
-                if let Some(c) = clash
-                    && !conf.force_address
-                {
-                    return Err(Error::internal(format!(
-                        "{:?} already has an IP address different from {gw_net}: {c}",
-                        conf.bridge
-                    )));
-                }
-                nl.add_address(br.index, gw_net)?;
+/// The bridge as gateway: each gateway address on the bridge (refusing a
+/// different address in the same subnet unless `forceAddress`), and
+/// forwarding on for the families it routes.
+fn set_bridge_gateways(
+    nl: &Netlink,
+    conf: &BridgeConfig,
+    br: &Link,
+    ips: &[IpConfig],
+) -> Result<()> {
+    let existing = nl.addresses(br.index)?;
+    let mut v4 = false;
+    let mut v6 = false;
+    for ipc in ips {
+        let Some(gw) = ipc.gateway else { continue };
+        let gw_net = IpNet {
+            addr: gw,
+            prefix: ipc.address.prefix,
+        };
+        if !existing.contains(&gw_net) {
+            let clash = existing.iter().find(|a| {
+                a.addr != gw && a.is_ipv4() == gw.is_ipv4() && a.network() == gw_net.network()
+            });
+            if let Some(c) = clash
+                && !conf.force_address
+            {
+                return Err(Error::internal(format!(
+                    "{:?} already has an IP address different from {gw_net}: {c}",
+                    conf.bridge
+                )));
             }
-            v4 |= gw.is_ipv4();
-            v6 |= gw.is_ipv6();
+            nl.add_address(br.index, gw_net)?;
         }
-        if v4 {
-            crate::netlink::write_sysctl("net/ipv4/ip_forward", "1")?;
-        }
-        if v6 {
-            crate::netlink::write_sysctl("net/ipv6/conf/all/forwarding", "1")?;
-        }
+        v4 |= gw.is_ipv4();
+        v6 |= gw.is_ipv6();
     }
-
-    if conf.ip_masq && !result.ips.is_empty() {
-        setup_masq(&req.container_id, &req.ifname, &result.ips)?;
+    if v4 {
+        crate::netlink::write_sysctl("net/ipv4/ip_forward", "1")?;
     }
+    if v6 {
+        crate::netlink::write_sysctl("net/ipv6/conf/all/forwarding", "1")?;
+    }
+    Ok(())
+}
 
-    // Links as they are now (a bridge's MAC changes with its first port).
-    let br = nl.link_by_index(br.index)?.unwrap_or(br);
-    let host = nl.link_by_index(host.index)?.unwrap_or(host);
-    result.interfaces = vec![
+/// Our three interfaces for the result: bridge, host end, container end.
+/// The host links are read again, as they are now (a bridge's MAC changes
+/// with its first port).
+fn describe_interfaces(
+    nl: &Netlink,
+    req: &Request,
+    br: &Link,
+    host: &Link,
+    cont: &Link,
+) -> Result<Vec<Interface>> {
+    let br = nl.link_by_index(br.index)?.unwrap_or_else(|| br.clone());
+    let host = nl
+        .link_by_index(host.index)?
+        .unwrap_or_else(|| host.clone());
+    Ok(vec![
         Interface {
             name: br.name.clone(),
             mac: br.mac.clone(),
@@ -353,25 +464,29 @@ pub fn add(req: &Request) -> Result<CniResult> {
             sandbox: req.netns.clone(),
             ..Default::default()
         },
-    ];
-    if let Some(prev) = prev {
-        let offset = prev.interfaces.len();
-        for ipc in &mut result.ips {
-            ipc.interface = ipc.interface.map(|i| i + offset);
-        }
-        let mut merged = prev;
-        merged.cni_version = result.cni_version.clone();
-        merged.interfaces.append(&mut result.interfaces);
-        merged.ips.append(&mut result.ips);
-        merged.routes.append(&mut result.routes);
-        if !result.dns.is_empty() {
-            merged.dns = result.dns;
-        }
-        result = merged;
+    ])
+}
+
+/// Chained after another plugin: `prev` with our interfaces, addresses
+/// (their interface indexes shifted past prev's) and routes appended, and
+/// our DNS if we have any.
+fn extend_prev(prev: Option<CniResult>, mut result: CniResult) -> CniResult {
+    let Some(prev) = prev else {
+        return result;
+    };
+    let offset = prev.interfaces.len();
+    for ipc in &mut result.ips {
+        ipc.interface = ipc.interface.map(|i| i + offset);
     }
-    veth_guard.index = None;
-    ipam_guard.plugin = None;
-    Ok(result)
+    let mut merged = prev;
+    merged.cni_version = result.cni_version.clone();
+    merged.interfaces.append(&mut result.interfaces);
+    merged.ips.append(&mut result.ips);
+    merged.routes.append(&mut result.routes);
+    if !result.dns.is_empty() {
+        merged.dns = result.dns;
+    }
+    merged
 }
 
 fn masq_comment(id: &str, ifname: &str) -> String {
@@ -648,6 +763,128 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    fn conf(extra: &str) -> BridgeConfig {
+        BridgeConfig::parse(format!(r#"{{"cniVersion":"1.0.0","name":"n"{extra}}}"#).as_bytes())
+            .unwrap()
+    }
+
+    fn ipc(address: &str, gateway: Option<&str>) -> IpConfig {
+        IpConfig {
+            version: Some("4".into()),
+            address: address.parse().unwrap(),
+            gateway: gateway.map(|g| g.parse().unwrap()),
+            interface: None,
+        }
+    }
+
+    #[test]
+    fn gateways_and_default_routes() {
+        let mut r = CniResult {
+            ips: vec![
+                ipc("10.22.0.5/24", None),
+                ipc("fd22::5/64", Some("fd22::fe")),
+            ],
+            routes: vec![Route::new("::/0".parse().unwrap(), None)],
+            ..Default::default()
+        };
+        let mut plain = r.clone();
+        assign_gateways(&conf(""), &mut plain);
+        assert_eq!(plain.ips[0].gateway, None);
+        assert_eq!(plain.ips[0].interface, Some(2));
+        assert_eq!(plain.ips[0].version, None);
+
+        assign_gateways(&conf(r#","isDefaultGateway":true"#), &mut r);
+        assert_eq!(r.ips[0].gateway, Some("10.22.0.1".parse().unwrap()));
+        assert_eq!(r.ips[1].gateway, Some("fd22::fe".parse().unwrap()));
+        add_default_routes(&mut r);
+        // IPv4 gets one via its gateway; IPAM's IPv6 default stays alone.
+        assert_eq!(
+            r.routes,
+            vec![
+                Route::new("::/0".parse().unwrap(), None),
+                Route::new(default_route(true), Some("10.22.0.1".parse().unwrap())),
+            ]
+        );
+    }
+
+    #[test]
+    fn chained_result_extends_prev() {
+        let ours = CniResult {
+            cni_version: "1.1.0".into(),
+            interfaces: vec![Interface {
+                name: "eth0".into(),
+                ..Default::default()
+            }],
+            ips: vec![IpConfig {
+                interface: Some(2),
+                ..ipc("10.22.0.5/24", None)
+            }],
+            ..Default::default()
+        };
+        assert_eq!(extend_prev(None, ours.clone()), ours);
+        let prev = CniResult {
+            cni_version: "1.0.0".into(),
+            interfaces: vec![Interface {
+                name: "lo".into(),
+                ..Default::default()
+            }],
+            ips: vec![IpConfig {
+                interface: Some(0),
+                ..ipc("127.0.0.1/8", None)
+            }],
+            dns: crate::spec::Dns {
+                nameservers: vec!["10.0.0.10".into()],
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let merged = extend_prev(Some(prev), ours);
+        assert_eq!(merged.cni_version, "1.1.0");
+        let names: Vec<&str> = merged.interfaces.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["lo", "eth0"]);
+        let idx: Vec<Option<usize>> = merged.ips.iter().map(|i| i.interface).collect();
+        assert_eq!(idx, [Some(0), Some(3)]);
+        // Ours has no DNS: prev's stays.
+        assert_eq!(merged.dns.nameservers, ["10.0.0.10"]);
+    }
+
+    /// In a netns of its own (this thread's), so the host's rules are
+    /// never touched; nft inherits the thread's netns.
+    #[test]
+    fn masq_guard_removes_only_this_containers_rules() {
+        if !nix::unistd::geteuid().is_root() || nft::nft_binary().is_none() {
+            eprintln!("skipped: needs root and nft");
+            return;
+        }
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let ips = [ipc("10.22.0.5/24", None), ipc("fd22::5/64", None)];
+            setup_masq("guarded", "eth0", &ips).unwrap();
+            setup_masq("other", "eth0", &ips[..1]).unwrap();
+            let comments = |family| -> Vec<String> {
+                nft::rules(family, MASQ_TABLE)
+                    .unwrap()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|r| r.comment)
+                    .collect()
+            };
+            let req = Request {
+                container_id: "guarded".into(),
+                ifname: "eth0".into(),
+                ..Request::new(Command::Add, Vec::new())
+            };
+            drop(MasqGuard { req: None });
+            assert_eq!(comments("ip").len(), 2);
+            drop(MasqGuard { req: Some(&req) });
+            assert_eq!(comments("ip"), [masq_comment("other", "eth0")]);
+            // Its family's table held only ours: gone.
+            assert!(nft::rules("ip6", MASQ_TABLE).unwrap().is_none());
+        })
+        .join()
+        .unwrap();
     }
 
     #[test]
