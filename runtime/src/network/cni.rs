@@ -369,11 +369,17 @@ impl Cni {
             path: call.path.to_string_lossy().into_owned(),
             config: call.stdin,
         };
-        let task = tokio::task::spawn_blocking(move || berth_cni::invoke(own, &request));
-        let outcome = tokio::time::timeout(self.timeout, task)
-            .await
-            .map_err(|_| self.deadline_exceeded(&call.kind, call.command))?
-            .map_err(|e| Error::Internal(format!("CNI plugin task: {e}")))?;
+        let mut task = tokio::task::spawn_blocking(move || berth_cni::invoke(own, &request));
+        let outcome = match tokio::time::timeout(self.timeout, &mut task).await {
+            Ok(joined) => joined.map_err(|e| Error::Internal(format!("CNI plugin task: {e}")))?,
+            Err(_) => {
+                // In-process code cannot be killed as a late binary is: let
+                // it finish, so the DEL that follows sees all it made.
+                tracing::warn!(plugin = %call.kind, command = call.command, "in-process CNI plugin exceeded its timeout; waiting for it before cleaning up");
+                let _ = task.await;
+                return Err(self.deadline_exceeded(&call.kind, call.command));
+            }
+        };
         judge_own_outcome(&call.kind, call.command, outcome)
     }
 
