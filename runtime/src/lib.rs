@@ -8,6 +8,7 @@ pub mod cri;
 pub mod daemon;
 pub mod error;
 pub mod events;
+pub mod h2_authority;
 pub mod host;
 pub mod image;
 pub mod layout;

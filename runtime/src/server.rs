@@ -15,11 +15,13 @@ use k8s_cri::v1::runtime_service_server::RuntimeServiceServer;
 use nix::fcntl::{Flock, FlockArg};
 use nix::sys::stat::{Mode, umask};
 use tokio::net::UnixListener;
+use tokio_stream::StreamExt;
 use tokio_stream::wrappers::UnixListenerStream;
 
 use crate::cri::{ImageService, RuntimeService};
 use crate::daemon::Daemon;
 use crate::error::{Error, IoContext, Result};
+use crate::h2_authority::{self, AuthorityFix};
 
 /// The bound, locked CRI socket. Dropping it removes the socket file.
 pub struct CriSocket {
@@ -151,10 +153,15 @@ pub async fn serve(
     mut socket: CriSocket,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
-    let incoming = UnixListenerStream::new(socket.take_listener());
+    // Every connection goes through `AuthorityFix`, so that h2 accepts the
+    // `:authority` any gRPC client sends on a unix socket (see its module).
+    let incoming =
+        UnixListenerStream::new(socket.take_listener()).map(|conn| conn.map(AuthorityFix::new));
     tracing::info!(socket = %socket.path.display(), "serving CRI v1");
     let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
+        // The adapter must know the largest frame h2 accepts.
+        .max_frame_size(h2_authority::MAX_FRAME_SIZE)
         .trace_fn(|req| {
             tracing::info_span!(
                 "cri",
