@@ -62,8 +62,18 @@ fn main() -> ExitCode {
 fn run(config_path: Option<PathBuf>) -> Result<()> {
     let config = Config::load(config_path.as_deref())?;
     logging::init(&config.log);
+    // Domain work runs on blocking threads, up to one per call in flight;
+    // glibc would give each of them a malloc arena of its own that is kept
+    // after the thread is idle. Two arenas serve a daemon that mostly waits.
+    // SAFETY: mallopt only tunes the allocator; called before any thread.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // Idle blocking threads go soon, so a burst of calls does not keep
+        // its threads' memory.
+        .thread_keep_alive(std::time::Duration::from_secs(2))
         .enable_all()
         .build()
         .map_err(|e| berth_runtime::error::Error::io("start tokio runtime", e))?;
