@@ -16,6 +16,12 @@ pub struct BerthdOptions {
 /// Keys of the generated `[cni]` table besides `conf_dir` (which is always
 /// `<tmp>/cni/net.d`, see [`Berthd::cni_conf_dir`]). `extra_toml` cannot
 /// carry them: a second `[cni]` table is a TOML error.
+///
+/// A test that asks for no CNI (these options left empty, no
+/// [`ConfigBase`]) gets `cni.allow_loopback_only = true`: its pods run
+/// with loopback only, as scenario tests without networking expect. Any
+/// `bin_dirs` or a config base leaves berthd's default (refuse pods
+/// without a network); [`ConfigBase::cni`] can set the key either way.
 #[derive(Debug, Clone, Default)]
 pub struct CniOptions {
     /// `cni.bin_dirs`, searched in order; empty keeps berthd's default.
@@ -28,23 +34,141 @@ pub struct CniOptions {
 }
 
 impl CniOptions {
-    /// The lines of the `[cni]` table these options add.
-    fn toml_lines(&self) -> String {
-        let mut out = String::new();
+    /// The `[cni]` keys these options set, with their TOML values.
+    fn toml_keys(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
         if !self.bin_dirs.is_empty() {
-            // A JSON string is a valid TOML basic string.
-            let dirs: Vec<String> = self
-                .bin_dirs
-                .iter()
-                .map(|d| serde_json::to_string(&d.display().to_string()).unwrap())
-                .collect();
-            out.push_str(&format!("bin_dirs = [{}]\n", dirs.join(", ")));
+            let dirs: Vec<String> = self.bin_dirs.iter().map(|d| toml_path(d)).collect();
+            out.push(("bin_dirs".into(), format!("[{}]", dirs.join(", "))));
         }
         if let Some(secs) = self.plugin_timeout_secs {
-            out.push_str(&format!("plugin_timeout_secs = {secs}\n"));
+            out.push(("plugin_timeout_secs".into(), secs.to_string()));
         }
         if let Some(in_process) = self.in_process {
-            out.push_str(&format!("in_process = {in_process}\n"));
+            out.push(("in_process".into(), in_process.to_string()));
+        }
+        out
+    }
+}
+
+/// A path as a TOML string (a JSON string is a valid TOML basic string).
+pub fn toml_path(path: &Path) -> String {
+    serde_json::to_string(&path.display().to_string()).unwrap()
+}
+
+/// What a harness berthd's config starts from besides [`BerthdOptions`]
+/// and [`CniOptions`]: a shipped config document and more `[cni]` keys.
+/// The harness's own keys (`root_dir`, `state_dir`, `log.level`,
+/// `cni.conf_dir` and the [`CniOptions`] ones) are set into the document,
+/// replacing its values, so a test runs the shipped config on its
+/// temporary dirs.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigBase {
+    /// A config document: `[table]` headers and one-line `key = value`
+    /// entries (comments and blank lines are dropped), e.g.
+    /// [`dev_config`]; empty for none.
+    pub toml: String,
+    /// `[cni]` keys with their TOML values, set last:
+    /// `("default_bridge", "\"bn1f\"")`.
+    pub cni: Vec<(String, String)>,
+}
+
+/// `deploy/dev.toml`: the config `scripts/run-berthd` starts berthd with.
+pub fn dev_config_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/dev.toml")
+}
+
+/// The text of [`dev_config_path`].
+pub fn dev_config() -> anyhow::Result<String> {
+    let path = dev_config_path();
+    std::fs::read_to_string(&path).map_err(|e| anyhow::anyhow!("read {}: {e}", path.display()))
+}
+
+/// A flat TOML document edited by key: top-level entries, then tables in
+/// order, each entry `(key, value as written)`.
+#[derive(Debug, Default)]
+struct FlatToml {
+    top: Vec<(String, String)>,
+    tables: Vec<(String, Vec<(String, String)>)>,
+}
+
+impl FlatToml {
+    fn parse(text: &str) -> anyhow::Result<FlatToml> {
+        let mut doc = FlatToml::default();
+        let mut table: Option<usize> = None;
+        for (n, raw) in text.lines().enumerate() {
+            let line = raw.trim();
+            let n = n + 1;
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            anyhow::ensure!(
+                !line.starts_with("[["),
+                "line {n}: arrays of tables are not supported: {raw}"
+            );
+            if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+                let name = name.trim().to_string();
+                anyhow::ensure!(
+                    !doc.tables.iter().any(|(t, _)| *t == name),
+                    "line {n}: table [{name}] appears twice"
+                );
+                doc.tables.push((name, Vec::new()));
+                table = Some(doc.tables.len() - 1);
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                anyhow::bail!("line {n}: not `key = value`: {raw}");
+            };
+            let (key, value) = (key.trim().to_string(), value.trim().to_string());
+            anyhow::ensure!(
+                !value.starts_with("\"\"\"")
+                    && !value.starts_with("\x27\x27\x27")
+                    && (!value.starts_with('[') || value.ends_with(']'))
+                    && (!value.starts_with('{') || value.ends_with('}')),
+                "line {n}: only one-line values are supported: {raw}"
+            );
+            let entries = match table {
+                Some(i) => &mut doc.tables[i].1,
+                None => &mut doc.top,
+            };
+            entries.push((key, value));
+        }
+        Ok(doc)
+    }
+
+    /// Sets `key` of `table` (`None`: top level), in place if it is there.
+    fn set(&mut self, table: Option<&str>, key: &str, value: String) {
+        let entries = match table {
+            None => &mut self.top,
+            Some(name) => {
+                let i = match self.tables.iter().position(|(t, _)| t == name) {
+                    Some(i) => i,
+                    None => {
+                        self.tables.push((name.to_string(), Vec::new()));
+                        self.tables.len() - 1
+                    }
+                };
+                &mut self.tables[i].1
+            }
+        };
+        match entries.iter_mut().find(|(k, _)| k == key) {
+            Some(entry) => entry.1 = value,
+            None => entries.push((key.to_string(), value)),
+        }
+    }
+
+    /// The document with `between` (more TOML) after the top-level keys.
+    fn render(&self, between: &str) -> String {
+        let mut out = String::new();
+        for (k, v) in &self.top {
+            out.push_str(&format!("{k} = {v}\n"));
+        }
+        out.push_str(between);
+        for (name, entries) in &self.tables {
+            out.push_str(&format!("\n[{name}]\n"));
+            for (k, v) in entries {
+                out.push_str(&format!("{k} = {v}\n"));
+            }
         }
         out
     }
@@ -56,6 +180,9 @@ pub struct Berthd {
     pub socket: PathBuf,
     child: Option<OwnedChild>,
     starts: u32,
+    options: BerthdOptions,
+    cni_options: CniOptions,
+    base: ConfigBase,
 }
 
 /// The directory cargo put the workspace binaries in (next to `deps/`,
@@ -95,32 +222,67 @@ impl Berthd {
         options: BerthdOptions,
         cni_options: CniOptions,
     ) -> anyhow::Result<Berthd> {
+        Self::start_from(ConfigBase::default(), options, cni_options).await
+    }
+
+    /// [`Berthd::start_with_cni`] on a config base (a shipped config file,
+    /// more `[cni]` keys).
+    pub async fn start_from(
+        base: ConfigBase,
+        options: BerthdOptions,
+        cni_options: CniOptions,
+    ) -> anyhow::Result<Berthd> {
         let dir = tempfile::Builder::new().prefix("berth-e2e-").tempdir()?;
-        let root = dir.path().join("root");
         let state = dir.path().join("state");
-        let cni = dir.path().join("cni/net.d");
-        std::fs::create_dir_all(&cni)?;
-        let config_path = dir.path().join("config.toml");
-        std::fs::write(
-            &config_path,
-            format!(
-                "root_dir = \"{}\"\nstate_dir = \"{}\"\n{}\n[log]\nlevel = \"info,berth_runtime=debug\"\n\n[cni]\nconf_dir = \"{}\"\n{}",
-                root.display(),
-                state.display(),
-                options.extra_toml,
-                cni.display(),
-                cni_options.toml_lines()
-            ),
-        )?;
+        std::fs::create_dir_all(dir.path().join("cni/net.d"))?;
         let mut d = Berthd {
             socket: state.join("berth.sock"),
-            config_path,
+            config_path: dir.path().join("config.toml"),
             dir,
             child: None,
             starts: 0,
+            options,
+            cni_options,
+            base,
         };
+        std::fs::write(&d.config_path, d.render_config()?)?;
         d.restart().await?;
         Ok(d)
+    }
+
+    /// The config file's text for the options and base it was given.
+    fn render_config(&self) -> anyhow::Result<String> {
+        let mut doc = FlatToml::parse(&self.base.toml)?;
+        doc.set(None, "root_dir", toml_path(&self.root_dir()));
+        doc.set(None, "state_dir", toml_path(&self.state_dir()));
+        doc.set(Some("log"), "level", "\"info,berth_runtime=debug\"".into());
+        let asked_for_cni = !self.cni_options.bin_dirs.is_empty() || !self.base.toml.is_empty();
+        if !asked_for_cni {
+            doc.set(Some("cni"), "allow_loopback_only", "true".into());
+        }
+        doc.set(Some("cni"), "conf_dir", toml_path(&self.cni_conf_dir()));
+        for (k, v) in self
+            .cni_options
+            .toml_keys()
+            .into_iter()
+            .chain(self.base.cni.iter().cloned())
+        {
+            doc.set(Some("cni"), &k, v);
+        }
+        let mut between = self.options.extra_toml.clone();
+        if !between.is_empty() && !between.ends_with('\n') {
+            between.push('\n');
+        }
+        Ok(doc.render(&between))
+    }
+
+    /// Stops berthd, rewrites its config from `base` (same dirs, same
+    /// options) and starts it again; reconnect clients afterwards.
+    pub async fn reconfigure(&mut self, base: ConfigBase) -> anyhow::Result<()> {
+        self.stop();
+        self.base = base;
+        std::fs::write(&self.config_path, self.render_config()?)?;
+        self.restart().await
     }
 
     pub fn cni_conf_dir(&self) -> PathBuf {

@@ -61,14 +61,30 @@ pub enum CgroupDriver {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CniConfig {
+    /// Where the network config is read from (the lexically first valid
+    /// `.conflist`, `.conf` or `.json`). The default is where a cluster's
+    /// CNI daemonset writes its config.
     pub conf_dir: PathBuf,
     pub bin_dirs: Vec<PathBuf>,
+    /// Also search the directory of the berthd binary for plugins, before
+    /// `bin_dirs`: Berth's own plugins are built beside berthd. Off by
+    /// default: an installed berthd's dir (`/usr/local/bin`, `/usr/sbin`)
+    /// holds unrelated programs (iproute2's `bridge`, for one).
+    pub search_berthd_dir: bool,
     /// Seconds a plugin may run before the pod's setup fails.
     pub plugin_timeout_secs: u64,
-    /// Write a default conflist (bridge `berth0`, host-local IPAM on
-    /// `default_subnet`, portmap, loopback) when the conf dir has none.
+    /// Keep Berth's default conflist `<conf_dir>/10-berth.conflist` (bridge
+    /// `default_bridge` with a host address, host-local IPAM on
+    /// `default_subnet` with its data under `<state_dir>/cni-ipam`,
+    /// portmap, loopback), rewritten at start from these keys, unless
+    /// another network config in the conf dir comes first.
     pub write_default_conflist: bool,
+    pub default_bridge: String,
     pub default_subnet: String,
+    /// Without any network config, run pods that are not host-network with
+    /// loopback only instead of refusing them. For tests and development
+    /// without networking; kubelet never wants this.
+    pub allow_loopback_only: bool,
     /// Run Berth's own plugins (recognised in the bin dirs) in-process,
     /// saving a fork+exec per plugin; other plugins are always executed.
     pub in_process: bool,
@@ -143,9 +159,12 @@ impl Default for CniConfig {
         CniConfig {
             conf_dir: PathBuf::from("/etc/cni/net.d"),
             bin_dirs: vec![PathBuf::from("/opt/cni/bin")],
+            search_berthd_dir: false,
             plugin_timeout_secs: 60,
             write_default_conflist: false,
+            default_bridge: "berth0".into(),
             default_subnet: "10.88.0.0/16".into(),
+            allow_loopback_only: false,
             in_process: true,
         }
     }
@@ -210,6 +229,30 @@ impl Config {
         self.root_dir.join("meta.redb")
     }
 
+    /// Where the default conflist keeps host-local's allocations: under
+    /// the state dir, so they go at reboot with the pods they belong to.
+    pub fn default_ipam_dir(&self) -> PathBuf {
+        self.state_dir.join("cni-ipam")
+    }
+
+    /// `cni.bin_dirs` with berthd's own directory first when
+    /// `cni.search_berthd_dir` is set (`berthd_dir`: where the running
+    /// binary is, `None` if unknown).
+    pub fn cni_bin_dirs(&self, berthd_dir: Option<&Path>) -> Vec<PathBuf> {
+        let mut dirs = Vec::new();
+        if self.cni.search_berthd_dir
+            && let Some(dir) = berthd_dir
+        {
+            dirs.push(dir.to_path_buf());
+        }
+        for dir in &self.cni.bin_dirs {
+            if !dirs.contains(dir) {
+                dirs.push(dir.clone());
+            }
+        }
+        dirs
+    }
+
     fn validate(&self, origin: &str) -> Result<()> {
         let bad = |message: String| Error::Config {
             origin: origin.to_string(),
@@ -247,6 +290,35 @@ impl Config {
                 self.streaming.address
             )));
         }
+        if !self.cni.conf_dir.is_absolute() {
+            return Err(bad(format!(
+                "cni.conf_dir must be an absolute path, got {}",
+                self.cni.conf_dir.display()
+            )));
+        }
+        if let Some(dir) = self.cni.bin_dirs.iter().find(|d| !d.is_absolute()) {
+            return Err(bad(format!(
+                "cni.bin_dirs must be absolute paths, got {}",
+                dir.display()
+            )));
+        }
+        let bridge = &self.cni.default_bridge;
+        if bridge.is_empty()
+            || bridge.len() > 15
+            || bridge
+                .chars()
+                .any(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+        {
+            return Err(bad(format!(
+                "cni.default_bridge must be an interface name (1-15 of a-z, 0-9, -, _, .), got {bridge:?}"
+            )));
+        }
+        if !is_cidr(&self.cni.default_subnet) {
+            return Err(bad(format!(
+                "cni.default_subnet must be a subnet such as \"10.88.0.0/16\", got {:?}",
+                self.cni.default_subnet
+            )));
+        }
         tracing_subscriber::EnvFilter::try_new(&self.log.level).map_err(|e| {
             bad(format!(
                 "log.level {:?} is not a valid filter: {e}",
@@ -254,6 +326,21 @@ impl Config {
             ))
         })?;
         Ok(())
+    }
+}
+
+/// `addr/prefix` with a prefix that fits the address family.
+fn is_cidr(text: &str) -> bool {
+    let Some((addr, prefix)) = text.split_once('/') else {
+        return false;
+    };
+    let Ok(prefix) = prefix.parse::<u8>() else {
+        return false;
+    };
+    match addr.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => prefix <= 32,
+        Ok(std::net::IpAddr::V6(_)) => prefix <= 128,
+        Err(_) => false,
     }
 }
 
@@ -326,5 +413,70 @@ mod tests {
     #[test]
     fn relative_dirs_refused() {
         assert!(Config::parse("root_dir = \"var/lib\"\n", "t").is_err());
+        let err = Config::parse("[cni]\nconf_dir = \"net.d\"\n", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("cni.conf_dir"), "{err}");
+        assert!(Config::parse("[cni]\nbin_dirs = [\"bin\"]\n", "t").is_err());
+    }
+
+    #[test]
+    fn default_network_keys_checked() {
+        for (key, value) in [
+            ("default_bridge", "\"\""),
+            ("default_bridge", "\"a-bridge-name-too-long\""),
+            ("default_bridge", "\"br/0\""),
+            ("default_subnet", "\"10.88.0.0\""),
+            ("default_subnet", "\"10.88.0.0/33\""),
+            ("default_subnet", "\"berth/16\""),
+        ] {
+            let err = Config::parse(&format!("[cni]\n{key} = {value}\n"), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(key), "{key} = {value}: {err}");
+        }
+        let c = Config::parse(
+            "[cni]\ndefault_bridge = \"bn1f\"\ndefault_subnet = \"fd00:1::/64\"\n",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.cni.default_bridge, "bn1f");
+    }
+
+    #[test]
+    fn berthd_dir_searched_first_only_when_asked() {
+        let mut c = Config::default();
+        let beside = Path::new("/work/target/release");
+        assert_eq!(
+            c.cni_bin_dirs(Some(beside)),
+            vec![PathBuf::from("/opt/cni/bin")]
+        );
+        c.cni.search_berthd_dir = true;
+        assert_eq!(
+            c.cni_bin_dirs(Some(beside)),
+            vec![beside.to_path_buf(), PathBuf::from("/opt/cni/bin")]
+        );
+        c.cni.bin_dirs = vec![beside.to_path_buf()];
+        assert_eq!(c.cni_bin_dirs(Some(beside)), vec![beside.to_path_buf()]);
+        assert_eq!(c.cni_bin_dirs(None), vec![beside.to_path_buf()]);
+    }
+
+    #[test]
+    fn dev_config_parses_and_networks() {
+        let text = include_str!("../../deploy/dev.toml");
+        let c = Config::parse(text, "deploy/dev.toml").unwrap();
+        assert!(c.cni.write_default_conflist && c.cni.search_berthd_dir);
+        assert!(!c.cni.allow_loopback_only);
+        assert_ne!(c.cni.conf_dir, Config::default().cni.conf_dir);
+        assert!(c.cni.conf_dir.starts_with(&c.root_dir), "{c:?}");
+    }
+
+    #[test]
+    fn deploy_config_is_the_default() {
+        let text = include_str!("../../deploy/config.toml");
+        assert_eq!(
+            Config::parse(text, "deploy/config.toml").unwrap(),
+            Config::default()
+        );
     }
 }

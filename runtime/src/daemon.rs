@@ -69,11 +69,14 @@ impl Condition {
 
 impl Daemon {
     /// The daemon on this host. Must be called inside the tokio runtime.
-    pub fn open(config: Config) -> Result<Arc<Daemon>> {
+    pub fn open(mut config: Config) -> Result<Arc<Daemon>> {
         let cgroup_mode = CgroupMode::detect(std::path::Path::new(crate::cgroups::CGROUP_ROOT));
+        // The plugin search path is settled once: berthd's own dir (where
+        // Berth's plugins are built) first when asked for.
+        let exe = std::env::current_exe().ok();
+        config.cni.bin_dirs = config.cni_bin_dirs(exe.as_deref().and_then(|e| e.parent()));
         if config.cni.write_default_conflist
-            && let Some(path) =
-                network::write_default_conflist(&config.cni.conf_dir, &config.cni.default_subnet)?
+            && let Some(path) = network::write_default_conflist(&config)?
         {
             tracing::info!(path = %path.display(), "wrote the default CNI network config");
         }

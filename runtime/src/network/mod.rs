@@ -10,18 +10,25 @@ use std::time::Duration;
 use k8s_cri::v1::PodSandboxConfig;
 
 use crate::config::Config;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use cni::{Cni, NetworkList, PodNetwork, PortMapping};
+
+/// The file name of Berth's default conflist in the conf dir.
+pub const DEFAULT_CONFLIST: &str = "10-berth.conflist";
 
 pub struct Network {
     conf_dir: PathBuf,
+    allow_loopback_only: bool,
     cni: Cni,
 }
 
 impl Network {
+    /// `config.cni.bin_dirs` must already hold every dir to search (see
+    /// [`Config::cni_bin_dirs`]).
     pub fn new(config: &Config) -> Network {
         Network {
             conf_dir: config.cni.conf_dir.clone(),
+            allow_loopback_only: config.cni.allow_loopback_only,
             cni: Cni {
                 bin_dirs: config.cni.bin_dirs.clone(),
                 cache_dir: config.state_dir.join("cni"),
@@ -33,9 +40,11 @@ impl Network {
         }
     }
 
-    /// Runs the network list for a pod; returns its IPs. Without any CNI
-    /// config the pod keeps a loopback-only network (kubelet does not
-    /// schedule such pods while NetworkReady is false).
+    /// Runs the network list for a pod; returns its IPs. Without a usable
+    /// network config (none in the conf dir, or a plugin it names in no
+    /// bin dir) the pod is refused with FailedPrecondition naming what is
+    /// missing, before any plugin runs; only `cni.allow_loopback_only`
+    /// lets a pod without any config through with loopback alone.
     pub async fn setup(
         &self,
         sandbox_id: &str,
@@ -44,12 +53,23 @@ impl Network {
     ) -> Result<Vec<String>> {
         let source = match find_network_config(&self.conf_dir) {
             Ok(p) => p,
-            Err(why) => {
-                tracing::warn!(pod_id = sandbox_id, reason = %why, "no CNI network: pod gets loopback only");
+            Err(why) if self.allow_loopback_only => {
+                tracing::warn!(pod_id = sandbox_id, reason = %why, "no CNI network: pod gets loopback only (cni.allow_loopback_only)");
                 return Ok(Vec::new());
+            }
+            Err(why) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "the pod network is not ready: {why} (cni.conf_dir); \
+                     use a host-network pod, or set cni.allow_loopback_only for pods with loopback only"
+                )));
             }
         };
         let network = NetworkList::load(&source)?;
+        if let Some(missing) = missing_plugin(&network, &self.cni.bin_dirs) {
+            return Err(Error::FailedPrecondition(format!(
+                "the pod network is not ready: {missing}"
+            )));
+        }
         let meta = config.metadata.clone().unwrap_or_default();
         let pod = PodNetwork {
             sandbox_id: sandbox_id.to_string(),
@@ -137,57 +157,106 @@ impl Network {
 pub fn readiness(conf_dir: &Path, bin_dirs: &[PathBuf]) -> std::result::Result<PathBuf, String> {
     let path = find_network_config(conf_dir)?;
     let list = NetworkList::load(&path).map_err(|e| e.to_string())?;
-    for plugin in &list.plugins {
-        let kind = plugin["type"].as_str().unwrap_or_default();
-        if !bin_dirs.iter().any(|d| d.join(kind).is_file()) {
-            return Err(format!(
-                "CNI plugin {kind:?} named by {} is not in {}",
-                path.display(),
-                bin_dirs
-                    .iter()
-                    .map(|d| d.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(":")
-            ));
-        }
+    match missing_plugin(&list, bin_dirs) {
+        Some(missing) => Err(missing),
+        None => Ok(path),
     }
-    Ok(path)
 }
 
-/// Writes Berth's default conflist into `conf_dir` unless a network config
-/// is already there. No masquerade: egress NAT is the operator's choice.
-pub fn write_default_conflist(conf_dir: &Path, subnet: &str) -> Result<Option<PathBuf>> {
-    if find_network_config(conf_dir).is_ok() {
-        return Ok(None);
+/// The first plugin of `list` (a plugin's `type`, or the `ipam.type` it
+/// delegates to) that is in none of `bin_dirs`, described with the dirs
+/// searched.
+fn missing_plugin(list: &NetworkList, bin_dirs: &[PathBuf]) -> Option<String> {
+    let kinds = list.plugins.iter().flat_map(|plugin| {
+        [&plugin["type"], &plugin["ipam"]["type"]]
+            .into_iter()
+            .filter_map(|t| t.as_str())
+    });
+    for kind in kinds {
+        // An invalid type is refused as such when the plugin runs.
+        if kind.is_empty()
+            || kind.contains('/')
+            || kind.starts_with('.')
+            || bin_dirs.iter().any(|d| d.join(kind).is_file())
+        {
+            continue;
+        }
+        let dirs = if bin_dirs.is_empty() {
+            "no bin dir (cni.bin_dirs is empty)".to_string()
+        } else {
+            bin_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join(":")
+        };
+        return Some(format!(
+            "CNI plugin {kind:?} named by {} is not in {dirs} (cni.bin_dirs)",
+            list.source.display()
+        ));
     }
-    std::fs::create_dir_all(conf_dir)
-        .map_err(|e| crate::error::Error::io(format!("create {}", conf_dir.display()), e))?;
-    let conflist = serde_json::json!({
+    None
+}
+
+/// Berth's default network list: bridge `bridge` with the subnet's first
+/// address on the host (`isGateway`, so the host reaches its pods),
+/// host-local IPAM on `subnet` keeping its allocations in `ipam_dir`, a
+/// default route through the bridge, portmap, loopback. No masquerade:
+/// egress NAT is the operator's choice.
+pub fn default_conflist(bridge: &str, subnet: &str, ipam_dir: &Path) -> serde_json::Value {
+    serde_json::json!({
         "cniVersion": "1.0.0",
         "name": "berth",
         "plugins": [
             {
                 "type": "bridge",
-                "bridge": "berth0",
+                "bridge": bridge,
                 "isGateway": true,
                 "ipMasq": false,
                 "hairpinMode": true,
                 "ipam": {
                     "type": "host-local",
                     "ranges": [[{"subnet": subnet}]],
-                    "routes": [{"dst": "0.0.0.0/0"}]
+                    "routes": [{"dst": if subnet.contains(':') { "::/0" } else { "0.0.0.0/0" }}],
+                    "dataDir": ipam_dir.display().to_string()
                 }
             },
             {"type": "portmap", "capabilities": {"portMappings": true}},
             {"type": "loopback"}
         ]
-    });
-    let path = conf_dir.join("10-berth.conflist");
-    std::fs::write(
-        &path,
-        serde_json::to_vec_pretty(&conflist).unwrap_or_default(),
-    )
-    .map_err(|e| crate::error::Error::io(format!("write {}", path.display()), e))?;
+    })
+}
+
+/// Keeps Berth's default conflist ([`DEFAULT_CONFLIST`]) in `conf_dir`
+/// as `config` says, unless another network config in the dir comes
+/// before it; returns its path when it was written (new or changed).
+pub fn write_default_conflist(config: &Config) -> Result<Option<PathBuf>> {
+    let conf_dir = &config.cni.conf_dir;
+    let path = conf_dir.join(DEFAULT_CONFLIST);
+    if let Ok(in_force) = find_network_config(conf_dir)
+        && in_force != path
+    {
+        tracing::info!(config = %in_force.display(), "a CNI network config is there; not writing the default one");
+        return Ok(None);
+    }
+    let conflist = default_conflist(
+        &config.cni.default_bridge,
+        &config.cni.default_subnet,
+        &config.default_ipam_dir(),
+    );
+    let mut text = serde_json::to_vec_pretty(&conflist)
+        .map_err(|e| Error::Internal(format!("default conflist: {e}")))?;
+    text.push(b'\n');
+    if std::fs::read(&path).is_ok_and(|old| old == text) {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(conf_dir)
+        .map_err(|e| Error::io(format!("create {}", conf_dir.display()), e))?;
+    // Written aside and renamed: a reader never sees half a file.
+    let tmp = conf_dir.join(format!(".{DEFAULT_CONFLIST}.tmp"));
+    std::fs::write(&tmp, &text).map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+    std::fs::rename(&tmp, &path)
+        .map_err(|e| Error::io(format!("rename {} to {}", tmp.display(), path.display()), e))?;
     Ok(Some(path))
 }
 
@@ -287,6 +356,152 @@ mod tests {
             find_network_config(dir.path()).unwrap(),
             dir.path().join("10-net.conflist")
         );
+    }
+
+    fn config_in(dir: &Path) -> Config {
+        let mut c = Config {
+            root_dir: dir.join("root"),
+            state_dir: dir.join("state"),
+            ..Config::default()
+        };
+        c.cni.conf_dir = dir.join("net.d");
+        c.cni.bin_dirs = vec![dir.join("bin")];
+        c
+    }
+
+    fn plugin(dir: &Path, name: &str) {
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        std::fs::write(dir.join("bin").join(name), "#!/bin/sh\n").unwrap();
+    }
+
+    fn run_setup(network: &Network, netns: &Path) -> Result<Vec<String>> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(network.setup("sb1", netns, &PodSandboxConfig::default()))
+    }
+
+    #[test]
+    fn no_config_refuses_the_pod_naming_the_conf_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config_in(dir.path());
+        let network = Network::new(&config);
+        let err = run_setup(&network, &dir.path().join("netns")).unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+        let message = err.to_string();
+        assert!(
+            message.contains(&config.cni.conf_dir.display().to_string()),
+            "{message}"
+        );
+        assert!(message.contains("cni.allow_loopback_only"), "{message}");
+        // Nothing was made for the pod: not even the CNI cache dir.
+        assert!(!config.state_dir.exists());
+
+        std::fs::create_dir_all(&config.cni.conf_dir).unwrap();
+        let err = run_setup(&network, &dir.path().join("netns")).unwrap_err();
+        assert!(err.to_string().contains("no CNI network config"), "{err}");
+    }
+
+    #[test]
+    fn loopback_only_when_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_in(dir.path());
+        config.cni.allow_loopback_only = true;
+        let network = Network::new(&config);
+        assert_eq!(
+            run_setup(&network, &dir.path().join("netns")).unwrap(),
+            Vec::<String>::new()
+        );
+    }
+
+    #[test]
+    fn missing_plugin_refuses_before_any_plugin_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_in(dir.path());
+        // Even with loopback allowed: a config that is there must work.
+        config.cni.allow_loopback_only = true;
+        std::fs::create_dir_all(&config.cni.conf_dir).unwrap();
+        plugin(dir.path(), "bridge");
+        plugin(dir.path(), "loopback");
+        let conf = config.cni.conf_dir.join("10-n.conflist");
+        std::fs::write(
+            &conf,
+            r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge","ipam":{"type":"host-local"}},{"type":"loopback"}]}"#,
+        )
+        .unwrap();
+        let network = Network::new(&config);
+        let err = run_setup(&network, &dir.path().join("netns")).unwrap_err();
+        assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
+        let message = err.to_string();
+        assert!(message.contains("\"host-local\""), "{message}");
+        assert!(
+            message.contains(&dir.path().join("bin").display().to_string()),
+            "{message}"
+        );
+        assert!(
+            !config.state_dir.join("cni").exists(),
+            "a CNI cache was written"
+        );
+        let ready = readiness(&config.cni.conf_dir, &config.cni.bin_dirs).unwrap_err();
+        assert!(ready.contains("host-local"), "{ready}");
+
+        plugin(dir.path(), "host-local");
+        assert_eq!(
+            readiness(&config.cni.conf_dir, &config.cni.bin_dirs).unwrap(),
+            conf
+        );
+        let err = readiness(&config.cni.conf_dir, &[]).unwrap_err();
+        assert!(err.contains("cni.bin_dirs is empty"), "{err}");
+    }
+
+    #[test]
+    fn default_conflist_follows_the_config_and_yields_to_others() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = config_in(dir.path());
+        config.cni.default_bridge = "bn42".into();
+        config.cni.default_subnet = "10.223.42.0/24".into();
+        let path = write_default_conflist(&config).unwrap().unwrap();
+        assert_eq!(path, config.cni.conf_dir.join(DEFAULT_CONFLIST));
+        assert_eq!(find_network_config(&config.cni.conf_dir).unwrap(), path);
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        let bridge = &doc["plugins"][0];
+        assert_eq!(bridge["bridge"], "bn42");
+        assert_eq!(bridge["isGateway"], true);
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.223.42.0/24");
+        assert_eq!(
+            bridge["ipam"]["dataDir"],
+            config.state_dir.join("cni-ipam").display().to_string()
+        );
+        // Unchanged: not rewritten. Changed: rewritten.
+        assert_eq!(write_default_conflist(&config).unwrap(), None);
+        config.cni.default_subnet = "10.223.43.0/24".into();
+        assert_eq!(write_default_conflist(&config).unwrap(), Some(path.clone()));
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("10.223.43.0/24")
+        );
+        // An operator's config that comes first is left in force.
+        let theirs = config.cni.conf_dir.join("05-cluster.conflist");
+        std::fs::write(
+            &theirs,
+            r#"{"cniVersion":"1.0.0","name":"c","plugins":[{"type":"flannel"}]}"#,
+        )
+        .unwrap();
+        config.cni.default_subnet = "10.223.44.0/24".into();
+        assert_eq!(write_default_conflist(&config).unwrap(), None);
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("10.223.43.0/24")
+        );
+        let names: Vec<_> = std::fs::read_dir(&config.cni.conf_dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(names.len(), 2, "{names:?}");
     }
 
     #[test]
