@@ -18,5 +18,7 @@ berth_install_packages() {
 # Build: protoc for the CRI bindings, libseccomp for the container runtime library.
 BERTH_BUILD_PACKAGES=(protobuf-compiler libseccomp-dev pkg-config)
 # Tests: a real registry, busybox for test images, skopeo to push them, the
-# reference CNI plugins and nftables for networking tests.
-BERTH_TEST_PACKAGES=(docker-registry busybox-static skopeo containernetworking-plugins nftables iproute2)
+# reference CNI plugins and nftables for networking tests; python3-yaml to
+# read the Kubernetes manifests and python3-venv for the schema validator
+# the deploy tests install from PyPI.
+BERTH_TEST_PACKAGES=(docker-registry busybox-static skopeo containernetworking-plugins nftables iproute2 python3-yaml python3-venv)
