@@ -299,7 +299,8 @@ const OVERLAID: &[&str] = &["/etc", "/usr/local", "/opt", "/var/lib", "/run"];
 pub struct MountNs {
     holder: Option<OwnedChild>,
     pub root: PathBuf,
-    scratch: tempfile::TempDir,
+    /// The overlays' upper and work dirs, removed last.
+    _scratch: tempfile::TempDir,
 }
 
 impl MountNs {
@@ -350,7 +351,7 @@ impl MountNs {
         let ns = MountNs {
             holder: Some(holder),
             root: root.to_path_buf(),
-            scratch,
+            _scratch: scratch,
         };
         // Never go on unless every dir really is the temporary one.
         let marker = root.join("etc/berth/.berth-e2e-ns");
