@@ -749,3 +749,169 @@ pub fn kubernetes_validate() -> anyhow::Result<PathBuf> {
     std::fs::write(&complete, "")?;
     Ok(bin)
 }
+
+// ---- a stand-in for the host's systemd ----------------------------------
+
+/// The `systemctl` a [`FakeSystemdHost`] puts first on PATH: what
+/// berth-node asks of systemd, for berthd.service, with the unit's
+/// semantics (ExecStart in the background with its RuntimeDirectory and
+/// StateDirectory, `KillMode=process`: stop is SIGTERM to the main process
+/// alone). Every call is appended to `$FAKE_SYSTEMD_DIR/calls`.
+const FAKE_SYSTEMCTL: &str = r#"#!/bin/sh
+set -eu
+state=$FAKE_SYSTEMD_DIR
+echo "$*" >>"$state/calls"
+unit=/etc/systemd/system/berthd.service
+now=0
+args=""
+for a in "$@"; do
+    case $a in
+        --quiet) ;;
+        --now) now=1 ;;
+        *) args="$args $a" ;;
+    esac
+done
+set -- $args
+main_alive() {
+    pid=$(cat "$state/main.pid" 2>/dev/null) || return 1
+    [ -n "$(tr -d '\000' <"/proc/$pid/cmdline" 2>/dev/null)" ]
+}
+start() {
+    main_alive && return 0
+    exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
+    mkdir -p /run/berth /var/lib/berth
+    chmod 0711 /run/berth /var/lib/berth
+    setsid $exec_start >>"$state/berthd.log" 2>&1 </dev/null &
+    echo $! >"$state/main.pid"
+}
+stop() {
+    main_alive || return 0
+    kill -TERM "$pid"
+    while main_alive; do sleep 0.1; done
+}
+case $1 in
+    daemon-reload | enable) ;;
+    disable) if [ "$now" = 1 ]; then stop; fi ;;
+    start) start ;;
+    stop) stop ;;
+    restart) stop; start ;;
+    is-active) main_alive ;;
+    *) echo "fake systemctl: $1 is not emulated" >&2; exit 1 ;;
+esac
+"#;
+
+/// A host whose PID 1 "is systemd", inside a [`MountNs`]: a new PID
+/// namespace (with its own /proc) whose init has `/run/systemd/system`,
+/// and a stand-in `systemctl` ([`FAKE_SYSTEMCTL`]) first on PATH. Commands
+/// run "from a pod" ([`FakeSystemdHost::command`]) see PID 1 as that init,
+/// so berth-node's `nsenter --target 1 ... systemctl` reaches the stand-in.
+/// Dropping it kills the PID namespace.
+pub struct FakeSystemdHost {
+    unshare: Option<OwnedChild>,
+    init_pid: i32,
+    pub dir: PathBuf,
+}
+
+impl FakeSystemdHost {
+    /// `dir` (on a path every namespace sees, such as /tmp) holds the
+    /// stand-in systemctl and its state.
+    pub fn new(ns: &MountNs, dir: &Path) -> anyhow::Result<FakeSystemdHost> {
+        let bin = dir.join("bin");
+        std::fs::create_dir_all(&bin)?;
+        std::fs::write(bin.join("systemctl"), FAKE_SYSTEMCTL)?;
+        std::fs::set_permissions(
+            bin.join("systemctl"),
+            std::fs::Permissions::from_mode(0o755),
+        )?;
+        let mut cmd = ns.command("unshare");
+        cmd.args([
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "--mount-proc",
+            "sh",
+            "-c",
+            "mkdir -p /run/systemd/system && exec sleep 1000000",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(dir.join("unshare.log"))?);
+        let unshare = OwnedChild::spawn("fake systemd host", cmd)?;
+        let parent = unshare.pid();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let init_pid = loop {
+            let children =
+                std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children"))
+                    .unwrap_or_default();
+            if let Some(pid) = children
+                .split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+                && std::path::Path::new(&format!("/proc/{pid}/root/run/systemd/system")).is_dir()
+                && crate::pods::cmdline(pid).is_some_and(|c| c.starts_with("sleep"))
+            {
+                break pid;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "the fake systemd host did not come up within 10 s"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        Ok(FakeSystemdHost {
+            unshare: Some(unshare),
+            init_pid,
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// `program` run in the host's PID and mount namespaces, as from a
+    /// hostPID pod, with the stand-in systemctl first on PATH.
+    pub fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.arg(format!("--target={}", self.init_pid))
+            .args(["--mount", "--pid", "--wd=/", "--"])
+            .arg(program)
+            .env(
+                "PATH",
+                format!(
+                    "{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+                    self.dir.join("bin").display()
+                ),
+            )
+            .env("FAKE_SYSTEMD_DIR", &self.dir);
+        cmd
+    }
+
+    /// The systemctl calls so far, one a line, and forgets them.
+    pub fn take_calls(&self) -> Vec<String> {
+        let path = self.dir.join("calls");
+        let calls = std::fs::read_to_string(&path).unwrap_or_default();
+        let _ = std::fs::remove_file(&path);
+        calls.lines().map(String::from).collect()
+    }
+
+    /// berthd's main pid as the stand-in recorded it (a pid of the fake
+    /// host's PID namespace).
+    pub fn main_pid(&self) -> Option<i32> {
+        std::fs::read_to_string(self.dir.join("main.pid"))
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+    }
+
+    /// berthd's output (the journal's stand-in).
+    pub fn journal(&self) -> String {
+        std::fs::read_to_string(self.dir.join("berthd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for FakeSystemdHost {
+    fn drop(&mut self) {
+        // SIGKILL to a PID namespace's init ends every process in it.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.init_pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        drop(self.unshare.take());
+    }
+}

@@ -1383,3 +1383,196 @@ async fn upgrade_swaps_berthd_under_a_running_container() {
         ns.processes()
     );
 }
+
+// ---- the systemd path: nsenter from a pod to the host's systemctl ----
+
+/// berth-node run as the DaemonSet runs it (host root seen elsewhere,
+/// BERTH_SYSTEMD=yes) against a host whose PID 1 is a stand-in systemd.
+fn from_pod(host: &deploy::FakeSystemdHost, root: &Path, program: &Path, args: &[&str]) -> Output {
+    run(host
+        .command(&program.display().to_string())
+        .args(args)
+        .env("BERTH_HOST_ROOT", root)
+        .env("BERTH_SYSTEMD", "yes"))
+}
+
+#[test]
+fn systemd_path_starts_restarts_and_stops_berthd_through_nsenter() {
+    require_root();
+    let work = tempfile::Builder::new()
+        .prefix("berth-deploy-systemd-")
+        .tempdir()
+        .unwrap();
+    let new_bins = bin_dir();
+    let old_bins = work.path().join("old-bin");
+    std::fs::create_dir_all(&old_bins).unwrap();
+    for b in [
+        "berth-shim",
+        "berth-container",
+        "bridge",
+        "host-local",
+        "portmap",
+        "loopback",
+    ] {
+        std::os::unix::fs::symlink(new_bins.join(b), old_bins.join(b)).unwrap();
+    }
+    let mut old_berthd = std::fs::read(new_bins.join("berthd")).unwrap();
+    old_berthd.extend_from_slice(b"\n# berth e2e: the old build\n");
+    std::fs::write(old_bins.join("berthd"), &old_berthd).unwrap();
+    std::fs::set_permissions(
+        old_bins.join("berthd"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let (old_tree, new_tree) = (work.path().join("old"), work.path().join("new"));
+    for (bins, tree) in [(&old_bins, &old_tree), (&new_bins, &new_tree)] {
+        deploy::write_tree(&repo(), bins, tree).unwrap();
+    }
+    let root = work.path().join("host");
+    let ns = MountNs::new(&root).unwrap();
+    let host = deploy::FakeSystemdHost::new(&ns, &work.path().join("systemd")).unwrap();
+    let old_node = old_tree.join("berth/berth-node");
+    let new_node = new_tree.join("berth/berth-node");
+
+    // First install: the unit is new (daemon-reload), enabled, and berthd
+    // started; the installer waits until it serves.
+    let out = from_pod(&host, &root, &old_node, &["install"]);
+    assert!(
+        out.status.success(),
+        "install: {}\n{}",
+        text(&out),
+        host.journal()
+    );
+    let said = text(&out);
+    assert!(said.contains("ok: berthd (pid"), "{said}");
+    assert_eq!(
+        host.take_calls(),
+        [
+            "daemon-reload",
+            "enable --quiet berthd.service",
+            "restart berthd.service"
+        ]
+    );
+    let first = host.main_pid().unwrap();
+
+    // The same image again (a restarted pod): berthd is only asked to be
+    // running.
+    let out = from_pod(&host, &root, &old_node, &["install"]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains("0 file(s) changed"), "{}", text(&out));
+    assert_eq!(
+        host.take_calls(),
+        ["enable --quiet berthd.service", "start berthd.service"]
+    );
+    assert_eq!(
+        host.main_pid(),
+        Some(first),
+        "an unchanged install restarted berthd"
+    );
+
+    // A new berthd: checked on the host (--version, through nsenter),
+    // swapped, berthd restarted; the unit did not change.
+    let out = from_pod(&host, &root, &new_node, &["install"]);
+    assert!(
+        out.status.success(),
+        "upgrade: {}\n{}",
+        text(&out),
+        host.journal()
+    );
+    let said = text(&out);
+    assert!(said.contains("installed /usr/local/bin/berthd"), "{said}");
+    assert!(
+        said.contains("restarting berthd (KillMode=process"),
+        "{said}"
+    );
+    assert_eq!(
+        host.take_calls(),
+        ["enable --quiet berthd.service", "restart berthd.service"]
+    );
+    assert_ne!(host.main_pid(), Some(first), "berthd was not restarted");
+    let health = from_pod(&host, &root, &new_node, &["health"]);
+    assert!(health.status.success(), "{}", text(&health));
+
+    // A new berthd the host cannot run never replaces the working one.
+    let broken = work.path().join("broken-bin");
+    std::fs::create_dir_all(&broken).unwrap();
+    for b in [
+        "berth-container",
+        "bridge",
+        "host-local",
+        "portmap",
+        "loopback",
+    ] {
+        std::os::unix::fs::symlink(new_bins.join(b), broken.join(b)).unwrap();
+    }
+    // A new shim comes with it: it must not go in either.
+    let mut shim = std::fs::read(new_bins.join("berth-shim")).unwrap();
+    shim.extend_from_slice(b"\n# berth e2e: a shim for the broken berthd\n");
+    std::fs::write(broken.join("berth-shim"), shim).unwrap();
+    std::fs::set_permissions(
+        broken.join("berth-shim"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(
+        broken.join("berthd"),
+        "#!/bin/sh\necho 'berthd: cannot run here' >&2\nexit 127\n",
+    )
+    .unwrap();
+    std::fs::set_permissions(
+        broken.join("berthd"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let broken_tree = work.path().join("broken");
+    deploy::write_tree(&repo(), &broken, &broken_tree).unwrap();
+    let out = from_pod(
+        &host,
+        &root,
+        &broken_tree.join("berth/berth-node"),
+        &["install"],
+    );
+    assert!(
+        !out.status.success(),
+        "a berthd that does not run was installed: {}",
+        text(&out)
+    );
+    assert!(
+        text(&out).contains("/usr/local/bin/berthd does not run on this host"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(
+        sha_of(&root.join("usr/local/bin/berthd")),
+        sha_of(&new_bins.join("berthd"))
+    );
+    assert_eq!(
+        sha_of(&root.join("usr/local/bin/berth-shim")),
+        sha_of(&new_bins.join("berth-shim")),
+        "the shim of a berthd that does not run went in"
+    );
+    for b in ["berthd", "berth-shim"] {
+        assert!(!root.join(format!("usr/local/bin/{b}.berth-new")).exists());
+    }
+    assert!(
+        host.take_calls().is_empty(),
+        "systemd was asked to act on a failed install"
+    );
+
+    // Uninstall: stopped and disabled, the files gone, systemd reloaded.
+    let out = from_pod(&host, &root, &new_node, &["uninstall"]);
+    assert!(out.status.success(), "uninstall: {}", text(&out));
+    assert_eq!(
+        host.take_calls(),
+        ["disable --now --quiet berthd.service", "daemon-reload"]
+    );
+    assert_eq!(
+        deploy::files_under(&root.join("usr")).unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        deploy::files_under(&root.join("etc")).unwrap(),
+        Vec::<String>::new()
+    );
+    assert!(!host.journal().is_empty());
+}
