@@ -18,6 +18,8 @@ berth_install_packages() {
 # Build: protoc for the CRI bindings, libseccomp for the container runtime library.
 BERTH_BUILD_PACKAGES=(protobuf-compiler libseccomp-dev pkg-config)
 # Tests: a real registry, busybox for test images, skopeo to push them, the
-# reference CNI plugins and nftables for networking tests, Python with venv
-# for the grpcio interop test (which installs grpcio from PyPI itself).
-BERTH_TEST_PACKAGES=(docker-registry busybox-static skopeo containernetworking-plugins nftables iproute2 python3 python3-venv)
+# reference CNI plugins and nftables for networking tests; Python with venv
+# for the tests that install from PyPI (grpcio for the interop test, a
+# Kubernetes schema validator for the deploy tests) and python3-yaml to read
+# the manifests.
+BERTH_TEST_PACKAGES=(docker-registry busybox-static skopeo containernetworking-plugins nftables iproute2 python3 python3-venv python3-yaml)

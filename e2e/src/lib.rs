@@ -7,6 +7,7 @@
 pub mod bench;
 pub mod berthd;
 pub mod cri;
+pub mod deploy;
 pub mod http;
 pub mod images;
 pub mod net;
