@@ -458,3 +458,25 @@ async fn json_logs_carry_an_rpc_span() {
         "{line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_text_log_file_holds_no_escape_sequence() {
+    let d = started().await;
+    let mut c = d.client().await.unwrap();
+    c.runtime
+        .update_runtime_config(UpdateRuntimeConfigRequest {
+            runtime_config: Some(RuntimeConfig {
+                network_config: Some(NetworkConfig {
+                    pod_cidr: "10.9.0.0/16".into(),
+                }),
+            }),
+        })
+        .await
+        .unwrap();
+    let log = d.log();
+    assert!(log.contains("pod CIDR updated"), "{log}");
+    assert!(
+        !log.contains('\x1b'),
+        "berthd wrote terminal escape codes into its log file:\n{log}"
+    );
+}
