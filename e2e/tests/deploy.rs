@@ -1039,27 +1039,7 @@ async fn upgrade_swaps_berthd_under_a_running_container() {
 
     // The "old" release: the same binaries, berthd with a few bytes more.
     let new_bins = bin_dir();
-    let old_bins = work.path().join("old-bin");
-    std::fs::create_dir_all(&old_bins).unwrap();
-    for b in [
-        "berth-shim",
-        "berth-container",
-        "bridge",
-        "host-local",
-        "portmap",
-        "loopback",
-        "berth-image",
-    ] {
-        std::os::unix::fs::symlink(new_bins.join(b), old_bins.join(b)).unwrap();
-    }
-    let mut old_berthd = std::fs::read(new_bins.join("berthd")).unwrap();
-    old_berthd.extend_from_slice(b"\n# berth e2e: the old build\n");
-    std::fs::write(old_bins.join("berthd"), &old_berthd).unwrap();
-    std::fs::set_permissions(
-        old_bins.join("berthd"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    let old_bins = old_release(work.path(), &["berth-image"]);
     // The documented tree build (an image's files, for a host without Kubernetes).
     let (old_tree, new_tree) = (work.path().join("old"), work.path().join("new"));
     for (bins, tree) in [(&old_bins, &old_tree), (&new_bins, &new_tree)] {
@@ -1090,7 +1070,7 @@ async fn upgrade_swaps_berthd_under_a_running_container() {
     );
     assert_eq!(
         std::fs::read(host.join("usr/local/bin/berthd")).unwrap(),
-        old_berthd
+        std::fs::read(old_bins.join("berthd")).unwrap()
     );
     let unit = Unit::load(&host.join("etc/systemd/system/berthd.service")).unwrap();
     let socket = host.join("run/berth/berth.sock");
@@ -1404,26 +1384,7 @@ fn systemd_path_starts_restarts_and_stops_berthd_through_nsenter() {
         .tempdir()
         .unwrap();
     let new_bins = bin_dir();
-    let old_bins = work.path().join("old-bin");
-    std::fs::create_dir_all(&old_bins).unwrap();
-    for b in [
-        "berth-shim",
-        "berth-container",
-        "bridge",
-        "host-local",
-        "portmap",
-        "loopback",
-    ] {
-        std::os::unix::fs::symlink(new_bins.join(b), old_bins.join(b)).unwrap();
-    }
-    let mut old_berthd = std::fs::read(new_bins.join("berthd")).unwrap();
-    old_berthd.extend_from_slice(b"\n# berth e2e: the old build\n");
-    std::fs::write(old_bins.join("berthd"), &old_berthd).unwrap();
-    std::fs::set_permissions(
-        old_bins.join("berthd"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .unwrap();
+    let old_bins = old_release(work.path(), &[]);
     let (old_tree, new_tree) = (work.path().join("old"), work.path().join("new"));
     for (bins, tree) in [(&old_bins, &old_tree), (&new_bins, &new_tree)] {
         deploy::write_tree(&repo(), bins, tree).unwrap();
@@ -1575,4 +1536,33 @@ fn systemd_path_starts_restarts_and_stops_berthd_through_nsenter() {
         Vec::<String>::new()
     );
     assert!(!host.journal().is_empty());
+}
+
+/// An "old" release in `<work>/old-bin`: the workspace's binaries (and
+/// `extra` ones) linked, berthd copied with a few bytes more, so an upgrade
+/// to the real binaries changes berthd's checksum.
+fn old_release(work: &Path, extra: &[&str]) -> PathBuf {
+    let new_bins = bin_dir();
+    let old_bins = work.join("old-bin");
+    std::fs::create_dir_all(&old_bins).unwrap();
+    let shared = [
+        "berth-shim",
+        "berth-container",
+        "bridge",
+        "host-local",
+        "portmap",
+        "loopback",
+    ];
+    for b in shared.iter().chain(extra) {
+        std::os::unix::fs::symlink(new_bins.join(b), old_bins.join(b)).unwrap();
+    }
+    let mut old_berthd = std::fs::read(new_bins.join("berthd")).unwrap();
+    old_berthd.extend_from_slice(b"\n# berth e2e: the old build\n");
+    std::fs::write(old_bins.join("berthd"), &old_berthd).unwrap();
+    std::fs::set_permissions(
+        old_bins.join("berthd"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    old_bins
 }
