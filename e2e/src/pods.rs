@@ -445,6 +445,26 @@ impl PodEnv {
             .unwrap_or_else(|e| panic!("ExecSync {cmd:?} in {id}: {e:?}"))
     }
 
+    /// Waits until something listens on TCP `port` in the container's
+    /// network namespace (busybox netstat).
+    pub async fn wait_listening(&mut self, ctr: &str, port: u16) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (out, _, _) = self.exec(ctr, &["netstat", "-ltn"]).await;
+            if out
+                .lines()
+                .any(|l| l.contains(&format!(":{port} ")) && l.contains("LISTEN"))
+            {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "nothing listens on :{port} in {ctr} after 20 s:\n{out}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// `sh -c script` through ExecSync; asserts exit 0 and returns stdout.
     pub async fn sh(&mut self, id: &str, script: &str) -> String {
         let (out, err, code) = self.exec(id, &["sh", "-c", script]).await;

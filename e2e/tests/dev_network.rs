@@ -73,26 +73,6 @@ async fn pod_ip(env: &mut PodEnv, pod_id: &str) -> String {
         .ip
 }
 
-/// Waits until something listens on TCP `port` in the container's network
-/// namespace (busybox netstat).
-async fn wait_listening(env: &mut PodEnv, ctr: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (out, _, _) = env.exec(ctr, &["netstat", "-ltn"]).await;
-        if out
-            .lines()
-            .any(|l| l.contains(&format!(":{port} ")) && l.contains("LISTEN"))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on :{port} in {ctr} after 20 s:\n{out}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// From the host: connect to `addr`, send `line`, read the reply to EOF.
 fn exchange(addr: SocketAddr, line: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
@@ -263,7 +243,7 @@ async fn dev_config_gives_a_pod_an_address_the_host_reaches() {
             ),
         )
         .await;
-    wait_listening(&mut env, &server, 8080).await;
+    env.wait_listening(&server, 8080).await;
 
     net.assert_routed(&ip);
     let addr = SocketAddr::new(ip.parse().unwrap(), 8080);

@@ -437,16 +437,7 @@ async fn json_logs_carry_an_rpc_span() {
     d.stop();
     d.restart().await.unwrap();
     let mut c = d.client().await.unwrap();
-    c.runtime
-        .update_runtime_config(UpdateRuntimeConfigRequest {
-            runtime_config: Some(RuntimeConfig {
-                network_config: Some(NetworkConfig {
-                    pod_cidr: "10.9.0.0/16".into(),
-                }),
-            }),
-        })
-        .await
-        .unwrap();
+    set_pod_cidr(&mut c, "10.9.0.0/16").await;
     let log = d.log();
     let line = log
         .lines()
@@ -463,20 +454,25 @@ async fn json_logs_carry_an_rpc_span() {
 async fn a_text_log_file_holds_no_escape_sequence() {
     let d = started().await;
     let mut c = d.client().await.unwrap();
-    c.runtime
-        .update_runtime_config(UpdateRuntimeConfigRequest {
-            runtime_config: Some(RuntimeConfig {
-                network_config: Some(NetworkConfig {
-                    pod_cidr: "10.9.0.0/16".into(),
-                }),
-            }),
-        })
-        .await
-        .unwrap();
+    set_pod_cidr(&mut c, "10.9.0.0/16").await;
     let log = d.log();
     assert!(log.contains("pod CIDR updated"), "{log}");
     assert!(
         !log.contains('\x1b'),
         "berthd wrote terminal escape codes into its log file:\n{log}"
     );
+}
+
+/// UpdateRuntimeConfig with `cidr` as the pod CIDR.
+async fn set_pod_cidr(c: &mut berth_e2e::cri::CriClient, cidr: &str) {
+    c.runtime
+        .update_runtime_config(UpdateRuntimeConfigRequest {
+            runtime_config: Some(RuntimeConfig {
+                network_config: Some(NetworkConfig {
+                    pod_cidr: cidr.into(),
+                }),
+            }),
+        })
+        .await
+        .unwrap();
 }

@@ -129,26 +129,6 @@ async fn pod_ip(env: &mut PodEnv, net: &TestNet, pod_id: &str) -> String {
     network.ip
 }
 
-/// Waits until something listens on TCP `port` in the container's network
-/// namespace (busybox netstat).
-async fn wait_listening(env: &mut PodEnv, ctr: &str, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let (out, _, _) = env.exec(ctr, &["netstat", "-ltn"]).await;
-        if out
-            .lines()
-            .any(|l| l.contains(&format!(":{port} ")) && l.contains("LISTEN"))
-        {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "nothing listens on :{port} in {ctr} after 20 s:\n{out}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 /// One TCP exchange from the host: connect, read until EOF.
 fn fetch(port: u16) -> std::io::Result<String> {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
@@ -339,7 +319,7 @@ async fn two_pods_exchange_tcp(plugins: Plugins) {
 
     net.assert_routed(&ip_a);
     net.assert_routed(&ip_b);
-    wait_listening(&mut env, &server, 8080).await;
+    env.wait_listening(&server, 8080).await;
     let script = format!("echo hello-from-b | nc -w 5 {ip_a} 8080");
     let deadline = Instant::now() + Duration::from_secs(15);
     let reply = loop {
@@ -408,7 +388,7 @@ async fn host_port_on_loopback_reaches_the_pod(plugins: Plugins) {
             &container_config("web", &bb, &["nc", "-ll", "-p", "80", "-e", "echo", &token]),
         )
         .await;
-    wait_listening(&mut env, &server, 80).await;
+    env.wait_listening(&server, 80).await;
     let rules = pod_rules(&pod, &ip);
     assert!(
         !rules.is_empty(),
@@ -680,7 +660,7 @@ async fn killed_berthd_still_releases_the_network(plugins: Plugins) {
             &container_config("web", &bb, &["nc", "-ll", "-p", "80", "-e", "echo", &token]),
         )
         .await;
-    wait_listening(&mut env, &server, 80).await;
+    env.wait_listening(&server, 80).await;
     net.assert_routed(&ip);
     fetch_until(host_port, &token, Duration::from_secs(15)).await;
     assert!(!pod_rules(&pod, &ip).is_empty(), "no rules for {pod}");
