@@ -117,6 +117,12 @@ pub struct StreamingConfig {
     /// Address of the exec/attach/port-forward server. Loopback by default:
     /// nothing listens on a non-loopback address unless an operator asks.
     pub address: String,
+    /// PEM certificate chain and private key: when both are set the server
+    /// speaks TLS only (URLs become `https://`).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Sessions served at once; one more is refused with 429.
+    pub max_sessions: usize,
 }
 
 impl Default for Config {
@@ -174,6 +180,9 @@ impl Default for StreamingConfig {
     fn default() -> Self {
         StreamingConfig {
             address: "127.0.0.1:0".into(),
+            tls_cert_file: None,
+            tls_key_file: None,
+            max_sessions: 256,
         }
     }
 }
@@ -289,6 +298,25 @@ impl Config {
                 "streaming.address must be ip:port, got {:?}",
                 self.streaming.address
             )));
+        }
+        match (&self.streaming.tls_cert_file, &self.streaming.tls_key_file) {
+            (None, None) => {}
+            (Some(cert), Some(key)) if cert.is_absolute() && key.is_absolute() => {}
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "streaming.tls_cert_file and streaming.tls_key_file must be absolute paths"
+                        .into(),
+                ));
+            }
+            _ => {
+                return Err(bad(
+                    "streaming.tls_cert_file and streaming.tls_key_file must be set together"
+                        .into(),
+                ));
+            }
+        }
+        if self.streaming.max_sessions == 0 {
+            return Err(bad("streaming.max_sessions must be at least 1".into()));
         }
         if !self.cni.conf_dir.is_absolute() {
             return Err(bad(format!(

@@ -63,6 +63,11 @@ pub enum Error {
     #[error("{0}")]
     Unauthenticated(String),
 
+    /// A limit on concurrent work was reached (streaming sessions, pending
+    /// streaming requests).
+    #[error("{0}")]
+    ResourceExhausted(String),
+
     #[error("{0}")]
     Unavailable(String),
 

@@ -23,6 +23,7 @@ pub mod recovery;
 pub mod sandbox;
 pub mod server;
 pub mod store;
+pub mod streaming;
 pub mod timing;
 pub mod undo;
 

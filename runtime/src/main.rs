@@ -4,6 +4,8 @@ use std::process::ExitCode;
 use berth_runtime::config::Config;
 use berth_runtime::daemon::Daemon;
 use berth_runtime::error::Result;
+use std::sync::Arc;
+
 use berth_runtime::{logging, server};
 use clap::{Parser, Subcommand};
 
@@ -94,6 +96,11 @@ fn run(config_path: Option<PathBuf>) -> Result<()> {
             root = %daemon.config.root_dir.display(),
             "berthd started"
         );
-        server::serve(daemon, socket, server::termination_signal()).await
+        let backend = Arc::new(berth_runtime::streaming::backend::DaemonBackend {
+            daemon: daemon.clone(),
+        });
+        let streaming =
+            berth_runtime::streaming::Server::start(&daemon.config.streaming, backend).await?;
+        server::serve(daemon, streaming, socket, server::termination_signal()).await
     })
 }

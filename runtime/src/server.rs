@@ -150,6 +150,7 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// calls finish. Containers are not touched: they belong to their shims.
 pub async fn serve(
     daemon: Arc<Daemon>,
+    streaming: Arc<crate::streaming::Server>,
     mut socket: CriSocket,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<()> {
@@ -173,6 +174,7 @@ pub async fn serve(
         })
         .add_service(RuntimeServiceServer::new(RuntimeService::new(
             daemon.clone(),
+            streaming,
         )))
         .add_service(ImageServiceServer::new(ImageService::new(daemon)))
         .serve_with_incoming_shutdown(incoming, async move {

@@ -7,6 +7,9 @@ pub mod exits;
 pub mod resources;
 pub mod shim;
 pub mod stats;
+mod streams;
+
+pub use streams::{attach, exec_stream, streamable};
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};

@@ -17,11 +17,12 @@ use super::convert;
 
 pub struct RuntimeService {
     daemon: Arc<Daemon>,
+    streaming: Arc<crate::streaming::Server>,
 }
 
 impl RuntimeService {
-    pub fn new(daemon: Arc<Daemon>) -> Self {
-        RuntimeService { daemon }
+    pub fn new(daemon: Arc<Daemon>, streaming: Arc<crate::streaming::Server>) -> Self {
+        RuntimeService { daemon, streaming }
     }
 }
 
@@ -250,6 +251,21 @@ cri_service! {
             Ok(Response::new(ExecSyncResponse { stdout, stderr, exit_code }))
         }
 
+        async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {
+            let url = self.streaming.exec_url(request.into_inner()).await?;
+            Ok(Response::new(ExecResponse { url }))
+        }
+
+        async fn attach(&self, request: Request<AttachRequest>) -> Result<Response<AttachResponse>, Status> {
+            let url = self.streaming.attach_url(request.into_inner()).await?;
+            Ok(Response::new(AttachResponse { url }))
+        }
+
+        async fn port_forward(&self, request: Request<PortForwardRequest>) -> Result<Response<PortForwardResponse>, Status> {
+            let url = self.streaming.port_forward_url(request.into_inner()).await?;
+            Ok(Response::new(PortForwardResponse { url }))
+        }
+
         async fn reopen_container_log(&self, request: Request<ReopenContainerLogRequest>) -> Result<Response<ReopenContainerLogResponse>, Status> {
             self.daemon.on_container(&request.into_inner().container_id, container::reopen_log).await?;
             Ok(Response::new(ReopenContainerLogResponse {}))
@@ -300,9 +316,6 @@ cri_service! {
         }
     }
     unimplemented "RuntimeService" {
-        exec(ExecRequest) -> ExecResponse = "Exec";
-        attach(AttachRequest) -> AttachResponse = "Attach";
-        port_forward(PortForwardRequest) -> PortForwardResponse = "PortForward";
         pod_sandbox_stats(PodSandboxStatsRequest) -> PodSandboxStatsResponse = "PodSandboxStats";
         list_pod_sandbox_stats(ListPodSandboxStatsRequest) -> ListPodSandboxStatsResponse = "ListPodSandboxStats";
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse = "CheckpointContainer";

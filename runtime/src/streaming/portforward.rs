@@ -1,0 +1,84 @@
+//! One forwarded connection: a client's data stream joined to a TCP
+//! connection to `localhost:<port>` inside the pod's network namespace.
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::{Backend, blocking};
+use crate::error::Error;
+
+/// Forwards `data` to the pod's `port` until both sides are done. Errors
+/// go to the client on `error` as the JSON kubelet writes; the client's
+/// other connections are unaffected.
+pub async fn forward<D, E>(
+    backend: Arc<dyn Backend>,
+    sandbox_id: String,
+    port: u16,
+    mut data: D,
+    mut error: E,
+) where
+    D: AsyncRead + AsyncWrite + Unpin,
+    E: AsyncWrite + Unpin,
+{
+    let id = sandbox_id.clone();
+    let connected = blocking(move || backend.connect(&id, port))
+        .await
+        .and_then(|s| {
+            s.set_nonblocking(true)
+                .and_then(|()| tokio::net::TcpStream::from_std(s))
+                .map_err(|e| Error::io("register the forwarded connection", e))
+        });
+    let failure = match connected {
+        Ok(mut tcp) => {
+            let _ = tcp.set_nodelay(true);
+            match tokio::io::copy_bidirectional_with_sizes(
+                &mut data,
+                &mut tcp,
+                64 * 1024,
+                64 * 1024,
+            )
+            .await
+            {
+                Ok(_) => None,
+                Err(e) => Some(e.to_string()),
+            }
+        }
+        Err(e) => Some(crate::error::chain(&e)),
+    };
+    if let Some(why) = failure {
+        tracing::debug!(sandbox = %sandbox_id, port, error = %why, "port-forward connection failed");
+        let message = format!("error forwarding port {port} to pod {sandbox_id}, uid : {why}");
+        let body = serde_json::json!({ "message": message }).to_string();
+        let _ = error.write_all(body.as_bytes()).await;
+        let _ = error.write_all(b"\n").await;
+    }
+    let _ = error.shutdown().await;
+    let _ = data.shutdown().await;
+}
+
+/// Parses a port header or query value (`8080`, or `80,443` in a query).
+pub fn parse_ports(value: &str) -> Result<Vec<u16>, String> {
+    value
+        .split(',')
+        .map(|p| match p.trim().parse::<u16>() {
+            Ok(0) => Err(format!("port {p:?} must be > 0")),
+            Ok(n) => Ok(n),
+            Err(_) => Err(format!("unable to parse {p:?} as a port")),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ports_parse_as_kubelet_reads_them() {
+        assert_eq!(parse_ports("80"), Ok(vec![80]));
+        assert_eq!(parse_ports("80,443"), Ok(vec![80, 443]));
+        assert!(parse_ports("0").is_err());
+        assert!(parse_ports("65536").is_err());
+        assert!(parse_ports("x").is_err());
+    }
+}
