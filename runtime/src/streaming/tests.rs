@@ -355,3 +355,170 @@ async fn websocket_port_forward_to_a_closed_port_reports_on_the_error_channel() 
         "{message}"
     );
 }
+
+/// Upgrades an HTTP connection to SPDY as client-go does; the answer's
+/// status line and headers, and the SPDY client on success.
+async fn spdy_connect(url: &str, protocols: &[&str]) -> (String, Option<berth_spdy::Connection>) {
+    let rest = url.trim_start_matches("http://");
+    let (host, path) = rest.split_once('/').unwrap();
+    let mut tcp = tokio::net::TcpStream::connect(host).await.unwrap();
+    let mut request = format!(
+        "POST /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\n"
+    );
+    for p in protocols {
+        request.push_str(&format!("X-Stream-Protocol-Version: {p}\r\n"));
+    }
+    request.push_str("Content-Length: 0\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.unwrap();
+    // Byte by byte: SPDY frames may follow the headers at once.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        if tcp.read(&mut b).await.unwrap() == 0 {
+            break;
+        }
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    if !head.starts_with("HTTP/1.1 101") {
+        return (head, None);
+    }
+    let conn = berth_spdy::Connection::client(tcp, berth_spdy::Config::default());
+    (head, Some(conn))
+}
+
+fn open(conn: &berth_spdy::Connection, kind: &str) -> berth_spdy::Stream {
+    conn.open(berth_spdy::Headers::new().with("streamtype", kind), false)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn spdy_v4_exec_echoes_stdin_and_reports_the_exit_code() {
+    let server = server(8).await;
+    let url = server
+        .exec_url(exec_request(
+            &["sh", "-c", "cat; echo oops >&2; exit 3"],
+            true,
+            false,
+        ))
+        .await
+        .unwrap();
+    let (head, conn) = spdy_connect(&url, &["v4.channel.k8s.io", "v3.channel.k8s.io"]).await;
+    assert!(
+        head.to_lowercase()
+            .contains("x-stream-protocol-version: v4.channel.k8s.io"),
+        "{head}"
+    );
+    let conn = conn.unwrap();
+    let mut error = open(&conn, "error");
+    let mut stdin = open(&conn, "stdin");
+    let mut stdout = open(&conn, "stdout");
+    let mut stderr = open(&conn, "stderr");
+    stdin.write_all(b"through spdy\n").await.unwrap();
+    stdin.shutdown().await.unwrap();
+    let mut out = Vec::new();
+    stdout.read_to_end(&mut out).await.unwrap();
+    let mut err = Vec::new();
+    stderr.read_to_end(&mut err).await.unwrap();
+    let mut status = Vec::new();
+    error.read_to_end(&mut status).await.unwrap();
+    assert_eq!(out, b"through spdy\n");
+    assert_eq!(err, b"oops\n");
+    let status: serde_json::Value = serde_json::from_slice(&status).unwrap();
+    assert_eq!(status["reason"], "NonZeroExitCode", "{status}");
+    assert_eq!(status["details"]["causes"][0]["message"], "3");
+}
+
+#[tokio::test]
+async fn spdy_refuses_protocols_it_does_not_speak() {
+    let server = server(8).await;
+    let url = server
+        .exec_url(exec_request(&["true"], false, false))
+        .await
+        .unwrap();
+    let (head, conn) = spdy_connect(&url, &["v9.channel.k8s.io"]).await;
+    assert!(conn.is_none());
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+}
+
+#[tokio::test]
+async fn spdy_port_forward_serves_several_connections_and_survives_a_closed_port() {
+    let server = server(8).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                loop {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => s.write_all(&buf[..n]).await.unwrap(),
+                    }
+                }
+            });
+        }
+    });
+    let closed_port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = server
+        .port_forward_url(PortForwardRequest {
+            pod_sandbox_id: "p".into(),
+            port: vec![port as i32],
+        })
+        .await
+        .unwrap();
+    let (head, conn) = spdy_connect(&url, &["portforward.k8s.io"]).await;
+    let conn = conn.unwrap_or_else(|| panic!("{head}"));
+    let pair = |id: u32, port: u16| {
+        let h = |kind: &str| {
+            berth_spdy::Headers::new()
+                .with("streamtype", kind)
+                .with("port", port.to_string())
+                .with("requestid", id.to_string())
+        };
+        let error = conn.open(h("error"), false).unwrap();
+        let data = conn.open(h("data"), false).unwrap();
+        (data, error)
+    };
+    // A port nothing listens on: an error on its stream only.
+    let (_data, mut error) = pair(0, closed_port);
+    let mut message = Vec::new();
+    error.read_to_end(&mut message).await.unwrap();
+    let message: serde_json::Value = serde_json::from_slice(&message).unwrap();
+    assert!(
+        message["message"].as_str().unwrap().contains("localhost"),
+        "{message}"
+    );
+    // Then two connections at once on a good port, 8 MiB each way.
+    let mut tasks = Vec::new();
+    for id in [1, 2] {
+        let (data, _error) = pair(id, port);
+        tasks.push(tokio::spawn(async move {
+            let (mut rx, mut tx) = tokio::io::split(data);
+            let writer = tokio::spawn(async move {
+                let chunk = vec![id as u8; 1 << 20];
+                for _ in 0..8 {
+                    tx.write_all(&chunk).await.unwrap();
+                }
+                tx.shutdown().await.unwrap();
+            });
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 64 * 1024];
+            while got < 8 << 20 {
+                let n = rx.read(&mut buf).await.unwrap();
+                assert!(n > 0, "stream ended after {got} bytes");
+                assert!(buf[..n].iter().all(|b| *b == id as u8));
+                got += n;
+            }
+            writer.await.unwrap();
+            _error
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
