@@ -522,3 +522,65 @@ async fn spdy_port_forward_serves_several_connections_and_survives_a_closed_port
         t.await.unwrap();
     }
 }
+
+#[tokio::test]
+async fn with_a_certificate_the_server_speaks_only_tls() {
+    use tokio_rustls::rustls;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let cert_file = dir.path().join("streaming.crt");
+    let key_file = dir.path().join("streaming.key");
+    std::fs::write(&cert_file, cert.cert.pem()).unwrap();
+    std::fs::write(&key_file, cert.signing_key.serialize_pem()).unwrap();
+    let config = StreamingConfig {
+        tls_cert_file: Some(cert_file),
+        tls_key_file: Some(key_file),
+        ..Default::default()
+    };
+    let server = Server::start(&config, Arc::new(LocalBackend))
+        .await
+        .unwrap();
+    let url = server
+        .exec_url(exec_request(&["true"], false, false))
+        .await
+        .unwrap();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let host = url
+        .trim_start_matches("https://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert.cert.der().clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    let tcp = tokio::net::TcpStream::connect(&host).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(
+        format!("GET /exec/unknown HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await.unwrap_or_default();
+    assert!(answer.starts_with("HTTP/1.1 404"), "{answer}");
+
+    // Plain HTTP on the TLS port gets nowhere.
+    let mut plain = tokio::net::TcpStream::connect(&host).await.unwrap();
+    plain
+        .write_all(b"GET /exec/unknown HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(2), plain.read_to_end(&mut buf)).await;
+    assert!(!String::from_utf8_lossy(&buf).contains("404"));
+}
