@@ -8,6 +8,7 @@ use super::{current, find, not_running};
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
 use crate::store::{ContainerRecord, ContainerState};
+use crate::streaming::remotecommand::TermSize;
 use crate::streaming::{Attached, ExecProcess};
 
 /// The container, if exec and attach can reach it now.
@@ -20,7 +21,12 @@ pub fn streamable(daemon: &Daemon, id: &str) -> Result<ContainerRecord> {
     Ok(record)
 }
 
-pub fn exec_stream(daemon: &Daemon, req: &ExecRequest) -> Result<ExecProcess> {
+pub fn exec_stream(
+    daemon: &Daemon,
+    req: &ExecRequest,
+    size: Option<TermSize>,
+) -> Result<ExecProcess> {
+    let _ = size;
     let _record = streamable(daemon, &req.container_id)?;
     Err(Error::Unimplemented("streaming exec"))
 }

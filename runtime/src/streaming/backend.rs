@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use k8s_cri::v1::{AttachRequest, ExecRequest};
 
+use super::remotecommand::TermSize;
 use super::{Attached, Backend, ExecProcess};
 use crate::container;
 use crate::daemon::Daemon;
@@ -30,8 +31,8 @@ impl Backend for DaemonBackend {
         ready_sandbox(&self.daemon, sandbox_id).map(|_| ())
     }
 
-    fn exec(&self, req: &ExecRequest) -> Result<ExecProcess> {
-        container::exec_stream(&self.daemon, req)
+    fn exec(&self, req: &ExecRequest, size: Option<TermSize>) -> Result<ExecProcess> {
+        container::exec_stream(&self.daemon, req, size)
     }
 
     fn attach(&self, req: &AttachRequest) -> Result<Attached> {

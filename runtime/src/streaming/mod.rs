@@ -45,8 +45,10 @@ pub trait Backend: Send + Sync + 'static {
     fn check_container(&self, container_id: &str) -> Result<()>;
     /// Checks that a pod's ports can be forwarded.
     fn check_sandbox(&self, sandbox_id: &str) -> Result<()>;
-    /// Starts `req`'s command in its container.
-    fn exec(&self, req: &ExecRequest) -> Result<ExecProcess>;
+    /// Starts `req`'s command in its container; with a terminal of
+    /// `size` when the client sent one.
+    fn exec(&self, req: &ExecRequest, size: Option<remotecommand::TermSize>)
+    -> Result<ExecProcess>;
     /// Attaches to a container's own stdio.
     fn attach(&self, req: &AttachRequest) -> Result<Attached>;
     /// Connects to `localhost:port` in the pod's network namespace.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use k8s_cri::v1::{AttachRequest, ExecRequest};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::sync::mpsc;
 
 use super::fdio::{FdStream, set_window_size};
 use super::{Attached, Backend, Closed, ExecProcess, Output, blocking};
@@ -23,6 +24,8 @@ pub type BoxWrite = Box<dyn AsyncWrite + Send + Unpin>;
 /// How long output may still drain after the process exited: children it
 /// left behind may hold its pipes open forever.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// How long a terminal exec waits for the client's first size.
+const FIRST_SIZE_WAIT: Duration = Duration::from_millis(100);
 
 /// The client's side of one session.
 pub struct Streams {
@@ -49,16 +52,26 @@ pub enum Outcome {
 pub async fn exec(backend: Arc<dyn Backend>, req: ExecRequest, mut streams: Streams) {
     let tty = req.tty;
     let cmd = req.cmd.clone();
+    let mut sizes = streams.resize.take().map(resize_events);
+    // A client sends its terminal's size right away: the process starts
+    // with it, so its first look at the terminal already sees it.
+    let mut initial = None;
+    if tty && let Some(rx) = sizes.as_mut() {
+        initial = tokio::time::timeout(FIRST_SIZE_WAIT, rx.recv())
+            .await
+            .ok()
+            .flatten();
+    }
     let started = {
         let backend = backend.clone();
         let mut closed = streams.closed.clone();
         tokio::select! {
-            r = blocking(move || backend.exec(&req)) => r,
+            r = blocking(move || backend.exec(&req, initial)) => r,
             _ = closed.wait() => return,
         }
     };
     let outcome = match started {
-        Ok(process) => run_exec(process, tty, &mut streams).await,
+        Ok(process) => run_exec(process, tty, sizes, &mut streams).await,
         Err(e) => Outcome::Failed(format!(
             "error executing command in container: {}",
             crate::error::chain(&e)
@@ -67,7 +80,12 @@ pub async fn exec(backend: Arc<dyn Backend>, req: ExecRequest, mut streams: Stre
     finish(streams, &cmd, outcome).await;
 }
 
-async fn run_exec(process: ExecProcess, tty: bool, streams: &mut Streams) -> Outcome {
+async fn run_exec(
+    process: ExecProcess,
+    tty: bool,
+    sizes: Option<mpsc::Receiver<TermSize>>,
+    streams: &mut Streams,
+) -> Outcome {
     let ExecProcess {
         stdin,
         stdout,
@@ -95,8 +113,8 @@ async fn run_exec(process: ExecProcess, tty: bool, streams: &mut Streams) -> Out
             Err(e) => return Outcome::Failed(format!("exec output: {e}")),
         }
     }
-    if let (Some(resize), Some(pty)) = (streams.resize.take(), pty) {
-        tasks.push(tokio::spawn(apply_resizes(resize, pty)));
+    if let (Some(sizes), Some(pty)) = (sizes, pty) {
+        tasks.push(tokio::spawn(apply_sizes(sizes, pty)));
     }
     let mut closed = streams.closed.clone();
     let code = tokio::select! {
@@ -166,7 +184,7 @@ async fn run_attach(attached: Attached, tty: bool, streams: &mut Streams) -> Out
         drop(stdin_done_tx);
     }
     if let (Some(resize), Some(pty)) = (streams.resize.take(), pty) {
-        tasks.push(tokio::spawn(apply_resizes(resize, pty)));
+        tasks.push(tokio::spawn(apply_sizes(resize_events(resize), pty)));
     }
     let mut stdout = streams.stdout.take();
     let mut stderr = streams.stderr.take();
@@ -234,48 +252,62 @@ async fn copy_out(mut from: FdStream, to: Option<BoxWrite>) {
     }
 }
 
-#[derive(Deserialize)]
-struct TerminalSize {
+/// A terminal size as the resize stream carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct TermSize {
     #[serde(rename = "Width")]
-    width: u16,
+    pub width: u16,
     #[serde(rename = "Height")]
-    height: u16,
+    pub height: u16,
 }
 
-/// Reads the resize stream: JSON objects, whitespace or nothing between
-/// them (Go's json.Encoder writes one per line).
-async fn apply_resizes(from: BoxRead, pty: std::os::fd::OwnedFd) {
-    let mut reader = BufReader::new(from);
-    let mut pending = Vec::new();
-    loop {
-        let buf = match reader.fill_buf().await {
-            Ok([]) | Err(_) => return,
-            Ok(b) => b,
-        };
-        pending.extend_from_slice(buf);
-        let n = buf.len();
-        reader.consume(n);
-        let mut stream = serde_json::Deserializer::from_slice(&pending).into_iter::<TerminalSize>();
-        let mut used = 0;
+/// Parses the resize stream (JSON objects, whitespace or nothing between
+/// them: Go's json.Encoder writes one per line) into size events.
+fn resize_events(from: BoxRead) -> mpsc::Receiver<TermSize> {
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(async move {
+        let mut reader = BufReader::new(from);
+        let mut pending = Vec::new();
         loop {
-            match stream.next() {
-                Some(Ok(size)) => {
-                    used = stream.byte_offset();
-                    let _ = set_window_size(&pty, size.width, size.height);
-                }
-                Some(Err(e)) if e.is_eof() => break,
-                // Garbage on the resize stream: stop resizing, keep the session.
-                Some(Err(_)) => return,
-                None => {
-                    used = stream.byte_offset();
-                    break;
+            let buf = match reader.fill_buf().await {
+                Ok([]) | Err(_) => return,
+                Ok(b) => b,
+            };
+            pending.extend_from_slice(buf);
+            let n = buf.len();
+            reader.consume(n);
+            let mut stream = serde_json::Deserializer::from_slice(&pending).into_iter::<TermSize>();
+            let mut used = 0;
+            loop {
+                match stream.next() {
+                    Some(Ok(size)) => {
+                        used = stream.byte_offset();
+                        if tx.send(size).await.is_err() {
+                            return;
+                        }
+                    }
+                    Some(Err(e)) if e.is_eof() => break,
+                    // Garbage on the resize stream: stop resizing, keep
+                    // the session.
+                    Some(Err(_)) => return,
+                    None => {
+                        used = stream.byte_offset();
+                        break;
+                    }
                 }
             }
+            pending.drain(..used);
+            if pending.len() > 4096 {
+                return;
+            }
         }
-        pending.drain(..used);
-        if pending.len() > 4096 {
-            return;
-        }
+    });
+    rx
+}
+
+async fn apply_sizes(mut sizes: mpsc::Receiver<TermSize>, pty: std::os::fd::OwnedFd) {
+    while let Some(size) = sizes.recv().await {
+        let _ = set_window_size(&pty, size.width, size.height);
     }
 }
 
@@ -393,7 +425,10 @@ mod tests {
         let pty = nix::pty::openpty(None, None).unwrap();
         let events: &[u8] = b"{\"Width\":100,\"Height\":30}\n{\"Width\":7";
         let (mut w, r) = tokio::io::duplex(64);
-        let task = tokio::spawn(apply_resizes(Box::new(r), pty.master.try_clone().unwrap()));
+        let task = tokio::spawn(apply_sizes(
+            resize_events(Box::new(r)),
+            pty.master.try_clone().unwrap(),
+        ));
         w.write_all(events).await.unwrap();
         w.write_all(b"7,\"Height\":9}").await.unwrap();
         drop(w);

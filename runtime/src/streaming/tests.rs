@@ -33,7 +33,11 @@ impl Backend for LocalBackend {
         Ok(())
     }
 
-    fn exec(&self, req: &ExecRequest) -> Result<ExecProcess> {
+    fn exec(
+        &self,
+        req: &ExecRequest,
+        size: Option<remotecommand::TermSize>,
+    ) -> Result<ExecProcess> {
         let mut cmd = tokio::process::Command::new(&req.cmd[0]);
         cmd.args(&req.cmd[1..]).kill_on_drop(true);
         let mut pty_master = None;
@@ -43,6 +47,9 @@ impl Backend for LocalBackend {
             cmd.stdin(slave(&pty.slave))
                 .stdout(slave(&pty.slave))
                 .stderr(slave(&pty.slave));
+            if let Some(size) = size {
+                fdio::set_window_size(&pty.master, size.width, size.height).unwrap();
+            }
             pty_master = Some(pty.master);
         } else {
             cmd.stdin(if req.stdin {
@@ -280,18 +287,29 @@ async fn a_client_that_leaves_kills_its_exec() {
 async fn tty_exec_sees_a_resize() {
     let server = server(8).await;
     let url = server
-        .exec_url(exec_request(&["sh", "-c", "read x; stty size"], true, true))
+        .exec_url(exec_request(
+            &["sh", "-c", "stty size; read x; stty size"],
+            true,
+            true,
+        ))
         .await
         .unwrap();
     let mut ws = ws_connect(&url, "v4.channel.k8s.io").await.unwrap();
     ws.send(channel(4, br#"{"Width":100,"Height":30}"#))
         .await
         .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ws.send(channel(4, b"{\"Width\":120,\"Height\":40}\n"))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     ws.send(channel(0, b"\n")).await.unwrap();
     let got = collect(&mut ws).await;
     let out = String::from_utf8_lossy(&got[1]);
+    // The first size came before the process started; the second resize
+    // reached it while it ran.
     assert!(out.contains("30 100"), "stty said {out:?}");
+    assert!(out.contains("40 120"), "stty said {out:?}");
 }
 
 #[tokio::test]
