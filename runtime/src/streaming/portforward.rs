@@ -30,19 +30,9 @@ pub async fn forward<D, E>(
                 .map_err(|e| Error::io("register the forwarded connection", e))
         });
     let failure = match connected {
-        Ok(mut tcp) => {
+        Ok(tcp) => {
             let _ = tcp.set_nodelay(true);
-            match tokio::io::copy_bidirectional_with_sizes(
-                &mut data,
-                &mut tcp,
-                64 * 1024,
-                64 * 1024,
-            )
-            .await
-            {
-                Ok(_) => None,
-                Err(e) => Some(e.to_string()),
-            }
+            join(&mut data, tcp).await.err().map(|e| e.to_string())
         }
         Err(e) => Some(crate::error::chain(&e)),
     };
@@ -55,6 +45,38 @@ pub async fn forward<D, E>(
     }
     let _ = error.shutdown().await;
     let _ = data.shutdown().await;
+}
+
+/// Copies both ways until the pod's side has closed: a client's end of
+/// input only half-closes the connection to the pod, whose answer still
+/// comes back, as containerd forwards.
+async fn join<D>(data: &mut D, tcp: tokio::net::TcpStream) -> std::io::Result<()>
+where
+    D: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut from_pod, mut to_pod) = tcp.into_split();
+    let (mut from_client, mut to_client) = tokio::io::split(data);
+    let upstream = async {
+        tokio::io::copy(&mut from_client, &mut to_pod).await?;
+        to_pod.shutdown().await
+    };
+    let downstream = async {
+        tokio::io::copy(&mut from_pod, &mut to_client).await?;
+        to_client.shutdown().await
+    };
+    tokio::pin!(upstream);
+    let mut upstream_done = false;
+    tokio::pin!(downstream);
+    loop {
+        tokio::select! {
+            r = &mut downstream => return r,
+            r = &mut upstream, if !upstream_done => {
+                // The pod may still answer after the client's EOF.
+                r?;
+                upstream_done = true;
+            }
+        }
+    }
 }
 
 /// Parses a port header or query value (`8080`, or `80,443` in a query).
