@@ -14,6 +14,7 @@ pub mod net;
 pub mod pods;
 pub mod process;
 pub mod registry;
+pub mod streaming;
 
 pub use berthd::{Berthd, BerthdOptions, CniOptions};
 pub use images::{

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::{Backend, blocking};
 use crate::error::Error;
@@ -49,7 +49,9 @@ pub async fn forward<D, E>(
 
 /// Copies both ways until the pod's side has closed: a client's end of
 /// input only half-closes the connection to the pod, whose answer still
-/// comes back, as containerd forwards.
+/// comes back, as containerd forwards. A client that resets or leaves ends
+/// the connection quietly (client-go resets a data stream once it has its
+/// answer); only a failure on the pod's side is reported to the client.
 async fn join<D>(data: &mut D, tcp: tokio::net::TcpStream) -> std::io::Result<()>
 where
     D: AsyncRead + AsyncWrite + Unpin,
@@ -57,12 +59,25 @@ where
     let (mut from_pod, mut to_pod) = tcp.into_split();
     let (mut from_client, mut to_client) = tokio::io::split(data);
     let upstream = async {
-        tokio::io::copy(&mut from_client, &mut to_pod).await?;
-        to_pod.shutdown().await
+        match tokio::io::copy(&mut from_client, &mut to_pod).await {
+            Ok(_) => to_pod.shutdown().await.map(|()| true),
+            // The client reset its stream, or the pod stopped reading.
+            Err(_) => Ok(false),
+        }
     };
     let downstream = async {
-        tokio::io::copy(&mut from_pod, &mut to_client).await?;
-        to_client.shutdown().await
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = from_pod.read(&mut buf).await?;
+            if n == 0 {
+                let _ = to_client.shutdown().await;
+                return Ok(());
+            }
+            if to_client.write_all(&buf[..n]).await.is_err() {
+                // The client is gone: nobody to tell.
+                return Ok(());
+            }
+        }
     };
     tokio::pin!(upstream);
     let mut upstream_done = false;
@@ -71,9 +86,11 @@ where
         tokio::select! {
             r = &mut downstream => return r,
             r = &mut upstream, if !upstream_done => {
-                // The pod may still answer after the client's EOF.
-                r?;
-                upstream_done = true;
+                match r {
+                    // The pod may still answer after the client's EOF.
+                    Ok(true) => upstream_done = true,
+                    Ok(false) | Err(_) => return Ok(()),
+                }
             }
         }
     }
