@@ -62,10 +62,117 @@ pub fn read_frame<M: Message + Default>(r: &mut impl Read) -> Result<M, FrameErr
     Ok(M::decode(body.as_slice())?)
 }
 
+/// Attach output frames (after `AttachStarted`): `[u8 stream][u32 BE
+/// length][bytes]`.
+pub mod output {
+    /// Stream byte of stdout (and of a tty's output).
+    pub const STDOUT: u8 = 1;
+    pub const STDERR: u8 = 2;
+    /// Header: stream byte + length.
+    pub const HEADER_LEN: usize = 5;
+    /// No frame the shim sends is longer than this (it reads 16 KiB chunks).
+    pub const MAX_CHUNK: usize = 1 << 20;
+
+    /// Appends one frame to `out`.
+    pub fn encode(stream: u8, data: &[u8], out: &mut Vec<u8>) {
+        out.reserve(HEADER_LEN + data.len());
+        out.push(stream);
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+    }
+
+    #[derive(Debug, PartialEq, Eq, thiserror::Error)]
+    pub enum OutputError {
+        #[error("unknown output stream {0}")]
+        BadStream(u8),
+        #[error("output frame of {0} bytes exceeds the limit")]
+        TooLarge(usize),
+    }
+
+    /// Incremental decoder over bytes as they arrive (sync or async).
+    #[derive(Debug, Default)]
+    pub struct Decoder {
+        buf: Vec<u8>,
+        pos: usize,
+    }
+
+    impl Decoder {
+        pub fn new() -> Self {
+            Self::default()
+        }
+
+        /// Adds received bytes.
+        pub fn push(&mut self, data: &[u8]) {
+            if self.pos > 0 && self.pos == self.buf.len() {
+                self.buf.clear();
+                self.pos = 0;
+            } else if self.pos > 64 * 1024 {
+                self.buf.drain(..self.pos);
+                self.pos = 0;
+            }
+            self.buf.extend_from_slice(data);
+        }
+
+        /// The next whole frame, if buffered: (stream, bytes).
+        pub fn next_frame(&mut self) -> Result<Option<(u8, Vec<u8>)>, OutputError> {
+            let rest = &self.buf[self.pos..];
+            if rest.len() < HEADER_LEN {
+                return Ok(None);
+            }
+            let stream = rest[0];
+            if stream != STDOUT && stream != STDERR {
+                return Err(OutputError::BadStream(stream));
+            }
+            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
+            if len > MAX_CHUNK {
+                return Err(OutputError::TooLarge(len));
+            }
+            if rest.len() < HEADER_LEN + len {
+                return Ok(None);
+            }
+            let data = rest[HEADER_LEN..HEADER_LEN + len].to_vec();
+            self.pos += HEADER_LEN + len;
+            Ok(Some((stream, data)))
+        }
+
+        /// Bytes of an unfinished frame are buffered (EOF now is truncation).
+        pub fn has_partial(&self) -> bool {
+            self.pos < self.buf.len()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::shim::*;
     use super::*;
+
+    #[test]
+    fn output_frames_decode_across_splits() {
+        let mut bytes = Vec::new();
+        output::encode(output::STDOUT, b"hello", &mut bytes);
+        output::encode(output::STDERR, b"", &mut bytes);
+        output::encode(output::STDERR, b"err\n", &mut bytes);
+        let mut d = output::Decoder::new();
+        let mut got = Vec::new();
+        for b in &bytes {
+            d.push(std::slice::from_ref(b));
+            while let Some(f) = d.next_frame().unwrap() {
+                got.push(f);
+            }
+        }
+        assert!(!d.has_partial());
+        assert_eq!(
+            got,
+            vec![
+                (output::STDOUT, b"hello".to_vec()),
+                (output::STDERR, vec![]),
+                (output::STDERR, b"err\n".to_vec())
+            ]
+        );
+        d.push(&[9, 0, 0, 0, 0]);
+        assert_eq!(d.next_frame(), Err(output::OutputError::BadStream(9)));
+    }
 
     #[test]
     fn request_round_trips_through_a_stream() {

@@ -1,6 +1,8 @@
 //! One control connection on `shim.sock`: non-blocking, framed
 //! (4-byte big-endian length + protobuf, as `berth_proto::write_frame`),
 //! one request in flight at a time, any number of requests per connection.
+//! A streaming request turns the connection into a [`Session`]: no more
+//! requests are parsed (input is discarded; EOF ends the session).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -10,6 +12,17 @@ use berth_proto::shim::{ShimRequest, ShimResponse};
 use prost::Message;
 
 use crate::sys;
+
+/// What a connection is after a streaming request was answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Session {
+    /// Plain request/response.
+    None,
+    /// An ExecStream session for the exec with this id.
+    Exec(u64),
+    /// An attach session; `stdin`: it was granted the container's stdin.
+    Attach { stdin: bool },
+}
 
 #[derive(Debug)]
 pub struct Conn {
@@ -23,6 +36,12 @@ pub struct Conn {
     /// The peer closed its side (or broke the protocol).
     pub eof: bool,
     pub broken: bool,
+    pub session: Session,
+    /// Close once everything queued is written (end of a session).
+    pub close_when_flushed: bool,
+    /// Fds to pass with the byte at `fds_at` of `outbuf` (SCM_RIGHTS).
+    fds: Vec<OwnedFd>,
+    fds_at: usize,
 }
 
 /// Outcome of parsing the input buffer.
@@ -43,7 +62,16 @@ impl Conn {
             busy: false,
             eof: false,
             broken: false,
+            session: Session::None,
+            close_when_flushed: false,
+            fds: Vec::new(),
+            fds_at: 0,
         }
+    }
+
+    /// Bytes queued and not yet written.
+    pub fn queued(&self) -> usize {
+        self.outbuf.len() - self.out_pos
     }
 
     pub fn wants_write(&self) -> bool {
@@ -59,6 +87,7 @@ impl Conn {
                     self.eof = true;
                     return;
                 }
+                Ok(_) if self.session != Session::None => {}
                 Ok(n) => {
                     self.inbuf.extend_from_slice(&chunk[..n]);
                     if self.inbuf.len() > MAX_FRAME_LEN + 4 {
@@ -101,6 +130,17 @@ impl Conn {
 
     /// Queues a framed response and tries to send it.
     pub fn send(&mut self, resp: &ShimResponse) {
+        self.send_with_fds(resp, Vec::new());
+    }
+
+    /// Queues a framed response whose first byte carries `fds`
+    /// (SCM_RIGHTS); they are closed here once sent, or with the connection.
+    pub fn send_with_fds(&mut self, resp: &ShimResponse, fds: Vec<OwnedFd>) {
+        if !fds.is_empty() {
+            debug_assert!(self.fds.is_empty(), "one fd-carrying frame at a time");
+            self.fds = fds;
+            self.fds_at = self.outbuf.len();
+        }
         let len = resp.encoded_len();
         self.outbuf.reserve(4 + len);
         self.outbuf.extend_from_slice(&(len as u32).to_be_bytes());
@@ -109,10 +149,36 @@ impl Conn {
         self.flush();
     }
 
+    /// Queues raw bytes (attach output frames) and tries to send them.
+    pub fn send_raw(&mut self, data: &[u8]) {
+        if self.out_pos > 64 * 1024 && self.out_pos * 2 > self.outbuf.len() && self.fds.is_empty() {
+            self.outbuf.drain(..self.out_pos);
+            self.out_pos = 0;
+        }
+        self.outbuf.extend_from_slice(data);
+        self.flush();
+    }
+
     /// Writes what the socket accepts now.
     pub fn flush(&mut self) {
         while self.out_pos < self.outbuf.len() {
-            match sys::write(self.fd.as_raw_fd(), &self.outbuf[self.out_pos..]) {
+            let written = if !self.fds.is_empty() && self.out_pos == self.fds_at {
+                let raw: Vec<i32> = self.fds.iter().map(|f| f.as_raw_fd()).collect();
+                let r = sys::send_with_fds(self.fd.as_raw_fd(), &self.outbuf[self.out_pos..], &raw);
+                if r.is_ok() {
+                    // Passed: the shim keeps no copy.
+                    self.fds.clear();
+                }
+                r
+            } else {
+                let end = if self.fds.is_empty() || self.fds_at < self.out_pos {
+                    self.outbuf.len()
+                } else {
+                    self.fds_at
+                };
+                sys::write(self.fd.as_raw_fd(), &self.outbuf[self.out_pos..end])
+            };
+            match written {
                 Ok(n) => self.out_pos += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(_) => {
@@ -130,7 +196,14 @@ impl Conn {
 
     /// Finished with: broken, or closed by the peer with nothing left to do.
     pub fn done(&self) -> bool {
-        self.broken || (self.eof && !self.busy && !self.wants_write() && !self.has_frame())
+        if self.broken || (self.close_when_flushed && !self.wants_write()) {
+            return true;
+        }
+        if self.session != Session::None {
+            // The peer hanging up ends a session, whatever is queued.
+            return self.eof;
+        }
+        self.eof && !self.busy && !self.wants_write() && !self.has_frame()
     }
 
     /// A whole frame (or a bad length) is buffered.

@@ -39,6 +39,7 @@ pub struct Spawned {
 }
 
 /// The three stdio fds for the helper (and the process it creates).
+#[derive(Debug)]
 pub struct HelperStdio {
     pub stdin: OwnedFd,
     pub stdout: OwnedFd,

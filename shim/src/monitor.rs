@@ -16,12 +16,13 @@ use berth_proto::MAX_FRAME_LEN;
 use berth_proto::shim::container_state::Status;
 use berth_proto::shim::shim_error::Code;
 use berth_proto::shim::{
-    ContainerState, Empty, ExecSyncResponse, ExitRecord, ShimConfig, ShimError, ShimRequest,
-    ShimResponse, shim_request::Request, shim_response::Response,
+    AttachStarted, ContainerState, Empty, ExecExited, ExecStarted, ExecStreamRequest,
+    ExecSyncResponse, ExitRecord, ShimConfig, ShimError, ShimRequest, ShimResponse,
+    shim_request::Request, shim_response::Response,
 };
 
 use crate::cgroup::ContainerCgroup;
-use crate::conn::{Conn, Parsed};
+use crate::conn::{Conn, Parsed, Session};
 use crate::crilog::{LineSplitter, LogFile, StreamName, timestamp_now};
 use crate::files::{self, Diag};
 use crate::helper::{self, Helper, HelperStdio};
@@ -39,6 +40,9 @@ const SHUTDOWN_EXIT_WAIT: Duration = Duration::from_secs(10);
 const UNCLAIMED_KEEP: usize = 64;
 /// Read chunk for container output.
 const READ_CHUNK: usize = 16 * 1024;
+/// Output queued for one attach connection beyond which it is dropped (the
+/// log must never wait for a slow client).
+pub const ATTACH_QUEUE_LIMIT: usize = 1 << 20;
 
 pub fn error(code: Code, message: impl Into<String>) -> ShimResponse {
     ShimResponse {
@@ -60,22 +64,56 @@ pub fn ok() -> ShimResponse {
 struct Stream {
     fd: OwnedFd,
     splitter: LineSplitter,
+    /// Attach frame stream byte.
+    attach_id: u8,
 }
 
-/// An ExecSync in progress.
+/// An ExecSync or ExecStream in progress.
 #[derive(Debug)]
 struct ExecRun {
     id: u64,
     conn: u64,
     args: Vec<String>,
-    /// Write ends for the helper's stdout/stderr until it is spawned.
-    writers: Option<(OwnedFd, OwnedFd)>,
+    /// The process's stdio until the helper is spawned.
+    stdio: Option<HelperStdio>,
     out: Option<OwnedFd>,
     err: Option<OwnedFd>,
     out_buf: Vec<u8>,
     err_buf: Vec<u8>,
     pid: Option<i32>,
     deadline: Option<Instant>,
+    /// Set for an ExecStream.
+    stream: Option<ExecStream>,
+}
+
+/// What an ExecStream needs besides an ExecSync's fields.
+#[derive(Debug)]
+struct ExecStream {
+    /// Rows, columns of a tty's initial size.
+    size: Option<(u32, u32)>,
+    /// berthd's ends (stdout r, stderr r[, stdin w]) until ExecStarted.
+    client_fds: Vec<OwnedFd>,
+    /// With tty: the console socket libcontainer sends the master to.
+    console: Option<ConsoleSocket>,
+    /// ExecStarted was sent; the conn is an exec session.
+    started: bool,
+    /// The session ended (berthd hung up): the process is killed and its
+    /// exit reaped silently.
+    abandoned: bool,
+}
+
+/// A listening console socket in the shim directory, removed on drop.
+#[derive(Debug)]
+struct ConsoleSocket {
+    listener: OwnedFd,
+    dir: PathBuf,
+    name: String,
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join(&self.name));
+    }
 }
 
 /// Work for the helper, run one at a time in order.
@@ -282,10 +320,12 @@ impl Monitor {
             self.streams.push(Some(Stream {
                 fd: out_r,
                 splitter: LineSplitter::new(StreamName::Stdout),
+                attach_id: berth_proto::output::STDOUT,
             }));
             self.streams.push(Some(Stream {
                 fd: err_r,
                 splitter: LineSplitter::new(StreamName::Stderr),
+                attach_id: berth_proto::output::STDERR,
             }));
             HelperStdio {
                 stdin,
@@ -327,6 +367,7 @@ impl Monitor {
             self.streams.push(Some(Stream {
                 fd: master,
                 splitter: LineSplitter::new(StreamName::Stdout),
+                attach_id: berth_proto::output::STDOUT,
             }));
         }
         self.cgroup = ContainerCgroup::locate(&self.cfg.memory_cgroup, pid);
@@ -615,6 +656,12 @@ impl Monitor {
             "container {} exited with {code} ({reason})",
             self.cfg.id
         ));
+        // Attached clients get what was read, then EOF.
+        for c in &mut self.conns {
+            if matches!(c.session, Session::Attach { .. }) {
+                c.close_when_flushed = true;
+            }
+        }
         if let Some(sd) = &mut self.shutdown
             && matches!(sd.phase, ShutdownPhase::WaitExit { .. })
         {
@@ -641,7 +688,10 @@ impl Monitor {
                     eof = true;
                     break;
                 }
-                Ok(_) => stream.splitter.feed(&self.buf, &ts, &mut self.records),
+                Ok(_) => {
+                    stream.splitter.feed(&self.buf, &ts, &mut self.records);
+                    fan_out(&mut self.conns, &mut self.diag, stream.attach_id, &self.buf);
+                }
                 // EIO: a pty whose slave side is closed everywhere.
                 Err(e) if e.raw_os_error() == Some(libc::EIO) => {
                     eof = true;
@@ -700,7 +750,10 @@ impl Monitor {
     fn pump_conns(&mut self) {
         let mut i = 0;
         while i < self.conns.len() {
-            while !self.conns[i].busy && !self.conns[i].broken {
+            while self.conns[i].session == Session::None
+                && !self.conns[i].busy
+                && !self.conns[i].broken
+            {
                 match self.conns[i].next_request() {
                     Parsed::Incomplete => break,
                     Parsed::Bad(msg) => {
@@ -717,7 +770,8 @@ impl Monitor {
                 }
             }
             if self.conns[i].done() {
-                self.conns.swap_remove(i);
+                let c = self.conns.swap_remove(i);
+                self.session_ended(c.id, c.session);
             } else {
                 i += 1;
             }
@@ -755,6 +809,8 @@ impl Monitor {
                 ),
             }),
             Request::ExecSync(x) => self.exec_sync(conn, x.args, x.timeout_secs),
+            Request::ExecStream(x) => self.exec_stream(conn, x),
+            Request::Attach(a) => self.attach(conn, a.stdin),
             Request::Pause(_) => {
                 if self.life.status != Status::Running {
                     return Some(self.precondition("pause"));
@@ -890,17 +946,26 @@ impl Monitor {
         self.next_id += 1;
         let deadline = (timeout_secs > 0)
             .then(|| Instant::now() + Duration::from_secs(timeout_secs.unsigned_abs()));
+        let stdin = match sys::open_dev_null(libc::O_RDONLY) {
+            Ok(fd) => fd,
+            Err(e) => return Some(error(Code::Internal, format!("open /dev/null: {e}"))),
+        };
         self.execs.push(ExecRun {
             id,
             conn,
             args,
-            writers: Some((out_w, err_w)),
+            stdio: Some(HelperStdio {
+                stdin,
+                stdout: out_w,
+                stderr: err_w,
+            }),
             out: Some(out_r),
             err: Some(err_r),
             out_buf: Vec::new(),
             err_buf: Vec::new(),
             pid: None,
             deadline,
+            stream: None,
         });
         self.queue.push_back(Job::Exec { exec: id });
         None
@@ -915,6 +980,18 @@ impl Monitor {
 
     fn finish_exec(&mut self, i: usize, code: i32) {
         let mut e = self.execs.swap_remove(i);
+        if let Some(st) = &e.stream {
+            if st.started
+                && !st.abandoned
+                && let Some(c) = self.conns.iter_mut().find(|c| c.id == e.conn)
+            {
+                c.send(&ShimResponse {
+                    response: Some(Response::ExecExited(ExecExited { exit_code: code })),
+                });
+                c.close_when_flushed = true;
+            }
+            return;
+        }
         // What the process wrote before exiting is in the pipes; children
         // it left behind holding them are not waited for.
         drain_exec_pipe(&mut e, false, &mut self.buf, usize::MAX);
@@ -996,6 +1073,185 @@ impl Monitor {
         None
     }
 
+    // ---- streaming exec and attach ----------------------------------------
+
+    fn exec_stream(&mut self, conn: u64, x: ExecStreamRequest) -> Option<ShimResponse> {
+        if x.args.is_empty() {
+            return Some(error(Code::InvalidArgument, "exec needs a command"));
+        }
+        if self.life.status != Status::Running {
+            return Some(self.precondition("exec in"));
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let setup = (|| -> std::io::Result<(HelperStdio, Vec<OwnedFd>, Option<ConsoleSocket>)> {
+            if x.tty {
+                // The process's stdio is the pty libcontainer allocates in
+                // the container; the helper's own is /dev/null.
+                let name = format!("exec-{id}.sock");
+                let listener = sys::listen_unix(&self.dir, &name)?;
+                let console = ConsoleSocket {
+                    listener,
+                    dir: self.dir.clone(),
+                    name,
+                };
+                return Ok((HelperStdio::null()?, Vec::new(), Some(console)));
+            }
+            let (out_r, out_w) = sys::pipe()?;
+            let (err_r, err_w) = sys::pipe()?;
+            let mut client = vec![out_r, err_r];
+            let stdin = if x.stdin {
+                let (in_r, in_w) = sys::pipe()?;
+                client.push(in_w);
+                in_r
+            } else {
+                sys::open_dev_null(libc::O_RDONLY)?
+            };
+            let stdio = HelperStdio {
+                stdin,
+                stdout: out_w,
+                stderr: err_w,
+            };
+            Ok((stdio, client, None))
+        })();
+        let (stdio, client_fds, console) = match setup {
+            Ok(s) => s,
+            Err(e) => return Some(error(Code::Internal, format!("exec stdio: {e}"))),
+        };
+        let size = (x.tty && x.width > 0 && x.height > 0).then_some((x.height, x.width));
+        self.execs.push(ExecRun {
+            id,
+            conn,
+            args: x.args,
+            stdio: Some(stdio),
+            out: None,
+            err: None,
+            out_buf: Vec::new(),
+            err_buf: Vec::new(),
+            pid: None,
+            deadline: None,
+            stream: Some(ExecStream {
+                size,
+                client_fds,
+                console,
+                started: false,
+                abandoned: false,
+            }),
+        });
+        self.queue.push_back(Job::Exec { exec: id });
+        None
+    }
+
+    /// The helper started an ExecStream's process: hand berthd its stdio.
+    fn exec_started(&mut self, i: usize, pid: i32) {
+        let e = &mut self.execs[i];
+        let Some(st) = &mut e.stream else {
+            return;
+        };
+        let mut fds = std::mem::take(&mut st.client_fds);
+        let tty = st.console.is_some();
+        if let Some(cs) = st.console.take() {
+            match receive_pty_master(&cs.listener) {
+                Ok(master) => fds.push(master),
+                Err(err) => {
+                    let _ = sys::kill(pid, libc::SIGKILL);
+                    st.abandoned = true;
+                    let (conn, args) = (e.conn, e.args.clone());
+                    let msg = format!("exec {args:?}: receive the pty master: {err}");
+                    self.respond(conn, &error(Code::Internal, msg));
+                    return;
+                }
+            }
+        }
+        let conn = e.conn;
+        let Some(c) = self.conns.iter_mut().find(|c| c.id == conn) else {
+            // berthd is gone already.
+            let _ = sys::kill(pid, libc::SIGKILL);
+            st.abandoned = true;
+            return;
+        };
+        st.started = true;
+        c.session = Session::Exec(e.id);
+        c.send_with_fds(
+            &ShimResponse {
+                response: Some(Response::ExecStarted(ExecStarted { pid, tty })),
+            },
+            fds,
+        );
+    }
+
+    fn attach(&mut self, conn: u64, stdin: bool) -> Option<ShimResponse> {
+        if self.life.status == Status::Exited {
+            return Some(self.precondition("attach to"));
+        }
+        let mut fds = Vec::new();
+        let grant = stdin && self.stdin_w.is_some();
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone()
+                .map_err(|e| error(Code::Internal, format!("attach: dup: {e}")))
+        };
+        if self.cfg.tty {
+            // The pty master (the output stream; also the stdin writer).
+            let Some(Some(master)) = self.streams.first() else {
+                return Some(error(
+                    Code::FailedPrecondition,
+                    format!("container {}: its terminal is closed", self.cfg.id),
+                ));
+            };
+            match dup(&master.fd) {
+                Ok(fd) => fds.push(fd),
+                Err(resp) => return Some(resp),
+            }
+        } else if grant && let Some(w) = &self.stdin_w {
+            match dup(w) {
+                Ok(fd) => fds.push(fd),
+                Err(resp) => return Some(resp),
+            }
+        }
+        let c = self.conns.iter_mut().find(|c| c.id == conn)?;
+        c.session = Session::Attach { stdin: grant };
+        c.send_with_fds(
+            &ShimResponse {
+                response: Some(Response::AttachStarted(AttachStarted {
+                    stdin: grant,
+                    tty: self.cfg.tty,
+                })),
+            },
+            fds,
+        );
+        None
+    }
+
+    /// A session connection closed (berthd hung up, or the session ended).
+    fn session_ended(&mut self, conn: u64, session: Session) {
+        match session {
+            Session::None => {}
+            Session::Exec(id) => {
+                if let Some(e) = self.execs.iter_mut().find(|e| e.id == id)
+                    && let Some(st) = &mut e.stream
+                    && !st.abandoned
+                {
+                    st.abandoned = true;
+                    if let Some(pid) = e.pid {
+                        // Only this process; its exit is reaped as usual.
+                        let _ = sys::kill(pid, libc::SIGKILL);
+                        self.diag.log(format_args!(
+                            "exec session {conn} closed: killed exec pid {pid}"
+                        ));
+                    }
+                }
+            }
+            Session::Attach { stdin } => {
+                if stdin && self.cfg.stdin_once && self.stdin_w.take().is_some() {
+                    self.diag.log(format_args!(
+                        "stdin_once: first attach with stdin closed, closing stdin of {}",
+                        self.cfg.id
+                    ));
+                }
+            }
+        }
+    }
+
     // ---- helper runs ----------------------------------------------------
 
     fn run_next_job(&mut self) {
@@ -1003,6 +1259,7 @@ impl Monitor {
             let Some(job) = self.queue.pop_front() else {
                 return;
             };
+            let mut options: Vec<OsString> = Vec::new();
             let (command, tail, stdio) = match &job {
                 Job::Start { .. } => ("start", Vec::new(), HelperStdio::null()),
                 Job::Pause { .. } => ("pause", Vec::new(), HelperStdio::null()),
@@ -1015,19 +1272,23 @@ impl Monitor {
                     let Some(e) = self.execs.iter_mut().find(|e| e.id == *exec) else {
                         continue;
                     };
-                    let Some((out_w, err_w)) = e.writers.take() else {
+                    let Some(stdio) = e.stdio.take() else {
                         continue;
                     };
-                    let stdio = sys::open_dev_null(libc::O_RDONLY).map(|stdin| HelperStdio {
-                        stdin,
-                        stdout: out_w,
-                        stderr: err_w,
-                    });
-                    ("exec", e.args.clone(), stdio)
+                    if let Some(st) = &e.stream
+                        && let Some(cs) = &st.console
+                    {
+                        options = helper::console_socket_option(&cs.dir, &cs.name);
+                        if let Some((rows, cols)) = st.size {
+                            options.push("--console-size".into());
+                            options.push(format!("{rows}x{cols}").into());
+                        }
+                    }
+                    ("exec", e.args.clone(), Ok(stdio))
                 }
             };
             let mark = self.needs_mark && !matches!(job, Job::Delete | Job::Start { .. });
-            let spawned = stdio.and_then(|s| self.helper.spawn(command, &[], &tail, mark, s));
+            let spawned = stdio.and_then(|s| self.helper.spawn(command, &options, &tail, mark, s));
             match spawned {
                 Ok(sp) => {
                     self.running = Some(HelperRun {
@@ -1098,7 +1359,12 @@ impl Monitor {
                     Ok(words) => match words.first().and_then(|w| w.parse::<i32>().ok()) {
                         Some(pid) => {
                             self.execs[i].pid = Some(pid);
-                            if let Some(j) = self.unclaimed.iter().position(|x| x.pid == pid) {
+                            if self.execs[i].stream.is_some() {
+                                self.exec_started(i, pid);
+                            }
+                            if let Some(j) = self.unclaimed.iter().position(|x| x.pid == pid)
+                                && let Some(i) = self.execs.iter().position(|e| e.id == exec)
+                            {
                                 let exit = self.unclaimed.remove(j).expect("index valid");
                                 self.finish_exec(i, exit.code);
                             }
@@ -1175,6 +1441,33 @@ impl Monitor {
             }
         }
         self.diag.log(format_args!("monitor exiting"));
+    }
+}
+
+/// Queues an output chunk on every attach connection; one that has more
+/// than [`ATTACH_QUEUE_LIMIT`] queued is dropped instead.
+fn fan_out(conns: &mut [Conn], diag: &mut Diag, stream: u8, data: &[u8]) {
+    let mut frame: Option<Vec<u8>> = None;
+    for c in conns.iter_mut() {
+        if !matches!(c.session, Session::Attach { .. }) || c.broken || c.eof || c.close_when_flushed
+        {
+            continue;
+        }
+        if c.queued() + data.len() + berth_proto::output::HEADER_LEN > ATTACH_QUEUE_LIMIT {
+            diag.log(format_args!(
+                "attach connection {} is too slow ({} bytes queued): dropping it",
+                c.id,
+                c.queued()
+            ));
+            c.broken = true;
+            continue;
+        }
+        let f = frame.get_or_insert_with(|| {
+            let mut v = Vec::with_capacity(data.len() + berth_proto::output::HEADER_LEN);
+            berth_proto::output::encode(stream, data, &mut v);
+            v
+        });
+        c.send_raw(f);
     }
 }
 

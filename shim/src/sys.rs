@@ -275,6 +275,50 @@ pub fn recv_fd(sock: RawFd) -> io::Result<OwnedFd> {
     received.ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "no fd received"))
 }
 
+/// sendmsg(2) of `data` with `fds` as SCM_RIGHTS, non-blocking and without
+/// SIGPIPE; returns how many bytes went out (the fds went with them).
+pub fn send_with_fds(sock: RawFd, data: &[u8], fds: &[RawFd]) -> io::Result<usize> {
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // Room for one cmsg carrying up to 8 fds, 8-byte aligned.
+    let mut cbuf = [0u64; 8];
+    assert!(fds.len() <= 8 && !fds.is_empty() && !data.is_empty());
+    let payload = std::mem::size_of_val(fds) as libc::c_uint;
+    // SAFETY: msghdr is plain data; all-zero is valid.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(payload) } as _;
+    // SAFETY: the control buffer is large enough for one header and 8 fds;
+    // libc's macros address inside it.
+    unsafe {
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(payload) as _;
+        std::ptr::copy_nonoverlapping(
+            fds.as_ptr(),
+            libc::CMSG_DATA(cmsg).cast::<RawFd>(),
+            fds.len(),
+        );
+    }
+    loop {
+        // SAFETY: msg points at valid buffers for the call's duration.
+        let n = unsafe { libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// A signalfd for `signals`, which are blocked for normal delivery.
 pub fn block_signals_to_fd(signals: &[libc::c_int]) -> io::Result<OwnedFd> {
     // SAFETY: sigset operations on a local set; sigprocmask/signalfd are

@@ -116,6 +116,8 @@ fn request_name(request: &shim_request::Request) -> &'static str {
         shim_request::Request::ExecSync(_) => "exec-sync",
         shim_request::Request::Pause(_) => "pause",
         shim_request::Request::Resume(_) => "resume",
+        shim_request::Request::ExecStream(_) => "exec-stream",
+        shim_request::Request::Attach(_) => "attach",
     }
 }
 

@@ -80,6 +80,7 @@ pub struct Opts {
     pub args: Vec<String>,
     pub tty: bool,
     pub stdin: bool,
+    pub stdin_once: bool,
     pub rootfs: Option<PathBuf>,
     /// Extra top-level `linux` keys merged into the spec (e.g. seccomp).
     pub linux_extra: Option<serde_json::Value>,
@@ -93,6 +94,7 @@ impl Opts {
             args: args.iter().map(|s| s.to_string()).collect(),
             tty: false,
             stdin: false,
+            stdin_once: false,
             rootfs: None,
             linux_extra: None,
             spec_extra: None,
@@ -176,7 +178,7 @@ impl Fixture {
             bundle: bundle.to_str().unwrap().to_owned(),
             log_path: log_path.to_str().unwrap().to_owned(),
             stdin: opts.stdin,
-            stdin_once: false,
+            stdin_once: opts.stdin_once,
             tty: opts.tty,
             runtime_root: runtime_root.to_str().unwrap().to_owned(),
             memory_cgroup: memory_cgroup.to_str().unwrap().to_owned(),
@@ -421,5 +423,127 @@ pub fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
             return false;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A streaming request (ExecStream, Attach) on its own connection: the
+/// first answer and the fds that came with it (read with recvmsg, exactly
+/// that frame, so what follows stays on the connection).
+pub fn stream_request(
+    f: &Fixture,
+    req: Request,
+) -> (UnixStream, ShimResponse, Vec<std::os::fd::OwnedFd>) {
+    use std::os::fd::AsRawFd;
+    let mut s = UnixStream::connect(f.shim_dir.join("shim.sock")).expect("connect shim.sock");
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write_frame(&mut s, &ShimRequest { request: Some(req) }).unwrap();
+    let mut fds = Vec::new();
+    let mut len = [0u8; 4];
+    recv_exact(s.as_raw_fd(), &mut len, &mut fds);
+    let mut body = vec![0u8; u32::from_be_bytes(len) as usize];
+    recv_exact(s.as_raw_fd(), &mut body, &mut fds);
+    let resp = ShimResponse::decode(body.as_slice()).unwrap();
+    (s, resp, fds)
+}
+
+fn recv_exact(fd: i32, buf: &mut [u8], fds: &mut Vec<std::os::fd::OwnedFd>) {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::FromRawFd;
+    let mut got = 0;
+    while got < buf.len() {
+        let mut cmsg = nix::cmsg_space!([i32; 8]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf[got..])];
+        let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+            .expect("recvmsg");
+        for c in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: fresh fds from the kernel.
+                fds.extend(
+                    raw.into_iter()
+                        .map(|r| unsafe { std::os::fd::OwnedFd::from_raw_fd(r) }),
+                );
+            }
+        }
+        assert!(msg.bytes > 0, "shim closed the connection mid-frame");
+        got += msg.bytes;
+    }
+}
+
+/// Reads attach output frames until `pred` holds on what a stream got, or
+/// EOF / timeout. Returns (stdout bytes, stderr bytes, eof).
+pub fn read_attach_until(
+    s: &mut UnixStream,
+    timeout: Duration,
+    mut pred: impl FnMut(&[u8], &[u8]) -> bool,
+) -> (Vec<u8>, Vec<u8>, bool) {
+    use std::io::Read;
+    let deadline = Instant::now() + timeout;
+    let (mut out, mut err) = (Vec::new(), Vec::new());
+    let mut dec = berth_proto::output::Decoder::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        while let Some((stream, data)) = dec.next_frame().expect("well-formed output frames") {
+            match stream {
+                berth_proto::output::STDOUT => out.extend(data),
+                _ => err.extend(data),
+            }
+        }
+        if pred(&out, &err) {
+            return (out, err, false);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "timed out; stdout {:?} stderr {:?}",
+            String::from_utf8_lossy(&out),
+            String::from_utf8_lossy(&err)
+        );
+        s.set_read_timeout(Some(left)).unwrap();
+        match s.read(&mut buf) {
+            Ok(0) => {
+                assert!(!dec.has_partial(), "truncated output frame");
+                return (out, err, true);
+            }
+            Ok(n) => dec.push(&buf[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("read attach output: {e}"),
+        }
+    }
+}
+
+/// Reads a fd (pipe / pty master) until `pred` holds on everything read,
+/// or EOF/EIO; panics after `timeout`.
+pub fn read_fd_until(
+    fd: &std::os::fd::OwnedFd,
+    timeout: Duration,
+    mut pred: impl FnMut(&str) -> bool,
+) -> String {
+    use std::os::fd::AsRawFd;
+    let deadline = Instant::now() + timeout;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if pred(&text) {
+            return text;
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "timed out, read {text:?}");
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut p, 1, left.as_millis().min(1000) as i32) };
+        if p.revents == 0 {
+            continue;
+        }
+        // SAFETY: buf is valid for its length.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            return text; // EOF, or EIO on a pty whose slave is closed
+        }
+        got.extend_from_slice(&buf[..n as usize]);
     }
 }

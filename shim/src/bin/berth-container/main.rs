@@ -5,7 +5,7 @@
 //! ```text
 //! berth-container [--root DIR] [--report-fd N] create --bundle DIR [--console-socket PATH] ID
 //! berth-container [--root DIR] [--report-fd N] start ID
-//! berth-container [--root DIR] [--report-fd N] [--mark-running] exec ID -- ARG...
+//! berth-container [--root DIR] [--report-fd N] [--mark-running] exec [--console-socket PATH [--console-size ROWSxCOLS]] ID -- ARG...
 //! berth-container [--root DIR] [--report-fd N] [--mark-running] pause|resume ID
 //! berth-container [--root DIR] [--report-fd N] delete ID
 //! berth-container --version
@@ -42,6 +42,7 @@ struct Args {
     command: String,
     bundle: Option<PathBuf>,
     console_socket: Option<PathBuf>,
+    console_size: Option<(u32, u32)>,
     id: Option<String>,
     rest: Vec<String>,
 }
@@ -54,6 +55,7 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
         command: String::new(),
         bundle: None,
         console_socket: None,
+        console_size: None,
         id: None,
         rest: Vec::new(),
     };
@@ -71,6 +73,14 @@ fn parse_args(mut it: impl Iterator<Item = String>) -> Result<Args, String> {
             "--bundle" => args.bundle = Some(value(&mut it, "--bundle")?.into()),
             "--console-socket" => {
                 args.console_socket = Some(value(&mut it, "--console-socket")?.into())
+            }
+            "--console-size" => {
+                let v = value(&mut it, "--console-size")?;
+                let parsed = v
+                    .split_once('x')
+                    .and_then(|(h, w)| Some((h.parse().ok()?, w.parse().ok()?)));
+                args.console_size =
+                    Some(parsed.ok_or_else(|| format!("bad --console-size {v} (ROWSxCOLS)"))?);
             }
             "--" => {
                 args.rest = it.by_ref().collect();
@@ -121,6 +131,8 @@ fn run(args: &Args, ops: &dyn ContainerOps) -> Result<String, OpError> {
             ops.exec(&ExecOpts {
                 id,
                 args: args.rest.clone(),
+                console_socket: args.console_socket.as_deref(),
+                console_size: args.console_size,
             })
             .map(|pid| pid.to_string())
         }
@@ -260,6 +272,10 @@ mod tests {
         assert!(a.mark_running);
         assert_eq!(a.command, "exec");
         assert_eq!(a.rest, vec!["sh", "-c", "--version"]);
+        let a = parse("exec --console-socket /c --console-size 24x80 x1 -- sh");
+        assert_eq!(a.console_socket, Some(PathBuf::from("/c")));
+        assert_eq!(a.console_size, Some((24, 80)));
+        assert!(parse_args("exec --console-size 24 x1".split(' ').map(str::to_owned)).is_err());
     }
 
     #[test]

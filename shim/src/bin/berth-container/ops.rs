@@ -39,6 +39,11 @@ pub struct CreateOpts<'a> {
 pub struct ExecOpts<'a> {
     pub id: &'a str,
     pub args: Vec<String>,
+    /// Give the process a pty allocated in the container (its controlling
+    /// terminal); the master goes to this socket, as for create.
+    pub console_socket: Option<&'a Path>,
+    /// Initial terminal size (rows, columns), set before execve.
+    pub console_size: Option<(u32, u32)>,
 }
 
 /// Failures carry libcontainer's message (with its causes), one line.
@@ -151,15 +156,27 @@ impl ContainerOps for Libcontainer {
         let spec = Spec::load(container.bundle().join("config.json"))
             .map_err(|e| OpError::from_err("load container spec", &e))?;
         // The exec'd process runs as the container's process does (user,
-        // cwd, env, capabilities, no_new_privileges, rlimits, apparmor),
-        // only with other arguments and no terminal.
+        // cwd, env, capabilities, no_new_privileges, rlimits, apparmor,
+        // oom_score_adj, io priority, scheduler), only with other arguments
+        // and its own terminal (or none).
         let mut process = spec
             .process()
             .clone()
             .ok_or_else(|| OpError("container spec has no process".into()))?;
         process.set_args(Some(opts.args.clone()));
-        process.set_terminal(Some(false));
-        process.set_console_size(None);
+        let tty = opts.console_socket.is_some();
+        process.set_terminal(Some(tty));
+        // libcontainer 0.7 ignores consoleSize; the executor applies it.
+        process.set_console_size(match opts.console_size {
+            Some((h, w)) if tty => Some(
+                libcontainer::oci_spec::runtime::BoxBuilder::default()
+                    .height(h as u64)
+                    .width(w as u64)
+                    .build()
+                    .map_err(|e| OpError::from_err("console size", &e))?,
+            ),
+            _ => None,
+        });
         let json = serde_json::to_vec(&process)
             .map_err(|e| OpError::from_err("encode exec process", &e))?;
         let memfd = memfd_with(&json).map_err(|e| OpError::from_err("exec process file", &e))?;
@@ -179,6 +196,7 @@ impl ContainerOps for Libcontainer {
         }
         let pid = self
             .builder(opts.id)?
+            .with_console_socket(opts.console_socket)
             .with_executor(SeccompExecutor { seccomp })
             .as_tenant()
             .with_process(Some(&process_path))
@@ -248,6 +266,26 @@ struct SeccompExecutor {
 
 impl Executor for SeccompExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        // The initial size of an exec's terminal (stdin is the pty slave by
+        // now), before seccomp could refuse the ioctl.
+        if let Some(process) = spec.process()
+            && process.terminal() == Some(true)
+            && let Some(size) = process.console_size()
+        {
+            let ws = libc::winsize {
+                ws_row: size.height() as u16,
+                ws_col: size.width() as u16,
+                ws_xpixel: 0,
+                ws_ypixel: 0,
+            };
+            // SAFETY: ioctl on fd 0 with a valid winsize.
+            if unsafe { libc::ioctl(0, libc::TIOCSWINSZ, &ws) } != 0 {
+                return Err(ExecutorError::Other(format!(
+                    "set terminal size: {}",
+                    std::io::Error::last_os_error()
+                )));
+            }
+        }
         if let Some(seccomp) = &self.seccomp {
             if !has_cap_sys_admin() {
                 // SAFETY: plain prctl.
