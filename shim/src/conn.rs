@@ -2,7 +2,8 @@
 //! (4-byte big-endian length + protobuf, as `berth_proto::write_frame`),
 //! one request in flight at a time, any number of requests per connection.
 //! A streaming request turns the connection into a [`Session`]: no more
-//! requests are parsed (input is discarded; EOF ends the session).
+//! requests are parsed (input is discarded; EOF ends an exec session; on an
+//! attach session it ends the client's stdin, and hanging up ends it).
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -35,6 +36,8 @@ pub struct Conn {
     pub busy: bool,
     /// The peer closed its side (or broke the protocol).
     pub eof: bool,
+    /// The peer hung up entirely (POLLHUP), not only its writing side.
+    pub hup: bool,
     pub broken: bool,
     pub session: Session,
     /// Close once everything queued is written (end of a session).
@@ -61,6 +64,7 @@ impl Conn {
             out_pos: 0,
             busy: false,
             eof: false,
+            hup: false,
             broken: false,
             session: Session::None,
             close_when_flushed: false,
@@ -198,6 +202,11 @@ impl Conn {
     pub fn done(&self) -> bool {
         if self.broken || (self.close_when_flushed && !self.wants_write()) {
             return true;
+        }
+        if let Session::Attach { .. } = self.session {
+            // An attach client that shuts down only its writing side has
+            // ended its stdin and still reads output.
+            return self.hup;
         }
         if self.session != Session::None {
             // The peer hanging up ends a session, whatever is queued.

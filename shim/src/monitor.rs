@@ -543,7 +543,8 @@ impl Monitor {
             add(run.report.as_raw_fd(), libc::POLLIN, Tok::Report);
         }
         for c in &self.conns {
-            if c.eof && !c.wants_write() {
+            let attach = matches!(c.session, Session::Attach { .. });
+            if c.eof && !c.wants_write() && !attach {
                 // Nothing to read or write: polling would only repeat POLLHUP.
                 continue;
             }
@@ -741,8 +742,16 @@ impl Monitor {
         if revents & libc::POLLOUT != 0 {
             c.flush();
         }
+        if revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            c.hup = true;
+        }
         if revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
             c.fill();
+        }
+        // An attach client's EOF is the end of its stdin (stdin_once).
+        if c.eof && c.session == (Session::Attach { stdin: true }) {
+            c.session = Session::Attach { stdin: false };
+            self.attach_stdin_ended();
         }
     }
 
@@ -1241,14 +1250,19 @@ impl Monitor {
                     }
                 }
             }
-            Session::Attach { stdin } => {
-                if stdin && self.cfg.stdin_once && self.stdin_w.take().is_some() {
-                    self.diag.log(format_args!(
-                        "stdin_once: first attach with stdin closed, closing stdin of {}",
-                        self.cfg.id
-                    ));
-                }
-            }
+            Session::Attach { stdin: true } => self.attach_stdin_ended(),
+            Session::Attach { stdin: false } => {}
+        }
+    }
+
+    /// An attach client that had stdin ended it (EOF or hang-up): with
+    /// stdin_once the container's stdin closes now.
+    fn attach_stdin_ended(&mut self) {
+        if self.cfg.stdin_once && self.stdin_w.take().is_some() {
+            self.diag.log(format_args!(
+                "stdin_once: first attach with stdin ended, closing stdin of {}",
+                self.cfg.id
+            ));
         }
     }
 
@@ -1449,7 +1463,8 @@ impl Monitor {
 fn fan_out(conns: &mut [Conn], diag: &mut Diag, stream: u8, data: &[u8]) {
     let mut frame: Option<Vec<u8>> = None;
     for c in conns.iter_mut() {
-        if !matches!(c.session, Session::Attach { .. }) || c.broken || c.eof || c.close_when_flushed
+        // A client that half-closed (ended its stdin) still reads output.
+        if !matches!(c.session, Session::Attach { .. }) || c.broken || c.hup || c.close_when_flushed
         {
             continue;
         }

@@ -55,7 +55,7 @@ pub trait Backend: Send + Sync + 'static {
     fn connect(&self, sandbox_id: &str, port: u16) -> Result<std::net::TcpStream>;
 }
 
-pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A process started by exec, with the client's ends of its stdio.
 pub struct ExecProcess {
@@ -67,7 +67,7 @@ pub struct ExecProcess {
     pub pty: Option<OwnedFd>,
     /// Resolves to the exit status. Dropping it before then kills the
     /// process (the client went away).
-    pub exit: BoxFuture<Result<i32>>,
+    pub exit: BoxFuture<'static, Result<i32>>,
 }
 
 /// Which of a container's output streams a chunk came from.
@@ -88,7 +88,7 @@ pub struct Attached {
 
 pub trait AttachOutput: Send {
     /// The next chunk of output, `Ok(None)` at its end.
-    fn next(&mut self) -> BoxFuture<Result<Option<(Output, Bytes)>>>;
+    fn next(&mut self) -> BoxFuture<'_, Result<Option<(Output, Bytes)>>>;
     /// Says that this client's stdin has ended (for `stdin_once`).
     fn stdin_done(&mut self);
 }
