@@ -27,9 +27,15 @@ impl CriClient {
                     }
                 }))
                 .await?;
+        // Kubelet's and crictl's limit for a CRI message.
+        const MAX_MESSAGE: usize = 16 << 20;
         Ok(CriClient {
-            runtime: RuntimeServiceClient::new(channel.clone()),
-            image: ImageServiceClient::new(channel),
+            runtime: RuntimeServiceClient::new(channel.clone())
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
+            image: ImageServiceClient::new(channel)
+                .max_decoding_message_size(MAX_MESSAGE)
+                .max_encoding_message_size(MAX_MESSAGE),
         })
     }
 }

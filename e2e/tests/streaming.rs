@@ -1150,3 +1150,97 @@ async fn a_session_to_a_removed_container_ends_with_an_error() {
         .expect_err("Exec in a removed container");
     assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
 }
+
+async fn exec_sync(
+    env: &mut PodEnv,
+    ctr: &str,
+    cmd: &[&str],
+    timeout: i64,
+) -> Result<ExecSyncResponse, tonic::Status> {
+    env.client
+        .runtime
+        .exec_sync(ExecSyncRequest {
+            container_id: ctr.to_string(),
+            cmd: cmd.iter().map(|s| s.to_string()).collect(),
+            timeout,
+        })
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// ExecSync keeps each stream to kubelet's 16 MiB (the whole answer fits
+/// a 16 MiB CRI message) and says on stderr what it cut; berthd does not
+/// keep the memory afterwards.
+#[tokio::test]
+async fn exec_sync_output_is_capped_and_says_so() {
+    let mut env = PodEnv::start().await;
+    let (_pod, ctr) = sleeper(&mut env, "capped").await;
+    let r = exec_sync(
+        &mut env,
+        &ctr,
+        &["sh", "-c", "head -c 104857600 /dev/zero; echo done >&2"],
+        60,
+    )
+    .await
+    .expect("a 100 MiB ExecSync answers");
+    assert_eq!(r.exit_code, 0);
+    assert!(r.stdout.len() <= 16 << 20, "{}", r.stdout.len());
+    assert!(r.stdout.len() >= 15 << 20, "{}", r.stdout.len());
+    let stderr = String::from_utf8_lossy(&r.stderr);
+    assert!(stderr.starts_with("done\n"), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "stdout was cut to its first {} of 104857600 bytes",
+            r.stdout.len()
+        )),
+        "{stderr}"
+    );
+    // Small output is untouched.
+    let r = exec_sync(&mut env, &ctr, &["echo", "hi"], 10)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.stdout.as_slice(), r.stderr.as_slice()),
+        (&b"hi\n"[..], &b""[..])
+    );
+}
+
+/// A timed-out ExecSync is an error, and the command and what it started
+/// are gone; a missing binary is exit code 127 with the reason.
+#[tokio::test]
+async fn exec_sync_timeout_kills_the_command_and_its_children() {
+    let mut env = PodEnv::start().await;
+    let (_pod, ctr) = sleeper(&mut env, "timeout").await;
+    let t0 = std::time::Instant::now();
+    let err = exec_sync(
+        &mut env,
+        &ctr,
+        &["sh", "-c", "sleep 300 & sleep 301 & echo started; wait"],
+        1,
+    )
+    .await
+    .expect_err("the exec times out");
+    assert_eq!(err.code(), tonic::Code::DeadlineExceeded, "{err:?}");
+    assert!(t0.elapsed() < Duration::from_secs(10), "{:?}", t0.elapsed());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ps = env
+        .sh(&ctr, "ps -o args | grep -c '[s]leep 30[01]' || true")
+        .await;
+    assert_eq!(
+        ps.trim(),
+        "0",
+        "the exec's children survived its timeout: {}",
+        env.d
+            .log()
+            .lines()
+            .filter(|l| l.contains("exec"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    let r = exec_sync(&mut env, &ctr, &["/no/such/binary"], 10)
+        .await
+        .expect("a missing binary is an exit code, not an error");
+    assert_eq!(r.exit_code, 127, "{r:?}");
+    assert!(!r.stderr.is_empty());
+}

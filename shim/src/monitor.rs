@@ -1390,7 +1390,7 @@ impl Monitor {
                     },
                     Err(msg) => {
                         let e = self.execs.swap_remove(i);
-                        self.respond(e.conn, &error(Code::Internal, msg));
+                        self.respond(e.conn, &error(Code::ExecFailed, msg));
                     }
                 }
             }

@@ -3,6 +3,7 @@
 //! berth-shim, which owns the container from then on. berthd's record is a
 //! cache of the truth the shim keeps; the shim's exit record wins.
 
+pub mod exec_sync;
 pub mod exits;
 pub mod resources;
 pub mod shim;
@@ -822,8 +823,9 @@ pub fn of_sandbox(daemon: &Daemon, sandbox_id: &str) -> Result<Vec<ContainerReco
         .collect())
 }
 
-/// ExecSync through the shim.
-pub fn exec_sync(
+/// ExecSync run by the shim itself: for shims started before streaming
+/// exec existed (berthd was upgraded under them).
+pub fn exec_sync_in_shim(
     daemon: &Daemon,
     id: &str,
     cmd: Vec<String>,

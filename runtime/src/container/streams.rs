@@ -56,9 +56,11 @@ pub fn exec_stream(
         .map_err(|e| Error::io("duplicate the exec's control connection", e))?;
     let socket = dir.join("shim.sock");
     let exit = wait_exit(control, socket);
+    let pid = session.pid;
     if session.pty {
         let master = session.stdout;
         Ok(ExecProcess {
+            pid: Some(pid),
             stdin: if req.stdin { Some(dup(&master)?) } else { None },
             stdout: Some(dup(&master)?),
             stderr: None,
@@ -67,6 +69,7 @@ pub fn exec_stream(
         })
     } else {
         Ok(ExecProcess {
+            pid: Some(pid),
             stdin: session.stdin,
             stdout: Some(session.stdout),
             stderr: session.stderr,

@@ -245,10 +245,18 @@ cri_service! {
 
         async fn exec_sync(&self, request: Request<ExecSyncRequest>) -> Result<Response<ExecSyncResponse>, Status> {
             let request = request.into_inner();
-            let (stdout, stderr, exit_code) = self.daemon.run(move |d| {
-                container::exec_sync(d, &request.container_id, request.cmd, request.timeout)
-            }).await?;
-            Ok(Response::new(ExecSyncResponse { stdout, stderr, exit_code }))
+            let out = container::exec_sync::exec_sync(
+                self.daemon.clone(),
+                request.container_id,
+                request.cmd,
+                request.timeout,
+            )
+            .await?;
+            Ok(Response::new(ExecSyncResponse {
+                stdout: out.stdout,
+                stderr: out.stderr,
+                exit_code: out.exit_code,
+            }))
         }
 
         async fn exec(&self, request: Request<ExecRequest>) -> Result<Response<ExecResponse>, Status> {

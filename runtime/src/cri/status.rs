@@ -20,7 +20,7 @@ impl From<Error> for Status {
                     Shim::FailedPrecondition => Code::FailedPrecondition,
                     Shim::NotFound => Code::NotFound,
                     Shim::DeadlineExceeded => Code::DeadlineExceeded,
-                    Shim::Internal => Code::Internal,
+                    Shim::Internal | Shim::ExecFailed => Code::Internal,
                 }
             }
             Error::Kernel {

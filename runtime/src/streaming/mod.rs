@@ -59,6 +59,8 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// A process started by exec, with the client's ends of its stdio.
 pub struct ExecProcess {
+    /// The process's host pid, when known.
+    pub pid: Option<i32>,
     pub stdin: Option<OwnedFd>,
     pub stdout: Option<OwnedFd>,
     pub stderr: Option<OwnedFd>,

@@ -87,6 +87,7 @@ async fn run_exec(
     streams: &mut Streams,
 ) -> Outcome {
     let ExecProcess {
+        pid: _,
         stdin,
         stdout,
         stderr,

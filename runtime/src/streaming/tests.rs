@@ -78,6 +78,7 @@ impl Backend for LocalBackend {
             ),
         };
         Ok(ExecProcess {
+            pid: child.id().map(|p| p as i32),
             stdin,
             stdout,
             stderr,
