@@ -450,6 +450,9 @@ pub async fn spdy_upgrade(url: &str, protocols: &[&str]) -> Result<(TcpStream, S
     let mut tcp = TcpStream::connect(&host)
         .await
         .map_err(|e| refused(format!("connect {host}: {e}")))?;
+    // As Go's net (client-go, kubectl) does for every TCP connection: the
+    // session's small frames are not held back by Nagle's algorithm.
+    let _ = tcp.set_nodelay(true);
     let mut head = format!(
         "POST {path} HTTP/1.1\r\nHost: {host}\r\nConnection: Upgrade\r\nUpgrade: SPDY/3.1\r\nContent-Length: 0\r\n"
     );
@@ -627,6 +630,18 @@ impl Forwarded {
     }
 }
 
+/// The streams of one forwarded connection ([`SpdyForward::open`]).
+pub struct ForwardStreams {
+    /// What the server reports about the connection (empty: no error).
+    pub error_rx: berth_spdy::RecvStream,
+    /// Already closed (opened with FIN); kept so the stream stays whole.
+    pub error_tx: berth_spdy::SendStream,
+    /// The pod's bytes.
+    pub rx: berth_spdy::RecvStream,
+    /// Bytes to the pod; shut it down to half-close the connection.
+    pub tx: berth_spdy::SendStream,
+}
+
 /// Port-forward over SPDY (after an HTTP upgrade or in a WebSocket
 /// tunnel): every [`SpdyForward::request`] is one forwarded connection,
 /// a stream pair with its own `requestID`, as client-go makes them.
@@ -658,6 +673,29 @@ impl SpdyForward {
         })
     }
 
+    /// One connection to the pod's `port`, its streams left to the caller
+    /// (to stream large amounts without keeping them): the error stream
+    /// (closed for writing at once) and the data stream, each replied to.
+    pub async fn open(&self, port: u16) -> Result<ForwardStreams, String> {
+        let id = self
+            .next_request
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let common = [("port", port.to_string()), ("requestID", id.to_string())];
+        let mut headers = vec![("streamType", "error".to_string())];
+        headers.extend(common.iter().cloned());
+        let error = open_stream(&self.conn, &headers, true).await?;
+        headers[0].1 = "data".into();
+        let data = open_stream(&self.conn, &headers, false).await?;
+        let (error_rx, error_tx) = error.into_split();
+        let (rx, tx) = data.into_split();
+        Ok(ForwardStreams {
+            error_rx,
+            error_tx,
+            rx,
+            tx,
+        })
+    }
+
     /// One connection to the pod's `port`: opens the error stream (closed
     /// for writing at once) and the data stream, writes `request`, reads
     /// the data stream to its end and then the error stream, all within
@@ -668,17 +706,12 @@ impl SpdyForward {
         request: &[u8],
         timeout: Duration,
     ) -> Result<Forwarded, String> {
-        let id = self
-            .next_request
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let common = [("port", port.to_string()), ("requestID", id.to_string())];
-        let mut headers = vec![("streamType", "error".to_string())];
-        headers.extend(common.iter().cloned());
-        let error = open_stream(&self.conn, &headers, true).await?;
-        headers[0].1 = "data".into();
-        let data = open_stream(&self.conn, &headers, false).await?;
-        let (mut error_rx, _error_tx) = error.into_split();
-        let (mut rx, mut tx) = data.into_split();
+        let ForwardStreams {
+            mut error_rx,
+            error_tx: _error_tx,
+            mut rx,
+            mut tx,
+        } = self.open(port).await?;
         let deadline = Instant::now() + timeout;
         let mut out = Forwarded::default();
         if let Err(e) = tx.write_all(request).await {

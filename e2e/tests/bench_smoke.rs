@@ -31,6 +31,7 @@ async fn quick_bench_against_berth_has_every_row() {
         "CreateContainer",
         "StartContainer",
         "ExecSync (echo hi)",
+        "Exec (streaming, SPDY) `echo hi`",
         "ContainerStatus",
         "StopContainer (timeout 0, sleep 1000)",
         "RemoveContainer",
@@ -45,6 +46,8 @@ async fn quick_bench_against_berth_has_every_row() {
         "ListContainerStats at 30 containers",
         "ContainerStatus p99 while 10 RemovePodSandbox run concurrently",
         "container exit → STOPPED event",
+        "port-forward pod → client, 64 MiB over one SPDY connection",
+        "port-forward client → pod, 64 MiB over one SPDY connection",
         "pull+unpack 20 MiB incompressible, 5 layers (cold cache)",
     ];
     let lines: Vec<&str> = table.lines().collect();

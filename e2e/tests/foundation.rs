@@ -189,13 +189,13 @@ async fn network_ready_follows_the_cni_conf_dir_without_restart() {
 async fn unwired_rpcs_answer_unimplemented_with_their_name() {
     let d = started().await;
     let mut c = d.client().await.unwrap();
+    // Streaming is served now: a bad request is refused as such.
     let err = c
         .runtime
         .attach(AttachRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(err.code(), Code::Unimplemented);
-    assert!(err.message().contains("Attach"), "{}", err.message());
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     let err = c
         .runtime
         .checkpoint_container(CheckpointContainerRequest::default())
@@ -332,11 +332,32 @@ fn tcp_listeners(pid: u32) -> Vec<String> {
     found
 }
 
+/// By default berthd's only TCP listener is the streaming server, on
+/// loopback: nothing is reachable from another machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nothing_listens_on_tcp() {
+async fn nothing_listens_on_a_non_loopback_tcp_port() {
     let d = started().await;
     let listeners = tcp_listeners(d.pid().unwrap());
-    assert!(listeners.is_empty(), "berthd listens on TCP: {listeners:?}");
+    let loopback = |l: &String| {
+        l.contains("/proc/net/tcp: 0100007F:")
+            || l.contains("/proc/net/tcp6: 00000000000000000000000001000000:")
+    };
+    assert!(
+        listeners.iter().all(loopback),
+        "berthd listens beyond loopback: {listeners:?}"
+    );
+    assert_eq!(listeners.len(), 1, "{listeners:?}");
+    // And that listener is the streaming server of the URLs it hands out.
+    let mut c = d.client().await.unwrap();
+    let err = c
+        .runtime
+        .port_forward(PortForwardRequest {
+            pod_sandbox_id: "no-such-pod".into(),
+            port: vec![80],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
 }
 
 #[test]

@@ -1244,3 +1244,66 @@ async fn exec_sync_timeout_kills_the_command_and_its_children() {
     assert_eq!(r.exit_code, 127, "{r:?}");
     assert!(!r.stderr.is_empty());
 }
+
+/// berthd going away (SIGKILL) ends its streaming sessions, and with them
+/// their exec processes, but never the containers; after the restart new
+/// sessions work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_berthd_restart_ends_sessions_but_not_containers() {
+    let mut env = PodEnv::start().await;
+    let (_pod, ctr) = sleeper(&mut env, "restart").await;
+    let url = exec_url(
+        &mut env,
+        &ctr,
+        &["sh", "-c", "echo up; exec sleep 604"],
+        false,
+        false,
+    )
+    .await;
+    let mut session = ws_connect(&url, &[WS_V5]).await.unwrap();
+    assert!(
+        session.read_until(STDOUT, "up", T).await,
+        "{}",
+        session.output.describe()
+    );
+    env.d.kill9();
+    assert!(
+        session.wait_closed(T).await,
+        "the session outlived berthd: {}",
+        session.output.describe()
+    );
+    env.d.restart().await.unwrap();
+    env.reconnect().await;
+    let deadline = tokio::time::Instant::now() + T;
+    while sleeps(&mut env, &ctr).await.contains("sleep 604") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the exec outlived its session"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        env.status(&ctr).await.state,
+        ContainerState::ContainerRunning as i32
+    );
+    let url = exec_url(&mut env, &ctr, &["echo", "again"], false, false).await;
+    let mut session = ws_connect(&url, &[WS_V5]).await.unwrap();
+    assert!(session.read_until(STDOUT, "again", T).await);
+}
+
+/// A command that does not exist is an exit code (127) and the reason on
+/// stderr, as runc reports it, over both transports.
+#[tokio::test]
+async fn exec_of_a_missing_binary_is_exit_code_127() {
+    let mut env = PodEnv::start().await;
+    let (_pod, ctr) = sleeper(&mut env, "missing").await;
+    let url = exec_url(&mut env, &ctr, &["/no/such/binary"], false, false).await;
+    let mut session = ws_connect(&url, &[WS_V5]).await.unwrap();
+    assert!(session.wait_closed(T).await);
+    assert_exit_code(&session, 127);
+    assert!(
+        !session.output.bytes(STDERR).is_empty(),
+        "{}",
+        session.output.describe()
+    );
+}

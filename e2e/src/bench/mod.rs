@@ -53,7 +53,8 @@ pub struct BenchOptions {
     #[arg(long, value_name = "W")]
     pub warmup: Option<usize>,
     /// Small and fast (about a minute, what CI runs): N=3, W=1, P=5, K=3,
-    /// 30 pods instead of 100, a 20 MiB image, one pull.
+    /// 30 pods instead of 100, a 20 MiB image, one pull, 64 MiB
+    /// port-forwarded twice each way (instead of 256 MiB five times).
     #[arg(long)]
     pub quick: bool,
     /// Write the results as JSON to this file.
@@ -68,6 +69,31 @@ pub struct BenchOptions {
     /// `loopback` gives Berth pods no CNI network at all.
     #[arg(long, value_enum, default_value_t = BerthNetwork::Bridge)]
     pub berth_network: BerthNetwork,
+    /// Run only these scenarios (comma-separated; default: all); the rows
+    /// of the others show "n/a (not measured)".
+    #[arg(long, value_enum, value_delimiter = ',', value_name = "SCENARIO")]
+    pub only: Vec<Scenario>,
+}
+
+/// The scenarios of one runtime's measurement, in the order they run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Scenario {
+    /// Pod lifecycles, every CRI call timed (ExecSync, streaming Exec).
+    Lifecycle,
+    /// Pods started concurrently.
+    Concurrent,
+    /// Runtime PSS per container.
+    Memory,
+    /// Daemon RSS and list calls at many pods.
+    Many,
+    /// ContainerStatus while pods are removed.
+    Removals,
+    /// Container exit → STOPPED event.
+    Events,
+    /// Port-forward throughput.
+    PortForward,
+    /// Pull throughput.
+    Pull,
 }
 
 /// The pod network of the benchmark's berthd.
@@ -113,6 +139,12 @@ pub struct Plan {
     pub image_mib: u64,
     pub image_layers: usize,
     pub pull_runs: usize,
+    /// The scenarios to run (empty: all).
+    pub only: Vec<Scenario>,
+    /// MiB sent each way through one port-forwarded connection.
+    pub forward_mib: u64,
+    /// How many times each port-forward transfer is repeated.
+    pub forward_runs: usize,
 }
 
 impl Plan {
@@ -129,6 +161,9 @@ impl Plan {
                 image_mib: 20,
                 image_layers: 5,
                 pull_runs: 1,
+                only: o.only.clone(),
+                forward_mib: 64,
+                forward_runs: 2,
             }
         } else {
             Plan {
@@ -142,8 +177,18 @@ impl Plan {
                 image_mib: 150,
                 image_layers: 5,
                 pull_runs: 3,
+                only: o.only.clone(),
+                forward_mib: 256,
+                forward_runs: 5,
             }
         }
+    }
+}
+
+impl Plan {
+    /// Whether scenario `s` is part of this run.
+    pub fn runs(&self, s: Scenario) -> bool {
+        self.only.is_empty() || self.only.contains(&s)
     }
 }
 
@@ -337,13 +382,30 @@ async fn bench_target(
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     res.set(report::RSS_IDLE, scenarios::daemon_rss(t));
-    scenarios::lifecycle(t, factory, plan, res).await;
-    scenarios::concurrent(t, factory, plan, res).await;
-    scenarios::memory(t, factory, plan, res).await;
-    scenarios::many(t, factory, plan, res).await;
-    scenarios::status_during_removals(t, factory, plan, res).await;
-    scenarios::exit_to_event(t, factory, plan, res).await;
-    scenarios::pull_throughput(t, big, plan, res).await;
+    if plan.runs(Scenario::Lifecycle) {
+        scenarios::lifecycle(t, factory, plan, res).await;
+    }
+    if plan.runs(Scenario::Concurrent) {
+        scenarios::concurrent(t, factory, plan, res).await;
+    }
+    if plan.runs(Scenario::Memory) {
+        scenarios::memory(t, factory, plan, res).await;
+    }
+    if plan.runs(Scenario::Many) {
+        scenarios::many(t, factory, plan, res).await;
+    }
+    if plan.runs(Scenario::Removals) {
+        scenarios::status_during_removals(t, factory, plan, res).await;
+    }
+    if plan.runs(Scenario::Events) {
+        scenarios::exit_to_event(t, factory, plan, res).await;
+    }
+    if plan.runs(Scenario::PortForward) {
+        scenarios::port_forward(t, factory, plan, res).await;
+    }
+    if plan.runs(Scenario::Pull) {
+        scenarios::pull_throughput(t, big, plan, res).await;
+    }
     match target::sweep(&mut t.client, &factory.run_id).await {
         Ok((0, 0)) => {}
         Ok((p, c)) => res.notes.push(format!(

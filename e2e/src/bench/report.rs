@@ -42,11 +42,12 @@ fn def(
 
 /// The CRI calls timed one by one in every pod lifecycle, in call order:
 /// (id, label).
-pub const LIFECYCLE: [(&str, &str); 9] = [
+pub const LIFECYCLE: [(&str, &str); 10] = [
     ("run_pod_sandbox", "RunPodSandbox"),
     ("create_container", "CreateContainer"),
     ("start_container", "StartContainer"),
     ("exec_sync", "ExecSync (echo hi)"),
+    (EXEC_STREAMING, "Exec (streaming, SPDY) `echo hi`"),
     ("container_status", "ContainerStatus"),
     ("stop_container", "StopContainer (timeout 0, sleep 1000)"),
     ("remove_container", "RemoveContainer"),
@@ -63,6 +64,13 @@ pub const LIST_STATS: &str = "list_container_stats_many";
 pub const PULL: &str = "pull_throughput";
 pub const STATUS_DURING_REMOVALS: &str = "container_status_p99_during_removals";
 pub const EXIT_TO_EVENT: &str = "exit_to_stopped_event";
+/// CRI Exec, then the SPDY session to its URL until stdout and the v4
+/// Success status are read.
+pub const EXEC_STREAMING: &str = "exec_streaming_spdy";
+/// Port-forward throughput over one forwarded SPDY connection, pod →
+/// client and client → pod.
+pub const FORWARD_DOWN: &str = "port_forward_download";
+pub const FORWARD_UP: &str = "port_forward_upload";
 /// Pods removed at once in the [`STATUS_DURING_REMOVALS`] scenario.
 pub const REMOVALS: usize = 10;
 
@@ -127,6 +135,24 @@ pub fn catalogue(plan: &Plan) -> Vec<MetricDef> {
         "container exit → STOPPED event",
         "ms",
         Lower,
+    ));
+    v.push(def(
+        FORWARD_DOWN,
+        format!(
+            "port-forward pod → client, {} MiB over one SPDY connection",
+            plan.forward_mib
+        ),
+        "MB/s",
+        Higher,
+    ));
+    v.push(def(
+        FORWARD_UP,
+        format!(
+            "port-forward client → pod, {} MiB over one SPDY connection",
+            plan.forward_mib
+        ),
+        "MB/s",
+        Higher,
     ));
     v.push(def(
         PULL,
@@ -462,7 +488,7 @@ impl Report {
     pub fn preamble(&self) -> String {
         let p = &self.plan;
         let mut s = format!(
-            "berth-bench: N={} iterations after W={} warm-ups; concurrent P={:?}; K={}; {} pods; {} MiB image, {} pull run(s){}\n",
+            "berth-bench: N={} iterations after W={} warm-ups; concurrent P={:?}; K={}; {} pods; {} MiB image, {} pull run(s); {} MiB port-forwarded × {}{}{}\n",
             p.iterations,
             p.warmup,
             p.concurrent,
@@ -470,7 +496,14 @@ impl Report {
             p.many,
             p.image_mib,
             p.pull_runs,
-            if p.quick { " (quick)" } else { "" }
+            p.forward_mib,
+            p.forward_runs,
+            if p.quick { " (quick)" } else { "" },
+            if p.only.is_empty() {
+                String::new()
+            } else {
+                format!("; only {:?}", p.only)
+            }
         );
         for (k, v) in &self.environment {
             let _ = writeln!(s, "  {k}: {v}");
@@ -529,6 +562,9 @@ impl Report {
                 "image_mib": p.image_mib,
                 "image_layers": p.image_layers,
                 "pull_runs": p.pull_runs,
+                "forward_mib": p.forward_mib,
+                "forward_runs": p.forward_runs,
+                "only": p.only.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>(),
             },
             "environment": self.environment,
             "runtimes": self.runtimes.iter().map(|r| json!({

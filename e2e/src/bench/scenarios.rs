@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 use k8s_cri::v1::*;
 
 use super::host;
+use crate::cri::CriClient;
+use crate::streaming;
+
 use super::report::{self, Cell, Collector, LIFECYCLE, RuntimeResult};
 use super::target::{
     self, Kind, Launched, PAYLOAD_CMDLINE, PodFactory, Target, call, launch, ms, teardown,
@@ -44,6 +47,8 @@ pub async fn lifecycle(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut Ru
         .collect();
     // Why a metric got no sample at all, when it was never reached.
     let mut blocked: HashMap<&str, String> = HashMap::new();
+    // Streaming execs whose status the client lost to a stream reset.
+    let mut exec_status_reset = 0usize;
     let total = plan.warmup + plan.iterations;
     for i in 0..total {
         let rec = i >= plan.warmup;
@@ -104,6 +109,7 @@ pub async fn lifecycle(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut Ru
                 for id in [
                     "start_container",
                     "exec_sync",
+                    report::EXEC_STREAMING,
                     "container_status",
                     "stop_container",
                     "remove_container",
@@ -123,7 +129,7 @@ pub async fn lifecycle(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut Ru
             .await;
             let running = started.is_ok();
             if let Err(e) = &started {
-                for id in ["exec_sync", report::E2E] {
+                for id in ["exec_sync", report::EXEC_STREAMING, report::E2E] {
                     blocked
                         .entry(id)
                         .or_insert(format!("StartContainer failed: {e}"));
@@ -152,6 +158,11 @@ pub async fn lifecycle(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut Ru
                     }
                 });
                 note(&mut cols, "exec_sync", exec);
+                let exec = exec_streaming(c, ctr).await;
+                if rec && matches!(exec, Ok((_, true))) {
+                    exec_status_reset += 1;
+                }
+                note(&mut cols, report::EXEC_STREAMING, exec.map(|(d, _)| d));
             }
             let status = timed(c.runtime.container_status(ContainerStatusRequest {
                 container_id: ctr.clone(),
@@ -195,6 +206,14 @@ pub async fn lifecycle(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut Ru
             teardown(c, &pod_id, ctr.as_deref()).await;
         }
     }
+    if exec_status_reset > 0
+        && let Some(c) = cols.get_mut(report::EXEC_STREAMING)
+    {
+        c.note(format!(
+            "{exec_status_reset} of {}: error stream reset (RST_STREAM) before its status was read, after stdout; counted as success, as client-go reads an empty v4 error stream",
+            plan.iterations
+        ));
+    }
     for (id, col) in cols {
         let missing = blocked
             .get(id)
@@ -202,6 +221,83 @@ pub async fn lifecycle(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut Ru
             .unwrap_or_else(|| "not measured".into());
         res.set(id, col.cell(&missing));
     }
+}
+
+/// How long a streaming session (exec, one port-forward transfer) may take.
+const STREAM_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// CRI `Exec` of `echo hi` (stdout only, no tty), then the SPDY session
+/// to the URL it answered (`v4.channel.k8s.io`, streams opened as
+/// client-go does) until stdout holds `hi\n` and the error stream the v4
+/// Success status: the time from sending the request to having both, and
+/// whether the status was lost to a reset of the error stream instead.
+async fn exec_streaming(c: &mut CriClient, container_id: &str) -> Result<(Duration, bool), String> {
+    let t0 = Instant::now();
+    let url = call(c.runtime.exec(ExecRequest {
+        container_id: container_id.to_string(),
+        cmd: vec!["echo".into(), "hi".into()],
+        tty: false,
+        stdin: false,
+        stdout: true,
+        stderr: false,
+    }))
+    .await
+    .map_err(|e| format!("Exec: {e}"))?
+    .url;
+    let stdio = streaming::Stdio {
+        stdin: false,
+        stdout: true,
+        stderr: false,
+        tty: false,
+    };
+    let mut session = streaming::spdy_remote_command(&url, &[streaming::WS_V4], stdio)
+        .await
+        .map_err(|e| format!("SPDY to the Exec URL: {e}"))?;
+    let success = |o: &streaming::Output| {
+        o.status()
+            .is_some_and(|s| s["status"].as_str() == Some("Success"))
+    };
+    // Done once both are there, or on any other status, or at the end.
+    session
+        .read_while(STREAM_TIMEOUT, |o| {
+            o.closed
+                || (o.status().is_some() && (!success(o) || o.bytes(streaming::STDOUT) == b"hi\n"))
+        })
+        .await;
+    let took = t0.elapsed();
+    let o = &session.output;
+    if o.bytes(streaming::STDOUT) == b"hi\n" {
+        if success(o) {
+            return Ok((took, false));
+        }
+        // The error stream reset by the server with nothing read from it
+        // (the session reader drops what it had not read yet on a reset):
+        // for client-go (spdystream) that is an empty error stream, which
+        // v4 reads as success.
+        if o.closed
+            && o.bytes(streaming::ERROR)
+                .starts_with(b"<SPDY read error: stream reset by peer")
+        {
+            return Ok((took, true));
+        }
+    }
+    Err(match o.status() {
+        Some(s) if !success(o) => format!(
+            "error stream: {}",
+            s["message"]
+                .as_str()
+                .map(str::to_string)
+                .unwrap_or_else(|| s.to_string())
+        ),
+        _ if !o.closed => format!(
+            "no stdout \"hi\\n\" and Success status within {STREAM_TIMEOUT:?}:{}",
+            o.describe()
+        ),
+        _ => format!(
+            "the session ended without stdout \"hi\\n\" and a Success status:{}",
+            o.describe()
+        ),
+    })
 }
 
 /// Starts `count` pods with one container each, `parallel` at a time;
@@ -833,4 +929,243 @@ pub async fn exit_to_event(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mu
     reader.abort();
     teardown(&mut t.client, &pod, None).await;
     res.set(report::EXIT_TO_EVENT, col.cell("not measured"));
+}
+
+/// The pod port that sends [`Plan::forward_mib`] MiB of zeros to each
+/// connection (`dd` on the socket itself, through busybox `nc -ll -e`).
+const FORWARD_DOWN_PORT: u16 = 9000;
+/// The pod port that reads [`Plan::forward_mib`] MiB from each connection
+/// and then answers dd's record counts.
+const FORWARD_UP_PORT: u16 = 9001;
+/// How long the pod's listeners have to come up.
+const FORWARD_READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Port-forward throughput over one forwarded connection (one SPDY stream
+/// pair on one upgraded connection), each way: a pod whose busybox `nc`
+/// servers write or read [`Plan::forward_mib`] MiB per connection with
+/// `dd` on the socket, `plan.forward_runs` transfers each way after one
+/// warm-up. The time runs from opening the stream pair to the last byte
+/// read (pod → client) or to dd's answer that it read everything (client
+/// → pod); neither waits for the connection's end (containerd closes a
+/// forwarded connection only a second after one side finished).
+pub async fn port_forward(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut RuntimeResult) {
+    progress(
+        t,
+        &format!(
+            "port-forward {} MiB × {} each way",
+            plan.forward_mib, plan.forward_runs
+        ),
+    );
+    let bytes = plan.forward_mib << 20;
+    let script = format!(
+        "nc -ll -p {FORWARD_DOWN_PORT} -e sh -c 'exec dd if=/dev/zero bs=65536 count={down} 2>/dev/null' & \
+         nc -ll -p {FORWARD_UP_PORT} -e sh -c 'exec dd of=/dev/null bs=1048576 count={up} iflag=fullblock 2>&1' & \
+         echo ready; wait",
+        down = bytes / 65536,
+        up = bytes >> 20,
+    );
+    let config = f.pod("pf");
+    let log_file = std::path::Path::new(&config.log_directory).join("c.log");
+    let pod = match call(t.client.runtime.run_pod_sandbox(RunPodSandboxRequest {
+        config: Some(config.clone()),
+        runtime_handler: String::new(),
+    }))
+    .await
+    {
+        Ok(r) => r.pod_sandbox_id,
+        Err(e) => {
+            let why = format!("RunPodSandbox: {e}");
+            res.set(report::FORWARD_DOWN, Cell::na(why.clone()));
+            res.set(report::FORWARD_UP, Cell::na(why));
+            return;
+        }
+    };
+    let mut container = f.container();
+    container.command = vec!["/bin/sh".into(), "-c".into(), script];
+    let t0 = Instant::now();
+    let setup = async {
+        let id = call(t.client.runtime.create_container(CreateContainerRequest {
+            pod_sandbox_id: pod.clone(),
+            config: Some(container),
+            sandbox_config: Some(config),
+        }))
+        .await
+        .map_err(|e| (format!("CreateContainer: {e}"), None))?
+        .container_id;
+        let fail = |e: String| (e, Some(id.clone()));
+        call(t.client.runtime.start_container(StartContainerRequest {
+            container_id: id.clone(),
+        }))
+        .await
+        .map_err(|e| fail(format!("StartContainer: {e}")))?;
+        target::wait_log_line(&log_file, t0).await.map_err(fail)?;
+        let url = call(t.client.runtime.port_forward(PortForwardRequest {
+            pod_sandbox_id: pod.clone(),
+            port: vec![FORWARD_DOWN_PORT.into(), FORWARD_UP_PORT.into()],
+        }))
+        .await
+        .map_err(|e| fail(format!("PortForward: {e}")))?
+        .url;
+        let fwd = streaming::SpdyForward::connect(&url)
+            .await
+            .map_err(|e| fail(format!("SPDY to the PortForward URL: {e}")))?;
+        Ok::<_, (String, Option<String>)>((id, fwd))
+    };
+    let (ctr, fwd) = match setup.await {
+        Ok(x) => x,
+        Err((why, ctr)) => {
+            res.set(report::FORWARD_DOWN, Cell::na(why.clone()));
+            res.set(report::FORWARD_UP, Cell::na(why));
+            teardown(&mut t.client, &pod, ctr.as_deref()).await;
+            return;
+        }
+    };
+    for (id, up) in [(report::FORWARD_DOWN, false), (report::FORWARD_UP, true)] {
+        let transfer = || async {
+            if up {
+                forward_up(&fwd, bytes).await
+            } else {
+                forward_down(&fwd, bytes).await
+            }
+        };
+        let mut col = Collector::default();
+        // Warm-up, retried until the pod's listener answers.
+        let deadline = Instant::now() + FORWARD_READY_TIMEOUT;
+        let warm = loop {
+            match transfer().await {
+                Ok(_) => break Ok(()),
+                Err(e) if Instant::now() >= deadline || fwd.conn.is_closed() => break Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        };
+        match warm {
+            Err(e) => col.fail(format!("warm-up: {e}")),
+            Ok(()) => {
+                for _ in 0..plan.forward_runs {
+                    match transfer().await {
+                        Ok(d) => col.push(bytes as f64 / 1e6 / d.as_secs_f64()),
+                        Err(e) => col.fail(e),
+                    }
+                }
+            }
+        }
+        res.set(id, col.cell("not measured"));
+    }
+    drop(fwd);
+    teardown(&mut t.client, &pod, Some(&ctr)).await;
+}
+
+/// What the error stream of a forwarded connection says, read for at most
+/// a second (after the data stream failed).
+async fn forward_error(s: &mut streaming::ForwardStreams) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut error = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(1), s.error_rx.read_to_end(&mut error)).await;
+    let text = String::from_utf8_lossy(&error).trim().to_string();
+    if text.is_empty() {
+        "nothing on the error stream".into()
+    } else {
+        format!("error stream: {text}")
+    }
+}
+
+/// Pod → client: reads `bytes` from [`FORWARD_DOWN_PORT`] (counted, not
+/// kept); the time from opening the streams to the last byte.
+async fn forward_down(fwd: &streaming::SpdyForward, bytes: u64) -> Result<Duration, String> {
+    use tokio::io::AsyncReadExt;
+    let t0 = Instant::now();
+    let deadline = tokio::time::Instant::now() + STREAM_TIMEOUT;
+    let mut s = fwd.open(FORWARD_DOWN_PORT).await?;
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    while got < bytes {
+        match tokio::time::timeout_at(deadline, s.rx.read(&mut buf)).await {
+            Err(_) => {
+                return Err(format!("{got} of {bytes} bytes within {STREAM_TIMEOUT:?}"));
+            }
+            Ok(Ok(0)) => {
+                return Err(format!(
+                    "the data stream ended after {got} of {bytes} bytes; {}",
+                    forward_error(&mut s).await
+                ));
+            }
+            Ok(Ok(n)) => got += n as u64,
+            Ok(Err(e)) => {
+                return Err(format!("reading the data stream after {got} bytes: {e}"));
+            }
+        }
+    }
+    let took = t0.elapsed();
+    if got > bytes {
+        return Err(format!("{got} bytes, {bytes} expected"));
+    }
+    Ok(took)
+}
+
+/// Client → pod: writes `bytes` to [`FORWARD_UP_PORT`], whose dd answers
+/// its record counts once it has read them all; the time from opening the
+/// streams to that answer.
+async fn forward_up(fwd: &streaming::SpdyForward, bytes: u64) -> Result<Duration, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t0 = Instant::now();
+    let deadline = tokio::time::Instant::now() + STREAM_TIMEOUT;
+    let mut s = fwd.open(FORWARD_UP_PORT).await?;
+    let chunk = vec![0u8; 256 * 1024];
+    let mut sent = 0u64;
+    let writing = async {
+        while sent < bytes {
+            let n = chunk.len().min((bytes - sent) as usize);
+            s.tx.write_all(&chunk[..n])
+                .await
+                .map_err(|e| format!("writing the data stream after {sent} bytes: {e}"))?;
+            sent += n as u64;
+        }
+        s.tx.flush()
+            .await
+            .map_err(|e| format!("flushing the data stream: {e}"))
+    };
+    match tokio::time::timeout_at(deadline, writing).await {
+        Err(_) => {
+            return Err(format!(
+                "{sent} of {bytes} bytes sent within {STREAM_TIMEOUT:?}"
+            ));
+        }
+        Ok(Err(e)) => return Err(format!("{e}; {}", forward_error(&mut s).await)),
+        Ok(Ok(())) => {}
+    }
+    let records = bytes >> 20;
+    let want = format!("{records}+0 records in");
+    let mut answer = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        if String::from_utf8_lossy(&answer).contains("records out") {
+            break;
+        }
+        match tokio::time::timeout_at(deadline, s.rx.read(&mut buf)).await {
+            Err(_) => {
+                return Err(format!(
+                    "no answer from dd within {STREAM_TIMEOUT:?} (got {:?})",
+                    String::from_utf8_lossy(&answer)
+                ));
+            }
+            Ok(Ok(0)) => {
+                return Err(format!(
+                    "the data stream ended before dd answered (got {:?}); {}",
+                    String::from_utf8_lossy(&answer),
+                    forward_error(&mut s).await
+                ));
+            }
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+            Ok(Err(e)) => return Err(format!("reading dd's answer: {e}")),
+        }
+    }
+    let took = t0.elapsed();
+    let text = String::from_utf8_lossy(&answer);
+    if !text.contains(&want) {
+        return Err(format!(
+            "dd read something else: {:?}, not {want:?}",
+            text.trim()
+        ));
+    }
+    Ok(took)
 }

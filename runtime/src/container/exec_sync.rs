@@ -14,6 +14,7 @@ use crate::daemon::Daemon;
 use crate::error::{Error, Result};
 use crate::streaming::ExecProcess;
 use crate::streaming::fdio::FdStream;
+use crate::streaming::remotecommand::exec_failure;
 
 /// What one stream keeps (kubelet's limit for exec output).
 pub const STREAM_CAP: usize = 16 << 20;
@@ -68,18 +69,12 @@ pub async fn exec_sync(
             });
         }
         // The process never started: an exit code and the reason, as
-        // runc gives them (127: no such command, 126: not executable).
-        Err(Error::Shim {
-            code: berth_proto::shim::shim_error::Code::ExecFailed,
-            message,
-            ..
-        }) => {
-            let lower = message.to_lowercase();
-            let missing = lower.contains("not found") || lower.contains("no such file");
+        // runc gives them.
+        Err(e) if exec_failure(&e).is_some() => {
             return Ok(ExecSyncOutput {
                 stdout: Vec::new(),
-                stderr: format!("{message}\n").into_bytes(),
-                exit_code: if missing { 127 } else { 126 },
+                stderr: format!("{}\n", crate::error::chain(&e)).into_bytes(),
+                exit_code: exec_failure(&e).unwrap_or(126),
             });
         }
         Err(e) => return Err(e),

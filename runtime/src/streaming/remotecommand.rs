@@ -72,10 +72,26 @@ pub async fn exec(backend: Arc<dyn Backend>, req: ExecRequest, mut streams: Stre
     };
     let outcome = match started {
         Ok(process) => run_exec(process, tty, sizes, &mut streams).await,
-        Err(e) => Outcome::Failed(format!(
-            "error executing command in container: {}",
-            crate::error::chain(&e)
-        )),
+        Err(e) => match exec_failure(&e) {
+            // The command could not be started: its exit code and reason,
+            // as runc reports them.
+            Some(code) => {
+                let to = if tty {
+                    &mut streams.stdout
+                } else {
+                    &mut streams.stderr
+                };
+                if let Some(w) = to {
+                    let line = format!("{}\r\n", crate::error::chain(&e));
+                    let _ = w.write_all(line.as_bytes()).await;
+                }
+                Outcome::Exited(code)
+            }
+            None => Outcome::Failed(format!(
+                "error executing command in container: {}",
+                crate::error::chain(&e)
+            )),
+        },
     };
     finish(streams, &cmd, outcome).await;
 }
@@ -226,6 +242,27 @@ async fn run_attach(attached: Attached, tty: bool, streams: &mut Streams) -> Out
         Outcome::Exited(_) => Outcome::Exited(0),
         other => other,
     }
+}
+
+/// The exit code runc gives a command that could not start (127: no
+/// such file, 126: not executable), when that is what `e` says.
+pub fn exec_failure(e: &Error) -> Option<i32> {
+    let Error::Shim {
+        code: berth_proto::shim::shim_error::Code::ExecFailed,
+        message,
+        ..
+    } = e
+    else {
+        return None;
+    };
+    let lower = message.to_lowercase();
+    Some(
+        if lower.contains("not found") || lower.contains("no such file") {
+            127
+        } else {
+            126
+        },
+    )
 }
 
 fn abort_all(tasks: &[tokio::task::JoinHandle<()>]) {
