@@ -21,5 +21,6 @@ BERTH_BUILD_PACKAGES=(protobuf-compiler libseccomp-dev pkg-config)
 # reference CNI plugins and nftables for networking tests; Python with venv
 # for the tests that install from PyPI (grpcio for the interop test, a
 # Kubernetes schema validator for the deploy tests) and python3-yaml to read
-# the manifests.
-BERTH_TEST_PACKAGES=(docker-registry busybox-static skopeo containernetworking-plugins nftables iproute2 python3 python3-venv python3-yaml)
+# the manifests; user-mode-linux (a 6.1 kernel run as a process) and kmod
+# (modprobe for its modules) for the cgroup v2 lane (scripts/v2-lane).
+BERTH_TEST_PACKAGES=(docker-registry busybox-static skopeo containernetworking-plugins nftables iproute2 python3 python3-venv python3-yaml user-mode-linux kmod)

@@ -77,6 +77,12 @@ async fn version_status_and_runtime_config_answer() {
     assert_eq!(config["root_dir"], d.root_dir().display().to_string());
     let cgroup: serde_json::Value = serde_json::from_str(&verbose.info["cgroup"]).unwrap();
     assert_eq!(cgroup["driver"], "cgroupfs");
+    let version = if berth_e2e::pods::cgroup_v2() {
+        "v2"
+    } else {
+        "v1"
+    };
+    assert_eq!(cgroup["version"], version, "the cgroup version in use");
 
     let rc = c
         .runtime

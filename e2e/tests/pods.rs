@@ -270,6 +270,19 @@ async fn shared_pid_namespace_pod_sees_each_others_processes() {
         1,
         "a shared-PID pod has one infra process (berth-shim pause): {infra:?}"
     );
+    // In the pod cgroup, so pod limits cover it; on v2 in a leaf of its
+    // own (a cgroup whose children have controllers holds no process).
+    let parent = env.cgroup_parent(&pod);
+    let want = if cgroup_v2() {
+        format!("{parent}/infra")
+    } else {
+        parent.clone()
+    };
+    assert_eq!(
+        proc_cgroup(infra[0], "memory").as_deref(),
+        Some(want.as_str()),
+        "the infra process's cgroup"
+    );
     let c1 = env
         .run(&pod, &container_config("first", &bb, &["sleep", "1001"]))
         .await;
@@ -318,6 +331,11 @@ async fn shared_pid_namespace_pod_sees_each_others_processes() {
         eventually(Duration::from_secs(10), || !pid_alive(infra[0])).await,
         "the infra process {} outlived RemovePodSandbox",
         infra[0]
+    );
+    assert!(
+        cgroup_dirs(&parent).is_empty(),
+        "the pod cgroup is left: {:?}",
+        cgroup_dirs(&parent)
     );
     assert!(
         mounts_under(env.d.dir.path()).is_empty(),
@@ -679,6 +697,12 @@ async fn containers_go_created_then_running_and_list_with_filters() {
     assert!(s.started_at >= s.created_at, "{s:?}");
     let pid = env.pid(&id).await;
     assert!(pid_alive(pid), "the reported pid {pid} is not alive");
+    // Started means the process was let go; its execve may still be under
+    // way for a moment (as after `runc start`; seen under user-mode-linux).
+    eventually(Duration::from_secs(5), || {
+        cmdline(pid).as_deref() == Some("sleep 1000")
+    })
+    .await;
     assert_eq!(
         cmdline(pid).as_deref(),
         Some("sleep 1000"),
@@ -1480,12 +1504,18 @@ async fn fifty_container_cycles_leave_nothing_behind() {
         container_dirs.is_empty(),
         "container dirs left: {container_dirs:?}"
     );
-    let alive: Vec<i32> = shims
-        .iter()
-        .chain(pids.iter())
-        .copied()
-        .filter(|p| pid_alive(*p))
-        .collect();
+    // A shim answers Shutdown and then exits: the last one may still be on
+    // its way out (slow under user-mode-linux).
+    let alive = || -> Vec<i32> {
+        shims
+            .iter()
+            .chain(pids.iter())
+            .copied()
+            .filter(|p| pid_alive(*p))
+            .collect()
+    };
+    eventually(Duration::from_secs(5), || alive().is_empty()).await;
+    let alive = alive();
     assert!(
         alive.is_empty(),
         "shim or container processes left: {:?}",

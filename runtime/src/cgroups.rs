@@ -73,8 +73,46 @@ fn relative(path: &str) -> Result<&str> {
     Ok(rel)
 }
 
+/// On cgroup v2, the leaf cgroup under a pod's cgroup that holds the pod's
+/// infra process (as a pause container's cgroup does): v2 allows no
+/// process in a cgroup whose children have controllers enabled.
+pub const INFRA_LEAF: &str = "infra";
+
+/// The cgroup the infra process of the pod cgroup `pod` goes into: the pod
+/// cgroup itself on v1, its [`INFRA_LEAF`] on v2.
+pub fn infra_cgroup(mode: CgroupMode, pod: &str) -> String {
+    match mode {
+        CgroupMode::Legacy => pod.to_string(),
+        CgroupMode::Unified => format!("{}/{INFRA_LEAF}", pod.trim_end_matches('/')),
+    }
+}
+
+/// Enables in `dir`'s `cgroup.subtree_control` every controller `dir`
+/// has (v2), so its children get them too. One write per controller: one
+/// the kernel refuses (e.g. EBUSY when `dir` holds processes) does not
+/// keep the others from being enabled.
+fn enable_subtree_controllers(dir: &Path) {
+    let Ok(available) = std::fs::read_to_string(dir.join("cgroup.controllers")) else {
+        return;
+    };
+    let enabled = std::fs::read_to_string(dir.join("cgroup.subtree_control")).unwrap_or_default();
+    let enabled: Vec<&str> = enabled.split_whitespace().collect();
+    for controller in available.split_whitespace() {
+        if enabled.contains(&controller) {
+            continue;
+        }
+        if let Err(e) = std::fs::write(dir.join("cgroup.subtree_control"), format!("+{controller}"))
+        {
+            tracing::warn!(cgroup = %dir.display(), controller, error = %e, "could not enable the controller for child cgroups");
+        }
+    }
+}
+
 /// Creates the cgroup `path` in every hierarchy; returns whether it did
-/// not exist before (then it is ours to remove).
+/// not exist before (then it is ours to remove). On v2 every level between
+/// the root and `path` hands its controllers down, so `path` has them all;
+/// `path` itself enables none (it may be a leaf that takes processes; the
+/// container runtime enables them when it creates a container below).
 pub fn create_dir(mode: CgroupMode, path: &str) -> Result<bool> {
     let rel = relative(path)?;
     let mut created = false;
@@ -88,13 +126,18 @@ pub fn create_dir(mode: CgroupMode, path: &str) -> Result<bool> {
         let mut current = root.clone();
         for component in rel.split('/') {
             let next = current.join(component);
+            if mode == CgroupMode::Unified && current != root {
+                enable_subtree_controllers(&current);
+            }
             if !next.is_dir() {
                 std::fs::create_dir(&next)
                     .map_err(|e| Error::io(format!("create cgroup {}", next.display()), e))?;
                 created = true;
-                for file in ["cpuset.cpus", "cpuset.mems"] {
-                    if let Ok(value) = std::fs::read_to_string(current.join(file)) {
-                        let _ = std::fs::write(next.join(file), value.trim());
+                if mode == CgroupMode::Legacy {
+                    for file in ["cpuset.cpus", "cpuset.mems"] {
+                        if let Ok(value) = std::fs::read_to_string(current.join(file)) {
+                            let _ = std::fs::write(next.join(file), value.trim());
+                        }
                     }
                 }
             }
@@ -117,9 +160,16 @@ pub fn add_process(mode: CgroupMode, path: &str, pid: i32) -> Result<()> {
     Ok(())
 }
 
-/// Removes the cgroup `path` (not its ancestors) from every hierarchy.
+/// Removes the cgroup `path` (not its ancestors) from every hierarchy; on
+/// v2 a pod cgroup's [`INFRA_LEAF`] goes first.
 pub fn remove_dir(mode: CgroupMode, path: &str) -> Result<()> {
     let rel = relative(path)?;
+    if mode == CgroupMode::Unified && !rel.ends_with(&format!("/{INFRA_LEAF}")) {
+        let leaf = Path::new(CGROUP_ROOT).join(rel).join(INFRA_LEAF);
+        if leaf.is_dir() {
+            remove_dir(mode, &format!("{rel}/{INFRA_LEAF}"))?;
+        }
+    }
     for root in hierarchies(mode) {
         let target = root.join(rel);
         let mut attempt = 0;
@@ -142,6 +192,15 @@ pub fn remove_dir(mode: CgroupMode, path: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_infra_process_gets_a_leaf_on_v2_only() {
+        assert_eq!(infra_cgroup(CgroupMode::Legacy, "/k/pod1"), "/k/pod1");
+        assert_eq!(
+            infra_cgroup(CgroupMode::Unified, "/k/pod1/"),
+            "/k/pod1/infra"
+        );
+    }
 
     #[test]
     fn a_plain_directory_is_legacy() {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 
 use k8s_cri::v1::{NamespaceMode, PodSandboxConfig};
 
+use crate::cgroups;
 use crate::daemon::Daemon;
 use crate::error::{Error, IoContext, Result};
 use crate::events::{Event, EventKind};
@@ -413,13 +414,24 @@ fn make_cgroup(
     Ok((cgroup_parent, created))
 }
 
-/// The infra process of a shared PID namespace, inside the pod cgroup.
+/// The infra process of a shared PID namespace, inside the pod cgroup (on
+/// v2 in a leaf of its own under it, see [`cgroups::INFRA_LEAF`]).
 fn start_infra(
     daemon: &Daemon,
     dir: &Path,
     cgroup_parent: &str,
     undo: &mut Undo,
 ) -> Result<ProcessIdentity> {
+    let cgroup = cgroups::infra_cgroup(daemon.cgroup_mode, cgroup_parent);
+    // Made before the process, so the undo stack stops it before the
+    // leaf is removed.
+    if cgroup != cgroup_parent && daemon.host.create_cgroup(&cgroup)? {
+        let host = daemon.host.clone();
+        let path = cgroup.clone();
+        undo.push(format!("remove cgroup {path}"), move || {
+            host.remove_cgroup(&path)
+        });
+    }
     let infra = daemon.host.start_infra(&dir.join("infra.log"))?;
     {
         let host = daemon.host.clone();
@@ -433,7 +445,7 @@ fn start_infra(
     std::fs::write(&breadcrumb, infra.to_breadcrumb())
         .context(|| format!("write {}", breadcrumb.display()))?;
     // Inside the pod's cgroup, so pod limits apply to it too.
-    daemon.host.add_to_cgroup(cgroup_parent, infra.pid)?;
+    daemon.host.add_to_cgroup(&cgroup, infra.pid)?;
     Ok(infra)
 }
 
@@ -572,6 +584,10 @@ fn release(daemon: &Daemon, record: &SandboxRecord) -> Result<()> {
     daemon.host.network_teardown(&record.id)?;
     if record.infra.pid > 0 {
         daemon.host.stop_infra(&record.infra);
+        let leaf = cgroups::infra_cgroup(daemon.cgroup_mode, &record.cgroup_parent);
+        if leaf != record.cgroup_parent {
+            daemon.host.remove_cgroup(&leaf)?;
+        }
     }
     Ok(())
 }
