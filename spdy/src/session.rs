@@ -293,8 +293,16 @@ impl State {
         }
         s.reset = Some(reset);
         s.send.clear();
-        let dropped = std::mem::take(&mut s.recv_len);
-        s.recv.clear();
+        // What the peer sent before resetting stays readable, as Go's
+        // spdystream keeps it (client-go resets a port-forward data stream
+        // right after its last bytes); a local reset drops it.
+        let dropped = match reset {
+            Reset::Remote(_) if !s.reader_gone => 0,
+            _ => {
+                s.recv.clear();
+                std::mem::take(&mut s.recv_len)
+            }
+        };
         s.wake_all();
         if send_rst && let Reset::Local(status) = reset {
             self.push_control(Frame::RstStream {
@@ -1226,7 +1234,9 @@ impl AsyncRead for RecvStream {
         let Some(s) = st.streams.get_mut(&id) else {
             return Poll::Ready(closed.map_or(Ok(()), Err));
         };
-        if let Some(r) = s.reset {
+        if let Some(r) = s.reset
+            && s.recv_len == 0
+        {
             return Poll::Ready(Err(r.error()));
         }
         if s.recv_len > 0 {

@@ -109,6 +109,35 @@ async fn fin_gives_eof_and_reset_gives_error() {
     drop(a);
 }
 
+/// Data the peer sent before its RST_STREAM is still read (spdystream
+/// keeps it, and client-go resets a port-forward data stream right after
+/// its last bytes); the reset shows after it.
+#[tokio::test]
+async fn data_before_a_peer_reset_is_still_read() {
+    let (_srv, mut inc, cli) = pair(Config::default());
+    let mut c = cli.open(Headers::new(), false).unwrap();
+    let mut s = inc.accept().await.unwrap();
+    s.reply(Headers::new()).unwrap();
+    c.wait_reply().await.unwrap();
+    c.write_all(b"last words").await.unwrap();
+    c.flush().await.unwrap();
+    // Let the data arrive before the reset.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.reset(frame::rst::CANCEL);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4];
+    let err = loop {
+        match tokio::time::timeout(T, s.read(&mut buf)).await.unwrap() {
+            Ok(0) => panic!("EOF instead of the reset"),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(got, b"last words");
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+}
+
 #[tokio::test]
 async fn refusing_a_stream() {
     let (_srv, mut inc, cli) = pair(Config::default());

@@ -90,11 +90,14 @@ pub async fn collect(
     timeout: Option<Duration>,
     cmd: &[String],
 ) -> Result<ExecSyncOutput> {
+    // `exit` is declared before `tree` so that it is dropped after it: its
+    // drop hangs up on the shim, which kills the root at once and would
+    // orphan the children before they are found.
     let ExecProcess {
         pid,
         stdout,
         stderr,
-        exit,
+        mut exit,
         ..
     } = process;
     // Killing the tree on drop covers a caller that gives up as well.
@@ -104,13 +107,12 @@ pub async fn collect(
     let run = async {
         let reading = async { tokio::join!(out.read_all(), err.read_all()) };
         tokio::pin!(reading);
-        tokio::pin!(exit);
         let mut read_done = false;
         let code = tokio::select! {
             code = &mut exit => code,
             _ = &mut reading => {
                 read_done = true;
-                exit.await
+                (&mut exit).await
             }
         };
         if !read_done {
@@ -212,18 +214,36 @@ struct TreeKill(Option<i32>);
 
 impl TreeKill {
     fn kill(&mut self) {
-        if let Some(root) = self.0.take() {
-            // Children first listed, then all killed: a process whose parent
-            // dies is reparented, not freed, so none of these pids can be
-            // reused before the kill.
-            let tree = descendants(root);
-            tracing::debug!(root, children = ?tree, "killing an exec and what it started");
-            for pid in tree.into_iter().chain([root]) {
-                let _ = nix::sys::signal::kill(
-                    nix::unistd::Pid::from_raw(pid),
-                    nix::sys::signal::Signal::SIGKILL,
-                );
+        let Some(root) = self.0.take() else {
+            return;
+        };
+        use nix::sys::signal::{Signal, kill};
+        use nix::unistd::Pid;
+        // Stopped processes fork no more: stop the root, then whatever
+        // the tree holds, until no new process shows up; then kill them
+        // all. A process whose parent dies is reparented, not freed, so
+        // none of these pids can be reused before the kill.
+        let _ = kill(Pid::from_raw(root), Signal::SIGSTOP);
+        let mut tree: Vec<i32> = Vec::new();
+        for _ in 0..8 {
+            let found = descendants(root);
+            let new: Vec<i32> = found
+                .iter()
+                .copied()
+                .filter(|p| !tree.contains(p))
+                .collect();
+            if new.is_empty() && !tree.is_empty() {
+                break;
             }
+            for pid in &new {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGSTOP);
+            }
+            tree.extend(new);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        tracing::debug!(root, children = ?tree, "killing an exec and what it started");
+        for pid in tree.into_iter().chain([root]) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     }
 }
