@@ -43,6 +43,16 @@ pub fn write_frame<M: Message>(w: &mut impl Write, msg: &M) -> Result<(), FrameE
     Ok(())
 }
 
+/// The body length a frame header announces, refused beyond
+/// [`MAX_FRAME_LEN`] (for readers other than [`read_frame`], e.g. async).
+pub fn frame_len(header: [u8; 4]) -> Result<usize, FrameError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if len > MAX_FRAME_LEN {
+        return Err(FrameError::TooLarge(len));
+    }
+    Ok(len)
+}
+
 /// Reads one framed message; `Closed` when the peer hung up between frames.
 pub fn read_frame<M: Message + Default>(r: &mut impl Read) -> Result<M, FrameError> {
     let mut len_buf = [0u8; 4];
@@ -53,10 +63,7 @@ pub fn read_frame<M: Message + Default>(r: &mut impl Read) -> Result<M, FrameErr
             e.into()
         });
     }
-    let len = u32::from_be_bytes(len_buf) as usize;
-    if len > MAX_FRAME_LEN {
-        return Err(FrameError::TooLarge(len));
-    }
+    let len = frame_len(len_buf)?;
     let mut body = vec![0u8; len];
     r.read_exact(&mut body)?;
     Ok(M::decode(body.as_slice())?)

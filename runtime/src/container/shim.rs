@@ -3,7 +3,7 @@
 //! ([`exec_stream`], [`attach`]) whose stdio fds the shim passes over.
 
 use std::io::Read;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -90,12 +90,28 @@ pub fn call(
     request: shim_request::Request,
     timeout: Duration,
 ) -> Result<shim_response::Response> {
+    let (mut stream, socket) = send_request(dir, request, timeout)?;
+    let resp: ShimResponse = read_frame(&mut stream).map_err(|source| Error::ShimProtocol {
+        socket: socket.clone(),
+        what: "read the answer",
+        source,
+    })?;
+    into_result(&socket, resp)
+}
+
+/// Connects to the shim of `dir` and sends `request`; answers are then
+/// read within `read_timeout`.
+fn send_request(
+    dir: &Path,
+    request: shim_request::Request,
+    read_timeout: Duration,
+) -> Result<(UnixStream, PathBuf)> {
     let socket = dir.join("shim.sock");
     let mut stream = connect_socket(&socket).map_err(|e| Error::ShimUnreachable {
         socket: socket.clone(),
         source: e,
     })?;
-    stream.set_read_timeout(Some(timeout)).ok();
+    stream.set_read_timeout(Some(read_timeout)).ok();
     stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
     write_frame(
         &mut stream,
@@ -108,12 +124,7 @@ pub fn call(
         what: "send the request",
         source,
     })?;
-    let resp: ShimResponse = read_frame(&mut stream).map_err(|source| Error::ShimProtocol {
-        socket: socket.clone(),
-        what: "read the answer",
-        source,
-    })?;
-    into_result(&socket, resp)
+    Ok((stream, socket))
 }
 
 /// Whether a shim answers on the socket of `dir`: for the remains of a
@@ -196,20 +207,12 @@ pub struct TermSize {
     pub cols: u16,
 }
 
-/// Sets the window size of a pty through its master (TIOCSWINSZ); the
-/// process on the terminal gets SIGWINCH.
-pub fn set_winsize(pty_master: BorrowedFd<'_>, size: TermSize) -> std::io::Result<()> {
-    let ws = libc::winsize {
-        ws_row: size.rows,
-        ws_col: size.cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    // SAFETY: ioctl with a valid winsize on a borrowed fd.
-    if unsafe { libc::ioctl(pty_master.as_raw_fd(), libc::TIOCSWINSZ, &ws) } != 0 {
-        return Err(std::io::Error::last_os_error());
+/// The exit code in the last answer of an exec session.
+pub fn exec_exit(socket: &Path, resp: ShimResponse) -> Result<i32> {
+    match into_result(socket, resp)? {
+        shim_response::Response::ExecExited(x) => Ok(x.exit_code),
+        other => Err(unexpected(socket, "ExecExited", &other)),
     }
-    Ok(())
 }
 
 /// A process started by [`exec_stream`]. Its stdio fds are berthd's alone
@@ -223,7 +226,7 @@ pub struct ExecSession {
     /// Write end of the process's stdin (when asked for, without tty).
     pub stdin: Option<OwnedFd>,
     /// Read end of stdout; with tty the pty master (read output, write
-    /// input, resize with [`set_winsize`]).
+    /// input, resize with `streaming::fdio::set_window_size`).
     pub stdout: OwnedFd,
     /// Read end of stderr; `None` with tty.
     pub stderr: Option<OwnedFd>,
@@ -244,10 +247,7 @@ impl ExecSession {
                 what: "read the exit of an exec",
                 source,
             })?;
-        match into_result(&self.socket, resp)? {
-            shim_response::Response::ExecExited(x) => Ok(x.exit_code),
-            other => Err(unexpected(&self.socket, "ExecExited", &other)),
-        }
+        exec_exit(&self.socket, resp)
     }
 
     /// The control connection: readable once the exit is reported (for
@@ -332,7 +332,7 @@ pub struct AttachSession {
     /// A dup of the container's stdin writer (granted stdin, no tty).
     pub stdin: Option<OwnedFd>,
     /// A dup of the container's pty master (tty containers): resize with
-    /// [`set_winsize`]; write input to it only if `stdin_granted`. It
+    /// `streaming::fdio::set_window_size`; write input to it only if `stdin_granted`. It
     /// shares its open file description with the shim, which reads it
     /// non-blocking: never clear O_NONBLOCK on it.
     pub pty_master: Option<OwnedFd>,
@@ -439,24 +439,7 @@ fn start_session(
     dir: &Path,
     request: shim_request::Request,
 ) -> Result<(UnixStream, shim_response::Response, Vec<OwnedFd>, PathBuf)> {
-    let socket = dir.join("shim.sock");
-    let mut stream = connect_socket(&socket).map_err(|e| Error::ShimUnreachable {
-        socket: socket.clone(),
-        source: e,
-    })?;
-    stream.set_read_timeout(Some(STREAM_START_TIMEOUT)).ok();
-    stream.set_write_timeout(Some(Duration::from_secs(10))).ok();
-    write_frame(
-        &mut stream,
-        &ShimRequest {
-            request: Some(request),
-        },
-    )
-    .map_err(|source| Error::ShimProtocol {
-        socket: socket.clone(),
-        what: "send the request",
-        source,
-    })?;
+    let (stream, socket) = send_request(dir, request, STREAM_START_TIMEOUT)?;
     let read_err = |source| Error::ShimProtocol {
         socket: socket.clone(),
         what: "read the answer",

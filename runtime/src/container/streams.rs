@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
-use berth_proto::shim::{ShimResponse, shim_error, shim_response};
+use berth_proto::shim::ShimResponse;
 use bytes::Bytes;
 use k8s_cri::v1::{AttachRequest, ExecRequest};
 use prost::Message;
@@ -92,14 +92,11 @@ fn wait_exit(control: UnixStream, socket: PathBuf) -> BoxFuture<'static, Result<
         let mut control = tokio::net::UnixStream::from_std(control).map_err(protocol)?;
         let mut len = [0u8; 4];
         control.read_exact(&mut len).await.map_err(protocol)?;
-        let len = u32::from_be_bytes(len) as usize;
-        if len > berth_proto::MAX_FRAME_LEN {
-            return Err(Error::ShimProtocol {
-                socket,
-                what: "read the exit of an exec",
-                source: berth_proto::FrameError::TooLarge(len),
-            });
-        }
+        let len = berth_proto::frame_len(len).map_err(|source| Error::ShimProtocol {
+            socket: socket.clone(),
+            what: "read the exit of an exec",
+            source,
+        })?;
         let mut body = vec![0u8; len];
         control.read_exact(&mut body).await.map_err(protocol)?;
         let resp = ShimResponse::decode(body.as_slice()).map_err(|e| Error::ShimProtocol {
@@ -107,18 +104,7 @@ fn wait_exit(control: UnixStream, socket: PathBuf) -> BoxFuture<'static, Result<
             what: "decode the exit of an exec",
             source: berth_proto::FrameError::Decode(e),
         })?;
-        match resp.response {
-            Some(shim_response::Response::ExecExited(x)) => Ok(x.exit_code),
-            Some(shim_response::Response::Error(e)) => Err(Error::Shim {
-                socket,
-                code: shim_error::Code::try_from(e.code).unwrap_or(shim_error::Code::Internal),
-                message: e.message,
-            }),
-            _ => Err(Error::Internal(format!(
-                "unexpected answer from the shim at {} instead of the exec's exit",
-                socket.display()
-            ))),
-        }
+        shim::exec_exit(&socket, resp)
     })
 }
 

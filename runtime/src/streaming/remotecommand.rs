@@ -415,12 +415,6 @@ fn go_list(cmd: &[String]) -> String {
     format!("[{}]", cmd.join(" "))
 }
 
-impl From<Error> for Outcome {
-    fn from(e: Error) -> Outcome {
-        Outcome::Failed(crate::error::chain(&e))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
