@@ -6,7 +6,6 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use crate::cgroups::CgroupMode;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::events::{Event, EventHub};
@@ -17,6 +16,7 @@ use crate::locks::{ContainerGuard, ObjectLocks, SandboxGuard, SandboxShared};
 use crate::names::Names;
 use crate::network::{self, Network};
 use crate::store::{ContainerRecord, SandboxRecord, Store};
+use berth_cgroup::Cgroups;
 
 pub const RUNTIME_NAME: &str = "berth";
 pub const RUNTIME_VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -32,7 +32,7 @@ pub struct Daemon {
     pub images: Images,
     /// The kernel and process boundary of the lifecycle code.
     pub host: Arc<dyn Host>,
-    pub cgroup_mode: CgroupMode,
+    pub cgroups: Arc<Cgroups>,
     /// Previous CPU samples, for ContainerStats' nanocores.
     pub cpu_samples: crate::container::stats::CpuSamples,
     /// Sandbox and container names in use (kubelet's uniqueness rules).
@@ -70,7 +70,9 @@ impl Condition {
 impl Daemon {
     /// The daemon on this host. Must be called inside the tokio runtime.
     pub fn open(mut config: Config) -> Result<Arc<Daemon>> {
-        let cgroup_mode = CgroupMode::detect(std::path::Path::new(crate::cgroups::CGROUP_ROOT));
+        let cgroups = Arc::new(Cgroups::detect(std::path::Path::new(
+            berth_cgroup::DEFAULT_ROOT,
+        )));
         // The plugin search path is settled once: berthd's own dir (where
         // Berth's plugins are built) first when asked for.
         let exe = std::env::current_exe().ok();
@@ -81,17 +83,17 @@ impl Daemon {
             tracing::info!(path = %path.display(), "wrote the default CNI network config");
         }
         let host = RealHost {
-            cgroup_mode,
+            cgroups: cgroups.clone(),
             network: Arc::new(Network::new(&config)),
             rt: tokio::runtime::Handle::current(),
         };
-        Self::with_host(config, cgroup_mode, Arc::new(host))
+        Self::with_host(config, cgroups, Arc::new(host))
     }
 
     /// The daemon over `host` (a recording fake in unit tests).
     pub fn with_host(
         config: Config,
-        cgroup_mode: CgroupMode,
+        cgroups: Arc<Cgroups>,
         host: Arc<dyn Host>,
     ) -> Result<Arc<Daemon>> {
         let layout = Layout::new(&config.root_dir, &config.state_dir);
@@ -107,7 +109,7 @@ impl Daemon {
             store,
             images,
             host,
-            cgroup_mode,
+            cgroups,
             cpu_samples: Default::default(),
             names,
             locks: ObjectLocks::default(),
@@ -251,7 +253,7 @@ impl Daemon {
             ("config".into(), config),
             (
                 "cgroup".into(),
-                serde_json::json!({"version": self.cgroup_mode.version(), "driver": "cgroupfs"})
+                serde_json::json!({"version": self.cgroups.version().name(), "driver": "cgroupfs"})
                     .to_string(),
             ),
             (

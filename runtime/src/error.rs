@@ -152,6 +152,15 @@ impl Error {
     }
 }
 
+impl From<berth_cgroup::Error> for Error {
+    fn from(e: berth_cgroup::Error) -> Self {
+        match e {
+            berth_cgroup::Error::Invalid(message) => Error::InvalidArgument(message),
+            berth_cgroup::Error::Io { what, source } => Error::io(what, source),
+        }
+    }
+}
+
 /// Adds a description of what was being done to an `io::Result`.
 pub trait IoContext<T> {
     fn context(self, what: impl FnOnce() -> String) -> Result<T>;

@@ -1,7 +1,6 @@
 //! berthd, the Berth CRI daemon, as a library: the binary in `main.rs` only
 //! parses arguments and calls in here.
 
-pub mod cgroups;
 pub mod config;
 pub mod container;
 pub mod cri;

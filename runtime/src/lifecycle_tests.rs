@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::events::EventKind;
 use crate::host::fake::RecordingHost;
 use crate::store::{ContainerRecord, ImageRecord, SandboxRecord, SandboxState};
-use crate::{cgroups::CgroupMode, container, recovery, sandbox};
+use crate::{container, recovery, sandbox};
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -27,6 +27,10 @@ struct Fixture {
 const IMAGE: &str = "docker.io/library/busybox:latest";
 
 fn fixture() -> Fixture {
+    fixture_on(berth_cgroup::Version::V1)
+}
+
+fn fixture_on(version: berth_cgroup::Version) -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let mut config = Config {
         root_dir: dir.path().join("root"),
@@ -39,7 +43,10 @@ fn fixture() -> Fixture {
         .enable_all()
         .build()
         .unwrap();
-    let daemon = Daemon::with_host(config, CgroupMode::Legacy, host.clone()).unwrap();
+    // The cgroup tree is only read (stats, checks); writes go through the
+    // recording host.
+    let cgroups = berth_cgroup::Cgroups::at(&dir.path().join("cgroup"), version);
+    let daemon = Daemon::with_host(config, Arc::new(cgroups), host.clone()).unwrap();
     daemon
         .store
         .put(&ImageRecord {
@@ -115,7 +122,12 @@ fn entries(dir: &Path) -> Vec<String> {
 
 impl Fixture {
     fn run_pod(&self, name: &str) -> crate::error::Result<String> {
-        let mut config = pod_config(name);
+        self.run_pod_with(&pod_config(name))
+    }
+
+    fn run_pod_with(&self, config: &PodSandboxConfig) -> crate::error::Result<String> {
+        let mut config = config.clone();
+        let name = config.metadata.as_ref().unwrap().name.clone();
         config.log_directory = self
             ._dir
             .path()
@@ -393,6 +405,37 @@ fn recovery_discards_what_has_no_record() {
         assert!(calls.iter().any(|c| c.starts_with(op)), "{op}: {calls:?}");
     }
     f.assert_nothing_left();
+}
+
+#[test]
+fn recovery_removes_the_v2_infra_leaf_of_a_pod_cgroup_kubelet_owns() {
+    let f = fixture_on(berth_cgroup::Version::V2);
+    let mut config = pod_config("web");
+    config.linux = Some(k8s_cri::v1::LinuxPodSandboxConfig {
+        cgroup_parent: "/kubepods/pod-web".into(),
+        ..Default::default()
+    });
+    // kubelet made the pod cgroup: Berth neither owns nor removes it.
+    f.host.create_cgroup("/kubepods/pod-web").unwrap();
+    let pod = f.run_pod_with(&config).unwrap();
+    assert!(
+        f.host
+            .calls()
+            .contains(&"create_cgroup /kubepods/pod-web/infra".to_string()),
+        "{:?}",
+        f.host.calls()
+    );
+    // berthd died before the record was committed.
+    f.daemon.store.delete::<SandboxRecord>(&pod).unwrap();
+    f.host.clear_calls();
+    recovery::recover(&f.daemon).unwrap();
+    let calls = f.host.calls();
+    assert!(
+        calls.contains(&"remove_cgroup /kubepods/pod-web/infra".to_string()),
+        "{calls:?}"
+    );
+    assert!(!calls.contains(&"remove_cgroup /kubepods/pod-web".to_string()));
+    assert_eq!(f.host.leftovers(), ["cgroup /kubepods/pod-web"]);
 }
 
 #[test]

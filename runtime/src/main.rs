@@ -92,7 +92,7 @@ fn run(config_path: Option<PathBuf>) -> Result<()> {
         daemon.images.collect_garbage().await?;
         tracing::info!(
             version = berth_runtime::daemon::RUNTIME_VERSION,
-            cgroup = daemon.cgroup_mode.version(),
+            cgroup = daemon.cgroups.version().name(),
             root = %daemon.config.root_dir.display(),
             "berthd started"
         );

@@ -99,6 +99,13 @@ fn discard_unrecorded_sandboxes(daemon: &Daemon) -> Result<()> {
         {
             daemon.host.stop_infra(&infra);
         }
+        if let Ok(leaf) = std::fs::read_to_string(dir.join("infra-cgroup")) {
+            logged(
+                "remove the infra process's cgroup",
+                &id,
+                daemon.host.remove_cgroup(leaf.trim()),
+            );
+        }
         if let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup")) {
             logged(
                 "remove the pod cgroup",

@@ -1,17 +1,16 @@
 //! berth-shim: the per-container monitor (this library) and its modes.
 //!
 //! The monitor binary (`berth-shim`, `src/main.rs`) uses only this library:
-//! berth-proto, prost, libc and std, a single-threaded poll loop, no async
+//! berth-proto, berth-cgroup, prost, libc and std, a single-threaded poll loop, no async
 //! runtime. libcontainer lives in the separate `berth-container` helper
 //! (`src/bin/berth-container/`), run once per operation.
 //!
 //! Modules: [`start`] (`berth-shim start <shim_dir>`: fork the monitor and
 //! report create's outcome), [`monitor`] (the loop), [`conn`] (framed
 //! requests), [`crilog`] (CRI log format), [`helper`] (running
-//! `berth-container`), [`cgroup`] (processes, OOM kills), [`files`] (the
+//! `berth-container`), [`files`] (the
 //! shim directory), [`pause`] (`berth-shim pause`), [`sys`], [`timefmt`].
 
-pub mod cgroup;
 pub mod conn;
 pub mod crilog;
 pub mod files;

@@ -21,13 +21,13 @@ use berth_proto::shim::{
     shim_request::Request, shim_response::Response,
 };
 
-use crate::cgroup::ContainerCgroup;
 use crate::conn::{Conn, Parsed, Session};
 use crate::crilog::{LineSplitter, LogFile, StreamName, timestamp_now};
 use crate::files::{self, Diag};
 use crate::helper::{self, Helper, HelperStdio};
 use crate::sys::{self, ChildExit};
 use crate::timefmt::now_nanos;
+use berth_cgroup::ContainerCgroup;
 
 /// Cap on each of an ExecSync's stdout and stderr.
 pub const EXEC_OUTPUT_CAP: usize = 16 << 20;

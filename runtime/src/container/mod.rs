@@ -70,14 +70,13 @@ fn own_oom_score_adj() -> i32 {
         .unwrap_or(0)
 }
 
-fn memory_cgroup(daemon: &Daemon, cgroups_path: &str) -> String {
-    let rel = cgroups_path.trim_start_matches('/');
-    match daemon.cgroup_mode {
-        crate::cgroups::CgroupMode::Unified => format!("{}/{rel}", crate::cgroups::CGROUP_ROOT),
-        crate::cgroups::CgroupMode::Legacy => {
-            format!("{}/memory/{rel}", crate::cgroups::CGROUP_ROOT)
-        }
-    }
+/// Where the shim reads the container's OOM kills and processes.
+fn memory_cgroup(daemon: &Daemon, cgroups_path: &str) -> Result<String> {
+    Ok(daemon
+        .cgroups
+        .dir("memory", cgroups_path)?
+        .map(|d| d.display().to_string())
+        .unwrap_or_default())
 }
 
 /// What a CreateContainer request asks for, checked.
@@ -130,6 +129,12 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
         });
     }
     let request = check_create(daemon, &config)?;
+    // Limits this host cannot apply fail here, before anything exists.
+    if let Some(r) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
+        daemon
+            .cgroups
+            .check(&sandbox.record.cgroup_parent, &resources::from_cri(r)?)?;
+    }
     let id = names::new_id();
     let reservation = daemon.names.reserve(
         &names::container_key(&sandbox.record.id, &request.name, request.attempt),
@@ -310,7 +315,7 @@ fn write_bundle(
         stdin_once: config.stdin_once,
         tty: config.tty,
         runtime_root: runtime_root(daemon).display().to_string(),
-        memory_cgroup: memory_cgroup(daemon, &cgroups_path),
+        memory_cgroup: memory_cgroup(daemon, &cgroups_path)?,
         container_helper: shim::container_helper_binary().display().to_string(),
     };
     Ok((shim_config, cgroups_path, log))
@@ -784,7 +789,9 @@ pub fn update_resources(
             wanted: "resources are updated only while it runs",
         });
     }
-    daemon.host.apply_resources(&record.cgroups_path, &new)?;
+    let limits = resources::from_cri(&new)?;
+    daemon.cgroups.check(&record.cgroups_path, &limits)?;
+    daemon.host.apply_resources(&record.cgroups_path, &limits)?;
     let mut config: ContainerConfig =
         serde_json::from_str(&record.config_json).map_err(|source| Error::Json {
             what: format!("decode the stored config of container {}", record.id),
@@ -805,7 +812,7 @@ pub fn update_resources(
 /// Resource usage of a container; `None` once it is not running.
 pub fn stats(daemon: &Daemon, record: &ContainerRecord) -> stats::Stats {
     stats::read(
-        daemon.cgroup_mode,
+        &daemon.cgroups,
         &record.cgroups_path,
         &record.id,
         &container_dir(daemon, &record.id).join("upper"),

@@ -1,140 +1,48 @@
-//! UpdateContainerResources: new limits written straight into the
-//! container's cgroup (the same files libcontainer set at create).
-
-use std::path::{Path, PathBuf};
+//! The CRI's `LinuxContainerResources` in the cgroup module's terms; the
+//! limits themselves are checked and written by `berth_cgroup`.
 
 use k8s_cri::v1::LinuxContainerResources;
 
-use crate::cgroups::{self, CgroupMode};
 use crate::error::{Error, Result};
 
-fn write(path: &Path, value: &str) -> Result<()> {
-    std::fs::write(path, value)
-        .map_err(|e| Error::io(format!("write {value:?} to {}", path.display()), e))
+fn non_negative(what: &str, value: i64) -> Result<Option<u64>> {
+    match value {
+        0 => Ok(None),
+        v if v > 0 => Ok(Some(v as u64)),
+        v => Err(Error::InvalidArgument(format!("{what} {v} is negative"))),
+    }
 }
 
-fn v1_dir(controller: &str, rel: &str) -> Option<PathBuf> {
-    cgroups::hierarchies(CgroupMode::Legacy)
-        .into_iter()
-        .find(|h| {
-            h.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.split(',').any(|c| c == controller))
-        })
-        .map(|h| h.join(rel))
+fn non_empty(s: &str) -> Option<String> {
+    (!s.is_empty()).then(|| s.to_string())
 }
 
-/// cgroup v2's cpu.weight for v1-style shares, as runc converts them.
-fn shares_to_weight(shares: i64) -> u64 {
-    if shares <= 0 {
-        return 100;
-    }
-    let shares = shares.clamp(2, 262_144) as u64;
-    1 + ((shares - 2) * 9999) / 262_142
-}
-
-/// Applies the non-zero fields of `r` to the cgroup `cgroups_path`.
-pub fn apply(mode: CgroupMode, cgroups_path: &str, r: &LinuxContainerResources) -> Result<()> {
-    let rel = cgroups_path.trim_start_matches('/');
-    if r.cpu_quota < -1 || r.cpu_period < 0 || r.cpu_shares < 0 || r.memory_limit_in_bytes < 0 {
-        return Err(Error::InvalidArgument(
-            "negative resource values are invalid".into(),
-        ));
-    }
-    match mode {
-        CgroupMode::Legacy => {
-            if let Some(cpu) = v1_dir("cpu", rel) {
-                if r.cpu_shares > 0 {
-                    write(&cpu.join("cpu.shares"), &r.cpu_shares.to_string())?;
-                }
-                if r.cpu_period > 0 {
-                    write(&cpu.join("cpu.cfs_period_us"), &r.cpu_period.to_string())?;
-                }
-                if r.cpu_quota != 0 {
-                    write(&cpu.join("cpu.cfs_quota_us"), &r.cpu_quota.to_string())?;
-                }
-            }
-            if let Some(cpuset) = v1_dir("cpuset", rel) {
-                if !r.cpuset_cpus.is_empty() {
-                    write(&cpuset.join("cpuset.cpus"), &r.cpuset_cpus)?;
-                }
-                if !r.cpuset_mems.is_empty() {
-                    write(&cpuset.join("cpuset.mems"), &r.cpuset_mems)?;
-                }
-            }
-            if r.memory_limit_in_bytes > 0
-                && let Some(memory) = v1_dir("memory", rel)
-            {
-                let limit = r.memory_limit_in_bytes.to_string();
-                let memsw = memory.join("memory.memsw.limit_in_bytes");
-                // memory+swap may never be below memory: raise it first when
-                // growing, lower it after when shrinking.
-                let swap = if r.memory_swap_limit_in_bytes > 0 {
-                    r.memory_swap_limit_in_bytes.to_string()
-                } else {
-                    limit.clone()
-                };
-                if memsw.exists() {
-                    let current: i64 = std::fs::read_to_string(&memsw)
-                        .ok()
-                        .and_then(|s| s.trim().parse().ok())
-                        .unwrap_or(i64::MAX);
-                    if r.memory_limit_in_bytes > current {
-                        write(&memsw, &swap)?;
-                        write(&memory.join("memory.limit_in_bytes"), &limit)?;
-                    } else {
-                        write(&memory.join("memory.limit_in_bytes"), &limit)?;
-                        write(&memsw, &swap)?;
-                    }
-                } else {
-                    write(&memory.join("memory.limit_in_bytes"), &limit)?;
-                }
-            }
-        }
-        CgroupMode::Unified => {
-            let dir = Path::new(cgroups::CGROUP_ROOT).join(rel);
-            if r.cpu_shares > 0 {
-                write(
-                    &dir.join("cpu.weight"),
-                    &shares_to_weight(r.cpu_shares).to_string(),
-                )?;
-            }
-            if r.cpu_quota != 0 || r.cpu_period > 0 {
-                let quota = if r.cpu_quota > 0 {
-                    r.cpu_quota.to_string()
-                } else {
-                    "max".into()
-                };
-                let period = if r.cpu_period > 0 {
-                    r.cpu_period
-                } else {
-                    100_000
-                };
-                write(&dir.join("cpu.max"), &format!("{quota} {period}"))?;
-            }
-            if !r.cpuset_cpus.is_empty() {
-                write(&dir.join("cpuset.cpus"), &r.cpuset_cpus)?;
-            }
-            if !r.cpuset_mems.is_empty() {
-                write(&dir.join("cpuset.mems"), &r.cpuset_mems)?;
-            }
-            if r.memory_limit_in_bytes > 0 {
-                write(
-                    &dir.join("memory.max"),
-                    &r.memory_limit_in_bytes.to_string(),
-                )?;
-            }
-            for (key, value) in &r.unified {
-                if key.contains('/') || key.starts_with('.') {
-                    return Err(Error::InvalidArgument(format!(
-                        "unified key {key:?} is invalid"
-                    )));
-                }
-                write(&dir.join(key), value)?;
-            }
-        }
-    }
-    Ok(())
+/// The limits `r` asks for, checked (`berth_cgroup::Resources::validate`);
+/// zero and empty fields are "not set", as the CRI means them. A swap
+/// limit counts only with a memory limit (kubelet sends one without for
+/// pods that have none).
+pub fn from_cri(r: &LinuxContainerResources) -> Result<berth_cgroup::Resources> {
+    let memory_limit = match r.memory_limit_in_bytes {
+        0 => None,
+        v => Some(v),
+    };
+    let out = berth_cgroup::Resources {
+        cpu_shares: non_negative("cpu_shares", r.cpu_shares)?,
+        cpu_quota: (r.cpu_quota != 0).then_some(r.cpu_quota),
+        cpu_period: non_negative("cpu_period", r.cpu_period)?,
+        cpuset_cpus: non_empty(&r.cpuset_cpus),
+        cpuset_mems: non_empty(&r.cpuset_mems),
+        memory_limit,
+        memory_swap: memory_limit
+            .and((r.memory_swap_limit_in_bytes != 0).then_some(r.memory_swap_limit_in_bytes)),
+        unified: r
+            .unified
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+    };
+    out.validate()?;
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -142,9 +50,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn weights() {
-        assert_eq!(shares_to_weight(2), 1);
-        assert_eq!(shares_to_weight(1024), 39);
-        assert_eq!(shares_to_weight(262_144), 10000);
+    fn zero_means_unset_and_bad_values_are_refused() {
+        let r = from_cri(&LinuxContainerResources {
+            cpu_shares: 512,
+            memory_swap_limit_in_bytes: 1 << 30,
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(r.cpu_shares, Some(512));
+        assert_eq!(r.memory_swap, None, "swap without a memory limit");
+        assert_eq!(
+            (r.cpu_quota, r.memory_limit, r.cpuset_cpus),
+            (None, None, None)
+        );
+
+        for bad in [
+            LinuxContainerResources {
+                cpu_shares: -1,
+                ..Default::default()
+            },
+            LinuxContainerResources {
+                memory_limit_in_bytes: -1,
+                ..Default::default()
+            },
+            LinuxContainerResources {
+                cpu_period: 10,
+                ..Default::default()
+            },
+        ] {
+            assert!(
+                matches!(from_cri(&bad), Err(Error::InvalidArgument(_))),
+                "{bad:?}"
+            );
+        }
     }
 }

@@ -1,11 +1,12 @@
-//! Container resource usage read from the container's cgroup (v1 or v2)
-//! and its writable layer.
+//! Container resource usage: the container's cgroup (read by
+//! `berth_cgroup`), its CPU rate between two samples, and its writable layer.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use crate::cgroups::{self, CgroupMode};
+use berth_cgroup::Cgroups;
+
 use crate::image::{Usage, dir_usage};
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -44,103 +45,28 @@ impl CpuSamples {
     }
 }
 
-fn read_u64(path: &Path) -> Option<u64> {
-    std::fs::read_to_string(path).ok()?.trim().parse().ok()
-}
-
-fn stat_map(path: &Path) -> HashMap<String, u64> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once(' ')?;
-            Some((k.to_string(), v.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// The v1 hierarchy mounted for `controller` (e.g. "cpu,cpuacct" for cpuacct).
-fn v1_hierarchy(controller: &str) -> Option<PathBuf> {
-    cgroups::hierarchies(CgroupMode::Legacy)
-        .into_iter()
-        .find(|h| {
-            h.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.split(',').any(|c| c == controller))
-        })
-}
-
 pub fn read(
-    mode: CgroupMode,
+    cgroups: &Cgroups,
     cgroups_path: &str,
     id: &str,
     upper_dir: &Path,
     samples: &CpuSamples,
 ) -> Stats {
-    let rel = cgroups_path.trim_start_matches('/');
     let now = crate::timing::now_ns();
-    let mut s = Stats {
+    let c = cgroups.stats(cgroups_path);
+    Stats {
         timestamp_ns: now,
+        cpu_usage_ns: c.cpu_usage_ns,
+        cpu_nano_cores: c.cpu_usage_ns.and_then(|u| samples.rate(id, now, u)),
+        memory_usage: c.memory_usage,
+        memory_working_set: c.memory_working_set,
+        memory_available: c.memory_available,
+        memory_rss: c.memory_rss,
+        page_faults: c.page_faults,
+        major_page_faults: c.major_page_faults,
         writable_layer: dir_usage(upper_dir),
         writable_layer_path: upper_dir.to_path_buf(),
-        ..Default::default()
-    };
-    let (limit, inactive_file) = match mode {
-        CgroupMode::Legacy => {
-            s.cpu_usage_ns =
-                v1_hierarchy("cpuacct").and_then(|h| read_u64(&h.join(rel).join("cpuacct.usage")));
-            let mem = v1_hierarchy("memory").map(|h| h.join(rel));
-            let stat = mem
-                .as_ref()
-                .map(|m| stat_map(&m.join("memory.stat")))
-                .unwrap_or_default();
-            s.memory_usage = mem
-                .as_ref()
-                .and_then(|m| read_u64(&m.join("memory.usage_in_bytes")));
-            s.memory_rss = stat.get("total_rss").or(stat.get("rss")).copied();
-            s.page_faults = stat.get("total_pgfault").or(stat.get("pgfault")).copied();
-            s.major_page_faults = stat
-                .get("total_pgmajfault")
-                .or(stat.get("pgmajfault"))
-                .copied();
-            let limit = mem
-                .as_ref()
-                .and_then(|m| read_u64(&m.join("memory.limit_in_bytes")));
-            (
-                limit,
-                stat.get("total_inactive_file")
-                    .or(stat.get("inactive_file"))
-                    .copied(),
-            )
-        }
-        CgroupMode::Unified => {
-            let dir = Path::new(cgroups::CGROUP_ROOT).join(rel);
-            s.cpu_usage_ns = stat_map(&dir.join("cpu.stat"))
-                .get("usage_usec")
-                .map(|us| us * 1000);
-            let stat = stat_map(&dir.join("memory.stat"));
-            s.memory_usage = read_u64(&dir.join("memory.current"));
-            s.memory_rss = stat.get("anon").copied();
-            s.page_faults = stat.get("pgfault").copied();
-            s.major_page_faults = stat.get("pgmajfault").copied();
-            (
-                read_u64(&dir.join("memory.max")),
-                stat.get("inactive_file").copied(),
-            )
-        }
-    };
-    if let Some(usage) = s.memory_usage {
-        let working_set = usage.saturating_sub(inactive_file.unwrap_or(0));
-        s.memory_working_set = Some(working_set);
-        // v1 reports "no limit" as a huge page-aligned number.
-        s.memory_available = limit
-            .filter(|l| *l < (1 << 62))
-            .map(|l| l.saturating_sub(working_set));
     }
-    if let Some(usage) = s.cpu_usage_ns {
-        s.cpu_nano_cores = samples.rate(id, now, usage);
-    }
-    s
 }
 
 #[cfg(test)]

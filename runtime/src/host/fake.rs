@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use berth_proto::shim::{ContainerState, ExitRecord, ShimConfig, shim_request, shim_response};
-use k8s_cri::v1::{LinuxContainerResources, PodSandboxConfig};
+use k8s_cri::v1::PodSandboxConfig;
 use prost::Message;
 
 use super::Host;
@@ -184,7 +184,7 @@ impl Host for RecordingHost {
         self.call("add_to_cgroup", path)
     }
 
-    fn apply_resources(&self, path: &str, _resources: &LinuxContainerResources) -> Result<()> {
+    fn apply_resources(&self, path: &str, _resources: &berth_cgroup::Resources) -> Result<()> {
         self.call("apply_resources", path)
     }
 

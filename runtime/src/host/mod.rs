@@ -9,10 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_proto::shim::{ShimConfig, shim_request, shim_response};
-use k8s_cri::v1::{LinuxContainerResources, PodSandboxConfig};
+use k8s_cri::v1::PodSandboxConfig;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
-use crate::cgroups::CgroupMode;
 use crate::container::shim;
 use crate::error::{Error, Result};
 use crate::network::Network;
@@ -41,7 +40,7 @@ pub trait Host: Send + Sync + 'static {
     fn create_cgroup(&self, path: &str) -> Result<bool>;
     fn remove_cgroup(&self, path: &str) -> Result<()>;
     fn add_to_cgroup(&self, path: &str, pid: i32) -> Result<()>;
-    fn apply_resources(&self, path: &str, resources: &LinuxContainerResources) -> Result<()>;
+    fn apply_resources(&self, path: &str, resources: &berth_cgroup::Resources) -> Result<()>;
 
     fn start_infra(&self, log: &Path) -> Result<ProcessIdentity>;
     /// Kills the infra process if it is still the one identified.
@@ -75,7 +74,7 @@ pub trait Host: Send + Sync + 'static {
 
 /// The host berthd runs on.
 pub struct RealHost {
-    pub cgroup_mode: CgroupMode,
+    pub cgroups: Arc<berth_cgroup::Cgroups>,
     pub network: Arc<Network>,
     /// For the CNI calls, which are async, made from blocking threads.
     pub rt: tokio::runtime::Handle,
@@ -137,19 +136,19 @@ impl Host for RealHost {
     }
 
     fn create_cgroup(&self, path: &str) -> Result<bool> {
-        crate::cgroups::create_dir(self.cgroup_mode, path)
+        Ok(self.cgroups.create(path)?)
     }
 
     fn remove_cgroup(&self, path: &str) -> Result<()> {
-        crate::cgroups::remove_dir(self.cgroup_mode, path)
+        Ok(self.cgroups.remove(path)?)
     }
 
     fn add_to_cgroup(&self, path: &str, pid: i32) -> Result<()> {
-        crate::cgroups::add_process(self.cgroup_mode, path, pid)
+        Ok(self.cgroups.add_process(path, pid)?)
     }
 
-    fn apply_resources(&self, path: &str, resources: &LinuxContainerResources) -> Result<()> {
-        crate::container::resources::apply(self.cgroup_mode, path, resources)
+    fn apply_resources(&self, path: &str, resources: &berth_cgroup::Resources) -> Result<()> {
+        Ok(self.cgroups.apply(path, resources)?)
     }
 
     fn start_infra(&self, log: &Path) -> Result<ProcessIdentity> {

@@ -146,6 +146,8 @@ struct Host {
     nofile: u64,
     /// Swap is accounted (memory.memsw.* on v1, memory.swap.max on v2).
     swap: bool,
+    /// What makes a non-privileged container's /sys/fs/cgroup read-only.
+    cgroup_readonly: Vec<String>,
     apparmor: bool,
     /// The host's name, for `HOSTNAME` when the pod has none (host network).
     hostname: String,
@@ -156,6 +158,7 @@ impl Host {
         static STATIC: OnceLock<Host> = OnceLock::new();
         let mut host = STATIC
             .get_or_init(|| {
+                let cgroups = berth_cgroup::Cgroups::detect(Path::new(berth_cgroup::DEFAULT_ROOT));
                 let caps = own_capabilities().unwrap_or_else(|| security::ALL_CAPS.to_vec());
                 let nofile = if caps.contains(&Capability::SysResource) {
                     NOFILE_LIMIT
@@ -165,7 +168,8 @@ impl Host {
                 Host {
                     caps,
                     nofile,
-                    swap: swap_accounted(),
+                    swap: cgroups.swap_accounted(),
+                    cgroup_readonly: cgroups.container_readonly_paths(),
                     apparmor: std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
                         .is_ok_and(|s| s.starts_with('Y')),
                     hostname: String::new(),
@@ -201,41 +205,6 @@ fn own_nofile_hard() -> Option<u64> {
         return None;
     }
     (rl.rlim_max != libc::RLIM_INFINITY).then_some(rl.rlim_max)
-}
-
-/// Whether the kernel accounts swap per cgroup.
-fn swap_accounted() -> bool {
-    let root = Path::new("/sys/fs/cgroup");
-    if root.join("memory/memory.memsw.limit_in_bytes").exists() {
-        return true;
-    }
-    if !root.join("cgroup.controllers").exists() {
-        return false;
-    }
-    // cgroup v2: the root has no memory.swap.max; look at berthd's own
-    // cgroup and the first level.
-    let own = std::fs::read_to_string("/proc/self/cgroup")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("0::").map(|p| p.trim().to_string()))
-        });
-    if let Some(own) = own
-        && own != "/"
-        && root
-            .join(own.trim_start_matches('/'))
-            .join("memory.swap.max")
-            .exists()
-    {
-        return true;
-    }
-    std::fs::read_dir(root)
-        .map(|entries| {
-            entries
-                .flatten()
-                .any(|e| e.path().join("memory.swap.max").exists())
-        })
-        .unwrap_or(false)
 }
 
 /// The process arguments, by Docker's rules: a CRI `command` replaces the
@@ -452,7 +421,10 @@ fn build_spec_on(input: &SpecInput, host: &Host) -> Result<Spec> {
     namespaces.push(namespace(LinuxNamespaceType::Cgroup, None));
 
     let (device_nodes, device_rules) = resources::devices(config, privileged)?;
-    let (masked, readonly) = security::masked_and_readonly_paths(sc);
+    let (masked, mut readonly) = security::masked_and_readonly_paths(sc);
+    if !privileged {
+        readonly.extend(host.cgroup_readonly.iter().cloned());
+    }
     let mut linux = Linux::default();
     linux.set_net_devices(None);
     linux.set_uid_mappings(None);

@@ -18,47 +18,9 @@ fn invalid(m: String) -> Error {
     Error::InvalidArgument(m)
 }
 
-/// A cpuset list: "0-3,5,7-8".
-fn check_cpuset(what: &str, s: &str) -> Result<()> {
-    let ok = s.split(',').all(|part| {
-        let mut ends = part.trim().splitn(2, '-');
-        let first = ends.next().unwrap_or("");
-        let valid =
-            |n: &str| !n.is_empty() && n.len() <= 6 && n.bytes().all(|b| b.is_ascii_digit());
-        match ends.next() {
-            None => valid(first),
-            Some(last) => {
-                valid(first) && valid(last) && first.parse::<u32>().ok() <= last.parse::<u32>().ok()
-            }
-        }
-    });
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(format!("{what} {s:?} is not a valid cpu list")))
-    }
-}
-
-/// A cgroup v2 file name such as "memory.high": one dot-separated name,
-/// never a path.
-fn check_unified_key(key: &str) -> Result<()> {
-    let ok = !key.is_empty()
-        && !key.starts_with('.')
-        && key.contains('.')
-        && key
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "unified resource {key:?} is not a cgroup file name"
-        )))
-    }
-}
-
 /// The resources of the container; `swap` says whether the host accounts
 /// swap (memory.memsw / memory.swap.max): only then is a swap limit set.
+/// The values are checked by the cgroup module (`from_cri`).
 pub(crate) fn build(
     r: Option<&LinuxContainerResources>,
     devices: Vec<LinuxDeviceCgroup>,
@@ -66,80 +28,38 @@ pub(crate) fn build(
 ) -> Result<LinuxResources> {
     let mut out = LinuxResources::default();
     out.set_devices(Some(devices));
-    let Some(r) = r else { return Ok(out) };
+    let Some(cri) = r else { return Ok(out) };
+    let r = crate::container::resources::from_cri(cri)?;
 
-    let mut cpu = LinuxCpu::default();
-    let mut any_cpu = false;
-    if r.cpu_period != 0 {
-        let p = u64::try_from(r.cpu_period)
-            .map_err(|_| invalid(format!("cpu_period {} is negative", r.cpu_period)))?;
-        cpu.set_period(Some(p));
-        any_cpu = true;
-    }
-    if r.cpu_quota != 0 {
-        if r.cpu_quota < -1 {
-            return Err(invalid(format!("cpu_quota {} is invalid", r.cpu_quota)));
-        }
-        cpu.set_quota(Some(r.cpu_quota));
-        any_cpu = true;
-    }
-    if r.cpu_shares != 0 {
-        let s = u64::try_from(r.cpu_shares)
-            .map_err(|_| invalid(format!("cpu_shares {} is negative", r.cpu_shares)))?;
-        cpu.set_shares(Some(s));
-        any_cpu = true;
-    }
-    if !r.cpuset_cpus.is_empty() {
-        check_cpuset("cpuset_cpus", &r.cpuset_cpus)?;
-        cpu.set_cpus(Some(r.cpuset_cpus.clone()));
-        any_cpu = true;
-    }
-    if !r.cpuset_mems.is_empty() {
-        check_cpuset("cpuset_mems", &r.cpuset_mems)?;
-        cpu.set_mems(Some(r.cpuset_mems.clone()));
-        any_cpu = true;
-    }
-    if any_cpu {
+    if r.cpu_period.is_some()
+        || r.cpu_quota.is_some()
+        || r.cpu_shares.is_some()
+        || r.cpuset_cpus.is_some()
+        || r.cpuset_mems.is_some()
+    {
+        let mut cpu = LinuxCpu::default();
+        cpu.set_period(r.cpu_period);
+        cpu.set_quota(r.cpu_quota);
+        cpu.set_shares(r.cpu_shares);
+        cpu.set_cpus(r.cpuset_cpus.clone());
+        cpu.set_mems(r.cpuset_mems.clone());
         out.set_cpu(Some(cpu));
     }
 
-    if r.memory_limit_in_bytes < 0 {
-        return Err(invalid(format!(
-            "memory_limit_in_bytes {} is negative",
-            r.memory_limit_in_bytes
-        )));
-    }
-    if r.memory_swap_limit_in_bytes < -1 {
-        return Err(invalid(format!(
-            "memory_swap_limit_in_bytes {} is invalid",
-            r.memory_swap_limit_in_bytes
-        )));
-    }
-    if r.memory_limit_in_bytes > 0 {
-        let limit = r.memory_limit_in_bytes;
+    if let Some(limit) = r.memory_limit {
         let mut mem = LinuxMemory::default();
         mem.set_limit(Some(limit));
         if swap {
             // memory+swap, as OCI (and cgroup v1) count it. Without an
             // explicit value the container gets no swap at all.
-            let total = if r.memory_swap_limit_in_bytes != 0 {
-                r.memory_swap_limit_in_bytes
-            } else {
-                limit
-            };
-            if total != -1 && total < limit {
-                return Err(invalid(format!(
-                    "memory_swap_limit_in_bytes {total} is below memory_limit_in_bytes {limit}"
-                )));
-            }
-            mem.set_swap(Some(total));
+            mem.set_swap(Some(r.memory_swap.unwrap_or(limit)));
         }
         out.set_memory(Some(mem));
     }
 
-    if !r.hugepage_limits.is_empty() {
-        let mut limits = Vec::with_capacity(r.hugepage_limits.len());
-        for h in &r.hugepage_limits {
+    if !cri.hugepage_limits.is_empty() {
+        let mut limits = Vec::with_capacity(cri.hugepage_limits.len());
+        for h in &cri.hugepage_limits {
             if h.page_size.is_empty() {
                 return Err(invalid("hugepage limit without page_size".into()));
             }
@@ -154,15 +74,7 @@ pub(crate) fn build(
     }
 
     if !r.unified.is_empty() {
-        for k in r.unified.keys() {
-            check_unified_key(k)?;
-        }
-        out.set_unified(Some(
-            r.unified
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect::<HashMap<_, _>>(),
-        ));
+        out.set_unified(Some(r.unified.into_iter().collect::<HashMap<_, _>>()));
     }
     Ok(out)
 }

@@ -20,6 +20,7 @@ fn host() -> Host {
         caps: security::caps_from_mask(0x1fffeffffff), // everything but SYS_RESOURCE
         nofile: NOFILE_LIMIT,
         swap: true,
+        cgroup_readonly: vec!["/sys/fs/cgroup".into(), "/sys/fs/cgroup/memory".into()],
         apparmor: false,
         hostname: "node-1".into(),
     }
@@ -406,9 +407,11 @@ fn unprivileged_defaults() {
         linux(&spec).masked_paths().as_ref().unwrap().len(),
         DEFAULT_MASKED_PATHS.len()
     );
+    let readonly = linux(&spec).readonly_paths().clone().unwrap();
     assert_eq!(
-        linux(&spec).readonly_paths().as_ref().unwrap().len(),
-        DEFAULT_READONLY_PATHS.len()
+        readonly[DEFAULT_READONLY_PATHS.len()..],
+        ["/sys/fs/cgroup", "/sys/fs/cgroup/memory"],
+        "the v1 cgroup mounts come after the defaults, read-only"
     );
     let devices = linux(&spec)
         .resources()
@@ -555,7 +558,8 @@ fn masked_paths_explicit() {
     );
     assert_eq!(
         linux(&spec).readonly_paths().as_deref(),
-        Some(&strings(&["/tmp"])[..])
+        Some(&strings(&["/tmp", "/sys/fs/cgroup", "/sys/fs/cgroup/memory"])[..]),
+        "the cgroup mounts stay read-only whatever the CRI lists"
     );
 }
 

@@ -10,7 +10,6 @@ use std::path::{Path, PathBuf};
 
 use k8s_cri::v1::{NamespaceMode, PodSandboxConfig};
 
-use crate::cgroups;
 use crate::daemon::Daemon;
 use crate::error::{Error, IoContext, Result};
 use crate::events::{Event, EventKind};
@@ -415,16 +414,22 @@ fn make_cgroup(
 }
 
 /// The infra process of a shared PID namespace, inside the pod cgroup (on
-/// v2 in a leaf of its own under it, see [`cgroups::INFRA_LEAF`]).
+/// v2 in a leaf of its own under it, see [`berth_cgroup::INFRA_LEAF`]).
 fn start_infra(
     daemon: &Daemon,
     dir: &Path,
     cgroup_parent: &str,
     undo: &mut Undo,
 ) -> Result<ProcessIdentity> {
-    let cgroup = cgroups::infra_cgroup(daemon.cgroup_mode, cgroup_parent);
+    let cgroup = daemon.cgroups.infra_path(cgroup_parent);
     // Made before the process, so the undo stack stops it before the
-    // leaf is removed.
+    // leaf is removed. Its breadcrumb comes first: the pod cgroup may be
+    // kubelet's, which recovery leaves alone, but the leaf is Berth's.
+    if cgroup != cgroup_parent {
+        let breadcrumb = dir.join("infra-cgroup");
+        std::fs::write(&breadcrumb, &cgroup)
+            .context(|| format!("write {}", breadcrumb.display()))?;
+    }
     if cgroup != cgroup_parent && daemon.host.create_cgroup(&cgroup)? {
         let host = daemon.host.clone();
         let path = cgroup.clone();
@@ -584,7 +589,7 @@ fn release(daemon: &Daemon, record: &SandboxRecord) -> Result<()> {
     daemon.host.network_teardown(&record.id)?;
     if record.infra.pid > 0 {
         daemon.host.stop_infra(&record.infra);
-        let leaf = cgroups::infra_cgroup(daemon.cgroup_mode, &record.cgroup_parent);
+        let leaf = daemon.cgroups.infra_path(&record.cgroup_parent);
         if leaf != record.cgroup_parent {
             daemon.host.remove_cgroup(&leaf)?;
         }

@@ -1,7 +1,7 @@
-//! Reading the container's cgroup: its processes (for `Kill{all}` and
-//! `Shutdown`) and its OOM-kill counter (for the `OOMKilled` reason).
-//! cgroup v1 (the memory controller's directory) and v2 are both handled;
-//! the cgroup is created by libcontainer, the monitor only reads it.
+//! What the shim reads of its container's cgroup: the processes (for
+//! `Kill{all}` and `Shutdown`) and the OOM-kill counter (for the
+//! `OOMKilled` reason). The cgroup is created by libcontainer; the monitor
+//! only reads it.
 
 use std::path::{Path, PathBuf};
 
@@ -19,7 +19,11 @@ impl ContainerCgroup {
     pub fn locate(configured_memory: &str, pid: i32) -> Self {
         let proc_cgroup =
             std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
-        Self::from_proc_cgroup(configured_memory, &proc_cgroup, Path::new("/sys/fs/cgroup"))
+        Self::from_proc_cgroup(
+            configured_memory,
+            &proc_cgroup,
+            Path::new(crate::DEFAULT_ROOT),
+        )
     }
 
     /// `proc_cgroup` is the content of `/proc/<pid>/cgroup`; `root` the

@@ -1,0 +1,196 @@
+//! What the kernel accounts to a cgroup: CPU time and throttling, memory,
+//! processes; v1 (`cpuacct`, `memory`, `pids` hierarchies) and v2
+//! (`cpu.stat`, `memory.current`, `memory.stat`, `pids.current`).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use crate::{Cgroups, Version};
+
+/// One reading; a field the kernel does not offer here stays `None`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CgroupStats {
+    /// Total CPU time, ns.
+    pub cpu_usage_ns: Option<u64>,
+    pub cpu_throttled_periods: Option<u64>,
+    pub cpu_throttled_ns: Option<u64>,
+    pub memory_usage: Option<u64>,
+    /// Usage minus inactive file pages, as cAdvisor computes it.
+    pub memory_working_set: Option<u64>,
+    /// Limit minus working set, when there is a limit.
+    pub memory_available: Option<u64>,
+    pub memory_rss: Option<u64>,
+    pub page_faults: Option<u64>,
+    pub major_page_faults: Option<u64>,
+    pub swap_usage: Option<u64>,
+    pub pids: Option<u64>,
+}
+
+fn read_u64(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.trim().parse().ok()
+}
+
+/// A flat-keyed file ("key value" per line) such as `memory.stat`.
+pub fn flat_keyed(text: &str) -> HashMap<&str, u64> {
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(' ')?;
+            Some((k, v.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+impl Cgroups {
+    /// The usage of cgroup `path`; all `None` for a cgroup that is gone.
+    pub fn stats(&self, path: &str) -> CgroupStats {
+        match self.version {
+            Version::V1 => self.stats_v1(path),
+            Version::V2 => self.stats_v2(path),
+        }
+    }
+
+    fn stats_v1(&self, path: &str) -> CgroupStats {
+        let dir = |controller| self.dir(controller, path).ok().flatten();
+        let mut s = CgroupStats::default();
+        if let Some(cpuacct) = dir("cpuacct") {
+            s.cpu_usage_ns = read_u64(&cpuacct.join("cpuacct.usage"));
+        }
+        if let Some(cpu) = dir("cpu") {
+            let text = std::fs::read_to_string(cpu.join("cpu.stat")).unwrap_or_default();
+            let stat = flat_keyed(&text);
+            s.cpu_throttled_periods = stat.get("nr_throttled").copied();
+            s.cpu_throttled_ns = stat.get("throttled_time").copied();
+        }
+        if let Some(memory) = dir("memory") {
+            let text = std::fs::read_to_string(memory.join("memory.stat")).unwrap_or_default();
+            let stat = flat_keyed(&text);
+            // Hierarchical totals when the kernel gives them.
+            let get = |name: &str| {
+                stat.get(format!("total_{name}").as_str())
+                    .or(stat.get(name))
+                    .copied()
+            };
+            s.memory_usage = read_u64(&memory.join("memory.usage_in_bytes"));
+            s.memory_rss = get("rss");
+            s.page_faults = get("pgfault");
+            s.major_page_faults = get("pgmajfault");
+            s.swap_usage = get("swap");
+            // v1 reports "no limit" as a huge page-aligned number.
+            let limit = read_u64(&memory.join("memory.limit_in_bytes")).filter(|l| *l < (1 << 62));
+            s.set_working_set(get("inactive_file"), limit);
+        }
+        if let Some(pids) = dir("pids") {
+            s.pids = read_u64(&pids.join("pids.current"));
+        }
+        s
+    }
+
+    fn stats_v2(&self, path: &str) -> CgroupStats {
+        let Ok(Some(dir)) = self.dir("", path) else {
+            return CgroupStats::default();
+        };
+        let mut s = CgroupStats::default();
+        let cpu = std::fs::read_to_string(dir.join("cpu.stat")).unwrap_or_default();
+        let cpu = flat_keyed(&cpu);
+        s.cpu_usage_ns = cpu.get("usage_usec").map(|us| us * 1000);
+        s.cpu_throttled_periods = cpu.get("nr_throttled").copied();
+        s.cpu_throttled_ns = cpu.get("throttled_usec").map(|us| us * 1000);
+        let text = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
+        let stat = flat_keyed(&text);
+        s.memory_usage = read_u64(&dir.join("memory.current"));
+        s.memory_rss = stat.get("anon").copied();
+        s.page_faults = stat.get("pgfault").copied();
+        s.major_page_faults = stat.get("pgmajfault").copied();
+        s.swap_usage = read_u64(&dir.join("memory.swap.current"));
+        // "max" does not parse: no limit.
+        let limit = read_u64(&dir.join("memory.max"));
+        s.set_working_set(stat.get("inactive_file").copied(), limit);
+        s.pids = read_u64(&dir.join("pids.current"));
+        s
+    }
+}
+
+impl CgroupStats {
+    fn set_working_set(&mut self, inactive_file: Option<u64>, limit: Option<u64>) {
+        if let Some(usage) = self.memory_usage {
+            let working_set = usage.saturating_sub(inactive_file.unwrap_or(0));
+            self.memory_working_set = Some(working_set);
+            self.memory_available = limit.map(|l| l.saturating_sub(working_set));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{v1, v2};
+
+    fn write(dir: &Path, file: &str, text: &str) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(dir.join(file), text).unwrap();
+    }
+
+    #[test]
+    fn v2_stats() {
+        let (root, cg) = v2();
+        let c = root.path().join("k/c1");
+        write(
+            &c,
+            "cpu.stat",
+            "usage_usec 1500\nnr_periods 9\nnr_throttled 4\nthrottled_usec 20\n",
+        );
+        write(&c, "memory.current", "10000\n");
+        write(&c, "memory.max", "max\n");
+        write(
+            &c,
+            "memory.stat",
+            "anon 6000\nfile 4000\ninactive_file 3000\npgfault 7\npgmajfault 1\n",
+        );
+        write(&c, "memory.swap.current", "0\n");
+        write(&c, "pids.current", "3\n");
+        let s = cg.stats("/k/c1");
+        assert_eq!(s.cpu_usage_ns, Some(1_500_000));
+        assert_eq!(s.cpu_throttled_periods, Some(4));
+        assert_eq!(s.cpu_throttled_ns, Some(20_000));
+        assert_eq!(s.memory_usage, Some(10000));
+        assert_eq!(s.memory_working_set, Some(7000));
+        assert_eq!(s.memory_available, None, "no limit");
+        assert_eq!(s.memory_rss, Some(6000));
+        assert_eq!((s.page_faults, s.major_page_faults), (Some(7), Some(1)));
+        assert_eq!(s.swap_usage, Some(0));
+        assert_eq!(s.pids, Some(3));
+        write(&c, "memory.max", "20000\n");
+        assert_eq!(cg.stats("/k/c1").memory_available, Some(13000));
+        assert_eq!(cg.stats("/k/gone"), CgroupStats::default());
+    }
+
+    #[test]
+    fn v1_stats_prefer_hierarchical_totals() {
+        let (root, cg) = v1();
+        let p = root.path();
+        write(&p.join("cpu,cpuacct/k/c1"), "cpuacct.usage", "123456\n");
+        write(
+            &p.join("cpu,cpuacct/k/c1"),
+            "cpu.stat",
+            "nr_periods 5\nnr_throttled 2\nthrottled_time 99\n",
+        );
+        let m = p.join("memory/k/c1");
+        write(&m, "memory.usage_in_bytes", "10000\n");
+        write(&m, "memory.limit_in_bytes", "9223372036854771712\n");
+        write(
+            &m,
+            "memory.stat",
+            "rss 1\ninactive_file 1\ntotal_rss 5000\ntotal_inactive_file 2000\ntotal_pgfault 8\ntotal_pgmajfault 2\ntotal_swap 0\n",
+        );
+        write(&p.join("pids/k/c1"), "pids.current", "2\n");
+        let s = cg.stats("k/c1");
+        assert_eq!(s.cpu_usage_ns, Some(123456));
+        assert_eq!(s.cpu_throttled_periods, Some(2));
+        assert_eq!(s.cpu_throttled_ns, Some(99));
+        assert_eq!(s.memory_working_set, Some(8000));
+        assert_eq!(s.memory_available, None, "the huge number is no limit");
+        assert_eq!(s.memory_rss, Some(5000));
+        assert_eq!((s.page_faults, s.major_page_faults), (Some(8), Some(2)));
+        assert_eq!(s.pids, Some(2));
+    }
+}
