@@ -269,6 +269,22 @@ impl Cgroups {
         Ok(())
     }
 
+    /// Removes every cgroup below `path`, keeping `path`: what a privileged
+    /// container made inside its own cgroup, before libcontainer (which
+    /// removes only the container's cgroup itself) deletes the container.
+    pub fn remove_below(&self, path: &str) -> Result<()> {
+        let rel = relative(path)?;
+        for h in &self.hierarchies {
+            let dir = h.dir.join(rel);
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    remove_tree(&entry.path(), self.plain)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// What a non-privileged container's spec lists as read-only paths so
     /// that its `/sys/fs/cgroup` is read-only. On v2 the cgroup2 mount
     /// takes the mount's `ro`; on v1 libcontainer mounts a tmpfs there and
@@ -349,9 +365,11 @@ fn enable_subtree_controllers(dir: &Path) {
     }
 }
 
-/// Removes `dir` and every cgroup below it, deepest first. A cgroup whose
-/// last process is exiting stays busy for a moment after the process
-/// died: EBUSY is retried for up to half a second.
+/// Removes `dir` and every cgroup below it, deepest first. A process still
+/// in one (left by a container that moved it into a child cgroup) is
+/// killed: the cgroup's owner is gone. A cgroup whose last process is
+/// exiting stays busy for a moment after the process died: EBUSY is
+/// retried for up to half a second.
 fn remove_tree(dir: &Path, plain: bool) -> Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(entries) => entries,
@@ -366,6 +384,9 @@ fn remove_tree(dir: &Path, plain: bool) -> Result<()> {
                 .map_err(|e| Error::io(format!("remove {}", entry.path().display()), e))?;
         }
     }
+    if !plain {
+        kill_members(dir);
+    }
     let mut attempt = 0;
     loop {
         match std::fs::remove_dir(dir) {
@@ -376,6 +397,18 @@ fn remove_tree(dir: &Path, plain: bool) -> Result<()> {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
             Err(e) => return Err(Error::io(format!("remove cgroup {}", dir.display()), e)),
+        }
+    }
+}
+
+/// SIGKILLs every process in the cgroup `dir` (its `cgroup.procs`, in the
+/// reader's PID namespace).
+fn kill_members(dir: &Path) {
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        if pid > 0 {
+            // SAFETY: kill(2) with a positive pid touches no memory.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 }
@@ -476,7 +509,13 @@ mod tests {
         for h in ["cpu,cpuacct", "memory", "pids"] {
             assert!(dir.path().join(h).join("k/pod1").is_dir(), "{h}");
         }
-        // A child a privileged container made.
+        // Children a privileged container made.
+        std::fs::create_dir_all(dir.path().join("memory/k/pod1/c1/x/y")).unwrap();
+        std::fs::create_dir_all(dir.path().join("pids/k/pod1/c1/z")).unwrap();
+        cg.remove_below("/k/pod1/c1").unwrap();
+        assert!(dir.path().join("memory/k/pod1/c1").is_dir());
+        assert!(!dir.path().join("memory/k/pod1/c1/x").exists());
+        assert!(!dir.path().join("pids/k/pod1/c1/z").exists());
         std::fs::create_dir_all(dir.path().join("memory/k/pod1/c1/x/y")).unwrap();
         cg.remove("/k/pod1").unwrap();
         for h in ["cpu,cpuacct", "memory", "pids", "cpuset"] {

@@ -44,10 +44,21 @@ fn invalid(message: String) -> Error {
     Error::Invalid(message)
 }
 
-/// cgroup v2's `cpu.weight` for v1 shares, as runc and kubelet convert them.
+/// cgroup v2's `cpu.weight` for v1 shares, as runc (since 1.3), crun and
+/// libcgroups (which sets it at create) convert them: a quadratic in
+/// log2(shares) that maps 2 → 1, 1024 → 100 (the defaults agree) and
+/// 262144 → 10000. The same float expression as libcgroups', so create
+/// and update agree to the unit.
 pub fn shares_to_weight(shares: u64) -> u64 {
-    let shares = shares.clamp(*CPU_SHARES.start(), *CPU_SHARES.end());
-    1 + ((shares - 2) * 9999) / 262_142
+    if shares <= *CPU_SHARES.start() {
+        return 1;
+    }
+    if shares >= *CPU_SHARES.end() {
+        return 10_000;
+    }
+    let log_shares = (shares as f64).log2();
+    let exponent = (log_shares * log_shares + 125.0 * log_shares) / 612.0 - 7.0 / 34.0;
+    (10f64.powf(exponent).ceil() as u64).clamp(1, 10_000)
 }
 
 /// A cpuset list: "0-3,5,7-8".
@@ -381,8 +392,8 @@ mod tests {
     #[test]
     fn weights_as_runc_converts_them() {
         assert_eq!(shares_to_weight(2), 1);
-        assert_eq!(shares_to_weight(512), 20);
-        assert_eq!(shares_to_weight(1024), 39);
+        assert_eq!(shares_to_weight(512), 59);
+        assert_eq!(shares_to_weight(1024), 100);
         assert_eq!(shares_to_weight(262_144), 10000);
         assert_eq!(shares_to_weight(1), 1);
         assert_eq!(shares_to_weight(u64::MAX), 10000);
@@ -527,7 +538,7 @@ mod tests {
             ..unified(&[("memory.high", "50331648")])
         };
         cg.apply("/k/c1", &r).unwrap();
-        assert_eq!(read(&c.join("cpu.weight")), "20");
+        assert_eq!(read(&c.join("cpu.weight")), "59");
         assert_eq!(read(&c.join("cpu.max")), "20000 100000");
         assert_eq!(read(&c.join("memory.max")), (64 << 20).to_string());
         assert_eq!(read(&c.join("memory.swap.max")), (64 << 20).to_string());

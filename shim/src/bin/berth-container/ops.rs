@@ -223,7 +223,20 @@ impl ContainerOps for Libcontainer {
         if !self.root.join(id).exists() {
             return Ok(());
         }
-        self.load(id)?
+        let mut container = self.load(id)?;
+        // libcontainer removes the container's cgroup but not cgroups a
+        // privileged container made below it, which would keep it busy.
+        if let Ok(config) = container.spec()
+            && !config.cgroup_path.as_os_str().is_empty()
+        {
+            let cgroups =
+                berth_cgroup::Cgroups::detect(std::path::Path::new(berth_cgroup::DEFAULT_ROOT));
+            let path = config.cgroup_path.display().to_string();
+            cgroups
+                .remove_below(&path)
+                .map_err(|e| OpError::from_err("remove the container's child cgroups", &e))?;
+        }
+        container
             .delete(true)
             .map_err(|e| OpError::from_err("delete container", &e))
     }
