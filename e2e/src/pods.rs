@@ -1006,6 +1006,16 @@ pub fn cgroup_dir(controller: &str, path: &str) -> PathBuf {
     mp.join(rel)
 }
 
+/// The trimmed content of `file` in the `controller` directory of cgroup
+/// `path` (see [`cgroup_dir`]); panics naming the file when unreadable.
+pub fn read_cgroup_file(controller: &str, path: &str, file: &str) -> String {
+    let p = cgroup_dir(controller, path).join(file);
+    std::fs::read_to_string(&p)
+        .unwrap_or_else(|e| panic!("read {}: {e}", p.display()))
+        .trim()
+        .to_string()
+}
+
 /// Every existing directory of cgroup `path`, in every hierarchy.
 pub fn cgroup_dirs(path: &str) -> Vec<PathBuf> {
     let rel = path.trim_start_matches('/');
