@@ -44,6 +44,14 @@ fn invalid(message: String) -> Error {
     Error::Invalid(message)
 }
 
+fn needs_v2(unified: &BTreeMap<String, String>) -> Error {
+    let keys: Vec<_> = unified.keys().map(|k| format!("{k:?}")).collect();
+    invalid(format!(
+        "unified resources {} need cgroup v2; this host runs cgroup v1",
+        keys.join(", ")
+    ))
+}
+
 /// cgroup v2's `cpu.weight` for v1 shares, as runc (since 1.3), crun and
 /// libcgroups (which sets it at create) convert them: a quadratic in
 /// log2(shares) that maps 2 → 1, 1024 → 100 (the defaults agree) and
@@ -214,9 +222,7 @@ impl Cgroups {
             return Ok(());
         }
         if self.version == Version::V1 {
-            return Err(invalid(
-                "unified resources need cgroup v2; this host runs cgroup v1".into(),
-            ));
+            return Err(needs_v2(&r.unified));
         }
         // The nearest existing cgroup at or above `parent`: its
         // controllers are what a new child gets.
@@ -255,9 +261,7 @@ impl Cgroups {
 
     fn apply_v1(&self, path: &str, r: &Resources) -> Result<()> {
         if !r.unified.is_empty() {
-            return Err(invalid(
-                "unified resources need cgroup v2; this host runs cgroup v1".into(),
-            ));
+            return Err(needs_v2(&r.unified));
         }
         if let Some(cpu) = self.dir("cpu", path)? {
             if let Some(shares) = r.cpu_shares {

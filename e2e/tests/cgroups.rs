@@ -213,8 +213,9 @@ async fn cpu_quota_is_set_and_throttles() {
     );
     // The same shares give the same weight at create and after an update.
     let (file, weight) = if cgroup_v2() {
-        // runc's conversion: 1 + ((512 - 2) * 9999) / 262142.
-        ("cpu.weight", "20")
+        // runc's (since 1.3) and libcgroups' conversion, a quadratic in
+        // log2(shares): 512 → ceil(10^((81 + 1125) / 612 - 7 / 34)) = 59.
+        ("cpu.weight", "59")
     } else {
         ("cpu.shares", "512")
     };
