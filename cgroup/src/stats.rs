@@ -23,6 +23,9 @@ pub struct CgroupStats {
     pub page_faults: Option<u64>,
     pub major_page_faults: Option<u64>,
     pub swap_usage: Option<u64>,
+    /// The swap limit alone (v2 `memory.swap.max`; v1 memory+swap minus
+    /// memory), when there is one.
+    pub swap_limit: Option<u64>,
     pub pids: Option<u64>,
 }
 
@@ -76,7 +79,11 @@ impl Cgroups {
             s.major_page_faults = get("pgmajfault");
             s.swap_usage = get("swap");
             // v1 reports "no limit" as a huge page-aligned number.
-            let limit = read_u64(&memory.join("memory.limit_in_bytes")).filter(|l| *l < (1 << 62));
+            let finite = |file: &str| read_u64(&memory.join(file)).filter(|l| *l < (1 << 62));
+            let limit = finite("memory.limit_in_bytes");
+            s.swap_limit = finite("memory.memsw.limit_in_bytes")
+                .zip(limit)
+                .map(|(total, l)| total.saturating_sub(l));
             s.set_working_set(get("inactive_file"), limit);
         }
         if let Some(pids) = dir("pids") {
@@ -102,6 +109,7 @@ impl Cgroups {
         s.page_faults = stat.get("pgfault").copied();
         s.major_page_faults = stat.get("pgmajfault").copied();
         s.swap_usage = read_u64(&dir.join("memory.swap.current"));
+        s.swap_limit = read_u64(&dir.join("memory.swap.max"));
         // "max" does not parse: no limit.
         let limit = read_u64(&dir.join("memory.max"));
         s.set_working_set(stat.get("inactive_file").copied(), limit);
@@ -147,6 +155,7 @@ mod tests {
             "anon 6000\nfile 4000\ninactive_file 3000\npgfault 7\npgmajfault 1\n",
         );
         write(&c, "memory.swap.current", "0\n");
+        write(&c, "memory.swap.max", "4096\n");
         write(&c, "pids.current", "3\n");
         let s = cg.stats("/k/c1");
         assert_eq!(s.cpu_usage_ns, Some(1_500_000));
@@ -157,7 +166,7 @@ mod tests {
         assert_eq!(s.memory_available, None, "no limit");
         assert_eq!(s.memory_rss, Some(6000));
         assert_eq!((s.page_faults, s.major_page_faults), (Some(7), Some(1)));
-        assert_eq!(s.swap_usage, Some(0));
+        assert_eq!((s.swap_usage, s.swap_limit), (Some(0), Some(4096)));
         assert_eq!(s.pids, Some(3));
         write(&c, "memory.max", "20000\n");
         assert_eq!(cg.stats("/k/c1").memory_available, Some(13000));
@@ -177,6 +186,7 @@ mod tests {
         let m = p.join("memory/k/c1");
         write(&m, "memory.usage_in_bytes", "10000\n");
         write(&m, "memory.limit_in_bytes", "9223372036854771712\n");
+        write(&m, "memory.memsw.limit_in_bytes", "9223372036854771712\n");
         write(
             &m,
             "memory.stat",
@@ -189,6 +199,7 @@ mod tests {
         assert_eq!(s.cpu_throttled_ns, Some(99));
         assert_eq!(s.memory_working_set, Some(8000));
         assert_eq!(s.memory_available, None, "the huge number is no limit");
+        assert_eq!((s.swap_usage, s.swap_limit), (Some(0), None));
         assert_eq!(s.memory_rss, Some(5000));
         assert_eq!((s.page_faults, s.major_page_faults), (Some(8), Some(2)));
         assert_eq!(s.pids, Some(2));

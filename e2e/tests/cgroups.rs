@@ -567,5 +567,14 @@ async fn swap_limit_follows_memory_swap() {
         192 * MIB,
         "after the update to 96 MiB, memory+swap 192 MiB",
     );
+    // The stats say how much swap is left: the limit (swap alone) minus
+    // what the idle container swapped.
+    let swap = container_stats(&mut env, &id)
+        .await
+        .swap
+        .expect("swap usage where swap is accounted");
+    let used = swap.swap_usage_bytes.expect("swap usage").value;
+    let available = swap.swap_available_bytes.expect("swap available").value;
+    assert_eq!(used + available, 96 * MIB as u64, "{swap:?}");
     clean_up(&mut env).await;
 }

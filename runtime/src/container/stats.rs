@@ -22,6 +22,8 @@ pub struct Stats {
     pub memory_rss: Option<u64>,
     pub page_faults: Option<u64>,
     pub major_page_faults: Option<u64>,
+    pub swap_usage: Option<u64>,
+    pub swap_available: Option<u64>,
     pub writable_layer: Usage,
     pub writable_layer_path: PathBuf,
 }
@@ -64,6 +66,11 @@ pub fn read(
         memory_rss: c.memory_rss,
         page_faults: c.page_faults,
         major_page_faults: c.major_page_faults,
+        swap_usage: c.swap_usage,
+        swap_available: c
+            .swap_limit
+            .zip(c.swap_usage)
+            .map(|(limit, used)| limit.saturating_sub(used)),
         writable_layer: dir_usage(upper_dir),
         writable_layer_path: upper_dir.to_path_buf(),
     }

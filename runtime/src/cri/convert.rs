@@ -212,6 +212,10 @@ pub fn container_stats(
             used_bytes: u64_value(Some(s.writable_layer.bytes)),
             inodes_used: u64_value(Some(s.writable_layer.inodes)),
         }),
-        swap: None,
+        swap: s.swap_usage.map(|used| cri::SwapUsage {
+            timestamp: s.timestamp_ns,
+            swap_available_bytes: u64_value(s.swap_available),
+            swap_usage_bytes: u64_value(Some(used)),
+        }),
     }
 }
