@@ -490,6 +490,41 @@ async fn a_text_log_file_holds_no_escape_sequence() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_cri_call_is_logged_with_its_code_and_duration() {
+    let d = started().await;
+    let mut c = d.client().await.unwrap();
+    c.runtime.version(VersionRequest::default()).await.unwrap();
+    let err = c
+        .runtime
+        .container_status(ContainerStatusRequest {
+            container_id: "no-such-container".into(),
+            verbose: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    let log = d.log();
+    let line = |method: &str| {
+        log.lines()
+            .find(|l| l.contains("CRI call") && l.contains(method))
+            .unwrap_or_else(|| panic!("no log line for {method}:\n{log}"))
+            .to_string()
+    };
+    let ok = line("/runtime.v1.RuntimeService/Version");
+    assert!(
+        ok.contains("DEBUG") && ok.contains("code=Ok") && ok.contains("duration_us="),
+        "{ok}"
+    );
+    let failed = line("/runtime.v1.RuntimeService/ContainerStatus");
+    assert!(
+        failed.contains("WARN")
+            && failed.contains("code=NotFound")
+            && failed.contains("no-such-container"),
+        "the failure, its code and its message: {failed}"
+    );
+}
+
 /// UpdateRuntimeConfig with `cidr` as the pod CIDR.
 async fn set_pod_cidr(c: &mut berth_e2e::cri::CriClient, cidr: &str) {
     c.runtime

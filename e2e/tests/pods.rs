@@ -1600,6 +1600,14 @@ async fn bad_container_requests_are_refused() {
         .await
         .expect_err("start of an unknown container");
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Stop and remove of what does not exist are done, as kubelet expects.
+    let unknown = random_hex(32);
+    env.stop_container(&unknown, 0)
+        .await
+        .expect("StopContainer of an unknown container");
+    env.remove_container(&unknown)
+        .await
+        .expect("RemoveContainer of an unknown container");
     let err = env
         .try_exec(&second, &["true"])
         .await

@@ -19,6 +19,7 @@ pub mod oci;
 pub mod pod;
 pub mod process;
 pub mod recovery;
+pub mod rpc_log;
 pub mod sandbox;
 pub mod server;
 pub mod store;

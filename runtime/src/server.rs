@@ -172,6 +172,7 @@ pub async fn serve(
                 image = tracing::field::Empty,
             )
         })
+        .layer(crate::rpc_log::RpcLogLayer)
         .add_service(RuntimeServiceServer::new(RuntimeService::new(
             daemon.clone(),
             streaming,

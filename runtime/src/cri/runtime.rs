@@ -193,7 +193,9 @@ cri_service! {
         async fn stop_container(&self, request: Request<StopContainerRequest>) -> Result<Response<StopContainerResponse>, Status> {
             let request = request.into_inner();
             let timeout = request.timeout;
-            self.daemon.on_container(&request.container_id, move |d, c| container::stop(d, c, timeout)).await?;
+            // Stopping what is gone is done, as kubelet expects (and as
+            // StopPodSandbox and RemoveContainer answer).
+            self.daemon.on_container_if_exists(&request.container_id, move |d, c| container::stop(d, c, timeout)).await?;
             Ok(Response::new(StopContainerResponse {}))
         }
 

@@ -135,8 +135,18 @@ impl<'a> Databases<'a> {
     }
 }
 
+/// The largest uid or gid a container may run as: Kubernetes' bound. Above
+/// it sit ids the kernel reads specially: (u32)-1 means "unchanged" to
+/// setresuid, so a container asking for 4294967295 would stay root.
+const MAX_ID: u32 = i32::MAX as u32;
+
 fn id_from_i64(what: &str, v: i64) -> Result<u32> {
-    u32::try_from(v).map_err(|_| Error::InvalidArgument(format!("{what} {v} is out of range")))
+    u32::try_from(v)
+        .ok()
+        .filter(|id| *id <= MAX_ID)
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!("{what} {v} is out of range (0 to {MAX_ID})"))
+        })
 }
 
 /// Resolves the process user of a container: `security` is the container's
@@ -253,6 +263,17 @@ pub fn resolve_user(
         }
     }
 
+    // Ids from the image (its USER, passwd, group) are bounded too.
+    for (what, id) in [("uid", uid), ("gid", gid)]
+        .into_iter()
+        .chain(gids.iter().map(|g| ("supplemental gid", *g)))
+    {
+        if id > MAX_ID {
+            return Err(Error::InvalidArgument(format!(
+                "{what} {id} is out of range (0 to {MAX_ID})"
+            )));
+        }
+    }
     let mut out = User::default();
     out.set_uid(uid);
     out.set_gid(gid);
@@ -267,6 +288,45 @@ mod tests {
     use k8s_cri::v1::Int64Value;
 
     use super::*;
+
+    #[test]
+    fn ids_beyond_kubernetes_bound_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [4_294_967_295_i64, 2_147_483_648, -1] {
+            let s = LinuxContainerSecurityContext {
+                run_as_user: Some(Int64Value { value: bad }),
+                ..Default::default()
+            };
+            let err = resolve_user(dir.path(), Some(&s), "").unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{bad}: {err}");
+            let s = LinuxContainerSecurityContext {
+                run_as_user: Some(Int64Value { value: 1000 }),
+                run_as_group: Some(Int64Value { value: bad }),
+                ..Default::default()
+            };
+            assert!(
+                resolve_user(dir.path(), Some(&s), "").is_err(),
+                "group {bad}"
+            );
+        }
+        for image_user in ["4294967295", "1000:4294967295"] {
+            let err = resolve_user(dir.path(), None, image_user).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidArgument(_)),
+                "{image_user}: {err}"
+            );
+        }
+        let s = LinuxContainerSecurityContext {
+            run_as_user: Some(Int64Value {
+                value: 2_147_483_647,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(
+            resolve_user(dir.path(), Some(&s), "").unwrap().uid(),
+            2_147_483_647
+        );
+    }
 
     const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\n\
         # a comment\n\
