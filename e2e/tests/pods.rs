@@ -291,6 +291,12 @@ async fn shared_pid_namespace_pod_sees_each_others_processes() {
         .await;
     env.wait_state(&c1, RUNNING, STATE_TIMEOUT).await;
     env.wait_state(&c2, RUNNING, STATE_TIMEOUT).await;
+    // No fd of berthd's (nor of whatever started berthd: this harness's
+    // own shell leaves fds open) crosses into the pod.
+    let first = env.pid(&c1).await;
+    for (what, pid) in [("the infra process", infra[0]), ("a container", first)] {
+        assert_eq!(open_fds(pid), [0, 1, 2], "{what} ({pid}) has only stdio");
+    }
 
     let ns1 = env.exec(&c1, &["readlink", "/proc/self/ns/pid"]).await.0;
     let ns2 = env.exec(&c2, &["readlink", "/proc/self/ns/pid"]).await.0;
@@ -342,6 +348,17 @@ async fn shared_pid_namespace_pod_sees_each_others_processes() {
         "mounts left: {:?}",
         mounts_under(env.d.dir.path())
     );
+}
+
+/// The open fds of `pid`, sorted.
+fn open_fds(pid: i32) -> Vec<i32> {
+    let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    fds.sort();
+    fds
 }
 
 /// `berth-shim pause` processes (infra processes of shared-PID pods).

@@ -6,12 +6,69 @@
 //! and signal it. A `ProcessIdentity` adds the process's start time (field 22
 //! of `/proc/<pid>/stat`, which no later process with the same pid can share)
 //! and signals through a pidfd, so the check and the signal hit one process.
+//!
+//! Also what every process berthd starts gets: no fd but its stdio
+//! ([`no_inherited_fds`], [`NoInheritedFds`]).
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
+
+/// Marks every fd above stdio close-on-exec; for a child between fork and
+/// exec (async-signal-safe: raw syscalls only). berthd's own fds are
+/// opened close-on-exec, but what its parent left open is not (a shell's
+/// fd 10 or 251, say), and none of it may reach a pod (the class of
+/// runc's CVE-2024-21626). Marking rather than closing keeps the exec
+/// error pipe of `std::process::Command` working.
+pub fn no_inherited_fds() -> io::Result<()> {
+    // SAFETY: close_range only changes the flags of this process's fds.
+    let done = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    if !done {
+        // Kernels before 5.11: one by one, up to the soft fd limit.
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes only the struct; fcntl on a closed fd
+        // fails harmlessly.
+        unsafe {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            for fd in 3..limit.rlim_cur.min(1 << 20) as i32 {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// [`no_inherited_fds`] for the commands berthd runs.
+pub trait NoInheritedFds {
+    fn no_inherited_fds(&mut self) -> &mut Self;
+}
+
+impl NoInheritedFds for std::process::Command {
+    fn no_inherited_fds(&mut self) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: no_inherited_fds is async-signal-safe.
+        unsafe { self.pre_exec(no_inherited_fds) }
+    }
+}
+
+impl NoInheritedFds for tokio::process::Command {
+    fn no_inherited_fds(&mut self) -> &mut Self {
+        // SAFETY: no_inherited_fds is async-signal-safe.
+        unsafe { self.pre_exec(no_inherited_fds) }
+    }
+}
 
 /// A process as pid plus start time (clock ticks since boot).
 ///

@@ -2,6 +2,7 @@
 //! reading what it leaves in its directory; and the streaming sessions
 //! ([`exec_stream`], [`attach`]) whose stdio fds the shim passes over.
 
+use crate::process::NoInheritedFds;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -50,6 +51,7 @@ pub fn launch(dir: &Path, config: &ShimConfig) -> Result<ProcessIdentity> {
     std::fs::write(dir.join("config.pb"), config.encode_to_vec())
         .context(|| format!("write {}/config.pb", dir.display()))?;
     let output = std::process::Command::new(shim_binary())
+        .no_inherited_fds()
         .arg("start")
         .arg(dir)
         .stdin(std::process::Stdio::null())

@@ -4,6 +4,7 @@
 //! only this trait, so they run against [`RealHost`] in berthd and against
 //! the recording fake in unit tests, without root.
 
+use crate::process::NoInheritedFds;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -183,6 +184,7 @@ impl Host for RealHost {
     fn delete_container(&self, root: &Path, id: &str) -> Result<()> {
         let helper = shim::container_helper_binary();
         let out = std::process::Command::new(&helper)
+            .no_inherited_fds()
             .arg("--root")
             .arg(root)
             .args(["delete", id])

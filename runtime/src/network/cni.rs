@@ -5,6 +5,7 @@
 //! result is cached on disk so DEL works after a restart or after the
 //! conflist changed.
 
+use crate::process::NoInheritedFds;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -416,6 +417,7 @@ impl Cni {
             });
         }
         command_line
+            .no_inherited_fds()
             .env_clear()
             .env("CNI_COMMAND", call.command)
             .env("CNI_CONTAINERID", &pod.sandbox_id)

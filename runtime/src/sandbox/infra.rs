@@ -71,6 +71,7 @@ pub fn start(shim: &Path, log: &Path) -> Result<ProcessIdentity> {
                 libc::dup2(out, 1);
                 libc::dup2(out, 2);
             }
+            let _ = crate::process::no_inherited_fds();
             libc::execv(prog.as_ptr(), argv.as_ptr());
             libc::_exit(12);
         }
