@@ -285,23 +285,36 @@ impl Cgroups {
         Ok(())
     }
 
-    /// What a non-privileged container's spec lists as read-only paths so
-    /// that its `/sys/fs/cgroup` is read-only. On v2 the cgroup2 mount
-    /// takes the mount's `ro`; on v1 libcontainer mounts a tmpfs there and
-    /// each hierarchy as a mount of its own, all writable whatever the spec
-    /// says, so each is made read-only by path, the tmpfs first.
-    pub fn container_readonly_paths(&self) -> Vec<String> {
-        match self.version {
-            Version::V2 => Vec::new(),
-            Version::V1 => std::iter::once("/sys/fs/cgroup".to_string())
-                .chain(
-                    self.hierarchies
-                        .iter()
-                        .filter_map(|h| h.dir.file_name())
-                        .map(|n| format!("/sys/fs/cgroup/{}", n.to_string_lossy())),
-                )
-                .collect(),
+    /// On v1, the container's view of its cgroups as bind mounts:
+    /// (destination in the container, host directory) per hierarchy with a
+    /// controller, the container's own cgroup `path` at
+    /// `/sys/fs/cgroup/<hierarchy>` (named hierarchies such as systemd's
+    /// hold no cgroup of the container). Empty on v2, where a cgroup2 mount
+    /// in the container's cgroup namespace shows the same.
+    ///
+    /// Why not libcontainer's `cgroup` mount type on v1: it mounts every
+    /// hierarchy writable whatever the spec says, and it reads
+    /// `/proc/<its own pid>` before the container's /proc exists, which in
+    /// a pod's shared PID namespace is the host's /proc and a wrong or
+    /// missing process.
+    pub fn v1_container_binds(&self, path: &str) -> Result<Vec<(String, PathBuf)>> {
+        if self.version == Version::V2 {
+            return Ok(Vec::new());
         }
+        let rel = relative(path)?;
+        Ok(self
+            .hierarchies
+            .iter()
+            .filter(|h| {
+                h.controllers
+                    .iter()
+                    .any(|c| V1_CONTROLLERS.contains(&c.as_str()))
+            })
+            .filter_map(|h| {
+                let name = h.dir.file_name()?.to_string_lossy().into_owned();
+                Some((format!("/sys/fs/cgroup/{name}"), h.dir.join(rel)))
+            })
+            .collect())
     }
 
     /// Whether the kernel accounts swap per cgroup (v1
@@ -328,6 +341,25 @@ impl Cgroups {
                 .any(|e| e.path().join(file).exists())
     }
 }
+
+/// The v1 controllers (the kernel's list); anything else is a named
+/// hierarchy.
+const V1_CONTROLLERS: &[&str] = &[
+    "blkio",
+    "cpu",
+    "cpuacct",
+    "cpuset",
+    "devices",
+    "freezer",
+    "hugetlb",
+    "memory",
+    "misc",
+    "net_cls",
+    "net_prio",
+    "perf_event",
+    "pids",
+    "rdma",
+];
 
 /// A cgroup path as the CRI gives it ("/kubepods/pod1/c1"), relative to a
 /// hierarchy root; `..`, `.` and empty components are refused.
@@ -558,19 +590,23 @@ mod tests {
     }
 
     #[test]
-    fn v1_submounts_are_listed_for_the_container() {
-        let (_dir, cg) = v1();
-        assert_eq!(
-            cg.container_readonly_paths(),
-            [
-                "/sys/fs/cgroup",
-                "/sys/fs/cgroup/cpu,cpuacct",
-                "/sys/fs/cgroup/cpuset",
-                "/sys/fs/cgroup/memory",
-                "/sys/fs/cgroup/pids"
-            ]
-        );
-        assert!(v2().1.container_readonly_paths().is_empty());
+    fn v1_containers_see_their_cgroup_through_binds() {
+        let (dir, _) = v1();
+        std::fs::create_dir(dir.path().join("systemd")).unwrap();
+        let cg = Cgroups::at(dir.path(), Version::V1);
+        let binds = cg.v1_container_binds("/k/c1").unwrap();
+        let want: Vec<(String, PathBuf)> = ["cpu,cpuacct", "cpuset", "memory", "pids"]
+            .iter()
+            .map(|h| {
+                (
+                    format!("/sys/fs/cgroup/{h}"),
+                    dir.path().join(h).join("k/c1"),
+                )
+            })
+            .collect();
+        assert_eq!(binds, want, "no bind of the named systemd hierarchy");
+        assert!(cg.v1_container_binds("../x").is_err());
+        assert!(v2().1.v1_container_binds("/k/c1").unwrap().is_empty());
     }
 
     #[test]

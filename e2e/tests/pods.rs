@@ -350,6 +350,32 @@ async fn shared_pid_namespace_pod_sees_each_others_processes() {
     );
 }
 
+/// Every container of a shared-PID pod starts, whatever pid it gets in the
+/// pod's namespace (a pid that exists or not in the host's namespace).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_containers_in_a_shared_pid_pod_all_start() {
+    let mut env = PodEnv::start().await;
+    let bb = env.busybox();
+    let mut config = env.pod_config("shared-pid-20");
+    pod_namespace_options(&mut config).pid = NamespaceMode::Pod as i32;
+    let pod = env.run_pod(&config).await;
+    let mut failures = Vec::new();
+    for i in 0..20 {
+        let name = format!("c{i}");
+        let config = container_config(&name, &bb, &["sleep", "1000"]);
+        match env.try_create(&pod, &config).await {
+            Ok(id) => {
+                if let Err(e) = env.try_start(&id).await {
+                    failures.push(format!("{name}: start: {e:?}"));
+                }
+            }
+            Err(e) => failures.push(format!("{name}: create: {e:?}")),
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    env.remove_everything().await.unwrap();
+}
+
 /// The open fds of `pid`, sorted.
 fn open_fds(pid: i32) -> Vec<i32> {
     let mut fds: Vec<i32> = std::fs::read_dir(format!("/proc/{pid}/fd"))

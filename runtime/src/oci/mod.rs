@@ -146,8 +146,8 @@ struct Host {
     nofile: u64,
     /// Swap is accounted (memory.memsw.* on v1, memory.swap.max on v2).
     swap: bool,
-    /// What makes a non-privileged container's /sys/fs/cgroup read-only.
-    cgroup_readonly: Vec<String>,
+    /// The host's cgroups (on v1 the container's are bind mounts).
+    cgroups: berth_cgroup::Cgroups,
     apparmor: bool,
     /// The host's name, for `HOSTNAME` when the pod has none (host network).
     hostname: String,
@@ -169,7 +169,7 @@ impl Host {
                     caps,
                     nofile,
                     swap: cgroups.swap_accounted(),
-                    cgroup_readonly: cgroups.container_readonly_paths(),
+                    cgroups,
                     apparmor: std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
                         .is_ok_and(|s| s.starts_with('Y')),
                     hostname: String::new(),
@@ -422,8 +422,10 @@ fn build_spec_on(input: &SpecInput, host: &Host) -> Result<Spec> {
 
     let (device_nodes, device_rules) = resources::devices(config, privileged)?;
     let (masked, mut readonly) = security::masked_and_readonly_paths(sc);
-    if !privileged {
-        readonly.extend(host.cgroup_readonly.iter().cloned());
+    // On v1 /sys/fs/cgroup is a tmpfs holding the hierarchy binds (see
+    // mounts::cgroup_v1), writable so their mount points can be made.
+    if !privileged && host.cgroups.version() == berth_cgroup::Version::V1 {
+        readonly.push("/sys/fs/cgroup".into());
     }
     let mut linux = Linux::default();
     linux.set_net_devices(None);
@@ -469,11 +471,13 @@ fn build_spec_on(input: &SpecInput, host: &Host) -> Result<Spec> {
     let mut spec = Spec::default();
     spec.set_version(OCI_VERSION.to_string());
     spec.set_root(Some(root));
+    let cgroup_binds = host.cgroups.v1_container_binds(&input.cgroups_path)?;
     spec.set_mounts(Some(mounts::build(
         config,
         &input.files,
         privileged,
         readonly_rootfs,
+        &cgroup_binds,
     )?));
     spec.set_process(Some(process));
     spec.set_hostname(

@@ -21,10 +21,12 @@ fn mount(dest: &str, typ: &str, source: &str, options: &[&str]) -> Mount {
 
 /// runc's and containerd's default mounts (without /run, which the CRI
 /// plugin drops too). Privileged containers get /sys and /sys/fs/cgroup
-/// read-write.
-pub(crate) fn defaults(privileged: bool) -> Vec<Mount> {
+/// read-write. `cgroup_binds` (cgroup v1): the container's cgroup in
+/// each hierarchy, bind-mounted below a tmpfs at /sys/fs/cgroup instead
+/// of a `cgroup` mount (see `berth_cgroup::Cgroups::v1_container_binds`).
+pub(crate) fn defaults(privileged: bool, cgroup_binds: &[(String, PathBuf)]) -> Vec<Mount> {
     let sys_ro = if privileged { "rw" } else { "ro" };
-    vec![
+    let mut mounts = vec![
         mount("/proc", "proc", "proc", &["nosuid", "noexec", "nodev"]),
         mount(
             "/dev",
@@ -65,13 +67,35 @@ pub(crate) fn defaults(privileged: bool) -> Vec<Mount> {
             "sysfs",
             &["nosuid", "noexec", "nodev", sys_ro],
         ),
-        mount(
+    ];
+    if cgroup_binds.is_empty() {
+        mounts.push(mount(
             "/sys/fs/cgroup",
             "cgroup",
             "cgroup",
             &["nosuid", "noexec", "nodev", "relatime", sys_ro],
-        ),
-    ]
+        ));
+        return mounts;
+    }
+    // Writable so the binds' mount points can be made; a non-privileged
+    // container's is made read-only afterwards (readonlyPaths).
+    mounts.push(mount(
+        "/sys/fs/cgroup",
+        "tmpfs",
+        "tmpfs",
+        &["nosuid", "noexec", "nodev", "mode=755", "size=64k"],
+    ));
+    for (dest, source) in cgroup_binds {
+        let mut m = mount(
+            dest,
+            "bind",
+            "",
+            &["bind", "nosuid", "noexec", "nodev", sys_ro],
+        );
+        m.set_source(Some(source.clone()));
+        mounts.push(m);
+    }
+    mounts
 }
 
 /// Checks a container-side path: absolute, without `..`. Returns it
@@ -122,6 +146,7 @@ pub(crate) fn build(
     files: &SandboxFiles,
     privileged: bool,
     readonly_rootfs: bool,
+    cgroup_binds: &[(String, PathBuf)],
 ) -> Result<Vec<Mount>> {
     // The CRI mounts first, validated, so that they can override.
     let mut cri = Vec::with_capacity(config.mounts.len());
@@ -190,11 +215,13 @@ pub(crate) fn build(
     }
     let overridden = |dest: &Path| cri.iter().any(|m| m.destination() == dest);
     let dev_overridden = overridden(Path::new("/dev"));
+    let cgroup_overridden = overridden(Path::new("/sys/fs/cgroup"));
 
-    let mut mounts: Vec<Mount> = defaults(privileged)
+    let mut mounts: Vec<Mount> = defaults(privileged, cgroup_binds)
         .into_iter()
         .filter(|m| !overridden(m.destination()))
         .filter(|m| !(dev_overridden && m.destination().starts_with("/dev")))
+        .filter(|m| !(cgroup_overridden && m.destination().starts_with("/sys/fs/cgroup")))
         .collect();
 
     // The pod's /etc files: read-write unless the rootfs is read-only, as
@@ -254,7 +281,7 @@ mod tests {
             resolv_conf: Some("/run/berth/s/resolv.conf".into()),
             hostname: None,
         };
-        let ms = build(&ContainerConfig::default(), &files, false, false).unwrap();
+        let ms = build(&ContainerConfig::default(), &files, false, false, &[]).unwrap();
         let dests: Vec<_> = ms
             .iter()
             .map(|m| m.destination().display().to_string())
@@ -278,7 +305,7 @@ mod tests {
             opts(find(&ms, "/etc/hosts").unwrap()),
             ["rbind", "rprivate", "rw"]
         );
-        let ms = build(&ContainerConfig::default(), &files, true, true).unwrap();
+        let ms = build(&ContainerConfig::default(), &files, true, true, &[]).unwrap();
         assert!(
             opts(find(&ms, "/sys").unwrap()).contains(&"rw".into()),
             "privileged: rw /sys"
@@ -313,7 +340,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let ms = build(&config, &SandboxFiles::default(), false, false).unwrap();
+        let ms = build(&config, &SandboxFiles::default(), false, false, &[]).unwrap();
         let data = ms
             .iter()
             .position(|m| m.destination() == Path::new("/data"))
@@ -353,7 +380,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let ms = build(&config, &files, false, false).unwrap();
+        let ms = build(&config, &files, false, false, &[]).unwrap();
         let shm: Vec<_> = ms
             .iter()
             .filter(|m| m.destination() == Path::new("/dev/shm"))
@@ -377,7 +404,7 @@ mod tests {
             )],
             ..Default::default()
         };
-        let ms = build(&config, &SandboxFiles::default(), false, false).unwrap();
+        let ms = build(&config, &SandboxFiles::default(), false, false, &[]).unwrap();
         assert_eq!(
             ms.iter()
                 .filter(|m| m.destination().starts_with("/dev"))
@@ -405,7 +432,7 @@ mod tests {
                 )],
                 ..Default::default()
             };
-            let err = build(&config, &SandboxFiles::default(), false, false).unwrap_err();
+            let err = build(&config, &SandboxFiles::default(), false, false, &[]).unwrap_err();
             assert!(
                 matches!(err, Error::InvalidArgument(_)),
                 "{container} {hostp}: {err}"
@@ -423,7 +450,7 @@ mod tests {
                 ..Default::default()
             };
             assert!(matches!(
-                build(&config, &SandboxFiles::default(), false, false),
+                build(&config, &SandboxFiles::default(), false, false, &[]),
                 Err(Error::InvalidArgument(_))
             ));
         }
@@ -433,7 +460,7 @@ mod tests {
             mounts: vec![m],
             ..Default::default()
         };
-        let ms = build(&config, &SandboxFiles::default(), false, false).unwrap();
+        let ms = build(&config, &SandboxFiles::default(), false, false, &[]).unwrap();
         assert_eq!(
             opts(find(&ms, "/x").unwrap()),
             ["rbind", "rprivate", "ro", "rro"]
@@ -454,7 +481,7 @@ mod tests {
             )],
             ..Default::default()
         };
-        let ms = build(&config, &SandboxFiles::default(), false, false).unwrap();
+        let ms = build(&config, &SandboxFiles::default(), false, false, &[]).unwrap();
         let real = std::fs::canonicalize(dir.path().join("real")).unwrap();
         assert_eq!(
             find(&ms, "/v").unwrap().source().as_deref(),

@@ -20,7 +20,7 @@ fn host() -> Host {
         caps: security::caps_from_mask(0x1fffeffffff), // everything but SYS_RESOURCE
         nofile: NOFILE_LIMIT,
         swap: true,
-        cgroup_readonly: vec!["/sys/fs/cgroup".into(), "/sys/fs/cgroup/memory".into()],
+        cgroups: berth_cgroup::Cgroups::at(Path::new("/nonexistent"), berth_cgroup::Version::V2),
         apparmor: false,
         hostname: "node-1".into(),
     }
@@ -130,6 +130,10 @@ impl Fixture {
     }
 
     fn build(&self) -> Result<Spec> {
+        self.build_on(&host())
+    }
+
+    fn build_on(&self, host: &Host) -> Result<Spec> {
         build_spec_on(
             &SpecInput {
                 container_id: "c1",
@@ -143,7 +147,7 @@ impl Fixture {
                 cgroups_path: "/kubepods/pod1/c1".into(),
                 oom_score_adj_min: self.oom_min,
             },
-            &host(),
+            host,
         )
     }
 
@@ -407,11 +411,9 @@ fn unprivileged_defaults() {
         linux(&spec).masked_paths().as_ref().unwrap().len(),
         DEFAULT_MASKED_PATHS.len()
     );
-    let readonly = linux(&spec).readonly_paths().clone().unwrap();
     assert_eq!(
-        readonly[DEFAULT_READONLY_PATHS.len()..],
-        ["/sys/fs/cgroup", "/sys/fs/cgroup/memory"],
-        "the v1 cgroup mounts come after the defaults, read-only"
+        linux(&spec).readonly_paths().as_ref().unwrap().len(),
+        DEFAULT_READONLY_PATHS.len()
     );
     let devices = linux(&spec)
         .resources()
@@ -546,6 +548,80 @@ fn readonly_rootfs_and_no_new_privs() {
     );
 }
 
+/// On cgroup v1 the container's cgroups are read-only binds of its own
+/// cgroup dirs below a tmpfs that is read-only too (no `cgroup` mount).
+#[test]
+fn cgroup_v1_is_bind_mounted_read_only() {
+    let tree = tempfile::tempdir().unwrap();
+    for h in ["memory", "cpu,cpuacct", "systemd"] {
+        std::fs::create_dir(tree.path().join(h)).unwrap();
+    }
+    let mut v1 = host();
+    v1.cgroups = berth_cgroup::Cgroups::at(tree.path(), berth_cgroup::Version::V1);
+    let mut f = Fixture::new();
+    let spec = f.build_on(&v1).unwrap();
+    let mounts = spec.mounts().as_ref().unwrap();
+    let under: Vec<_> = mounts
+        .iter()
+        .filter(|m| m.destination().starts_with("/sys/fs/cgroup"))
+        .map(|m| {
+            (
+                m.destination().display().to_string(),
+                m.typ().clone().unwrap(),
+                m.source().as_ref().unwrap().display().to_string(),
+                m.options().clone().unwrap().contains(&"ro".to_string()),
+            )
+        })
+        .collect();
+    let bind = |h: &str| {
+        (
+            format!("/sys/fs/cgroup/{h}"),
+            "bind".to_string(),
+            tree.path()
+                .join(h)
+                .join("kubepods/pod1/c1")
+                .display()
+                .to_string(),
+            true,
+        )
+    };
+    assert_eq!(
+        under,
+        [
+            (
+                "/sys/fs/cgroup".into(),
+                "tmpfs".into(),
+                "tmpfs".into(),
+                false
+            ),
+            bind("cpu,cpuacct"),
+            bind("memory"),
+        ]
+    );
+    let readonly = linux(&spec).readonly_paths().clone().unwrap();
+    assert_eq!(readonly.last().unwrap(), "/sys/fs/cgroup", "the tmpfs too");
+
+    f.security().privileged = true;
+    f.privileged_sandbox();
+    let spec = f.build_on(&v1).unwrap();
+    let memory = spec
+        .mounts()
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|m| m.destination() == Path::new("/sys/fs/cgroup/memory"))
+        .unwrap()
+        .clone();
+    assert!(
+        memory
+            .options()
+            .as_ref()
+            .unwrap()
+            .contains(&"rw".to_string())
+    );
+    assert!(linux(&spec).readonly_paths().is_none());
+}
+
 #[test]
 fn masked_paths_explicit() {
     let mut f = Fixture::new();
@@ -558,8 +634,7 @@ fn masked_paths_explicit() {
     );
     assert_eq!(
         linux(&spec).readonly_paths().as_deref(),
-        Some(&strings(&["/tmp", "/sys/fs/cgroup", "/sys/fs/cgroup/memory"])[..]),
-        "the cgroup mounts stay read-only whatever the CRI lists"
+        Some(&strings(&["/tmp"])[..])
     );
 }
 
