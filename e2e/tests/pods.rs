@@ -1614,6 +1614,34 @@ async fn bad_container_requests_are_refused() {
         .expect_err("a container of an image never pulled");
     assert_eq!(err.code(), Code::NotFound, "unknown image: {err:?}");
 
+    // What a pod author may not ask for: a volume over what the runtime
+    // sets up, an id that means "unchanged" to the kernel.
+    let host_dir = env.host_dir("vol");
+    for dest in ["/", "/proc", "/proc/sys", "/sys"] {
+        let mut config = container_config("covering", &bb, &["sleep", "1"]);
+        config.mounts.push(Mount {
+            container_path: dest.into(),
+            host_path: host_dir.display().to_string(),
+            ..Default::default()
+        });
+        let err = env
+            .try_create(&pod, &config)
+            .await
+            .expect_err("a mount covering a runtime mount");
+        assert_eq!(err.code(), Code::InvalidArgument, "{dest}: {err:?}");
+    }
+    let mut config = container_config("minus-one", &bb, &["id", "-u"]);
+    security_context(&mut config).run_as_user = Some(Int64Value { value: 4294967295 });
+    let err = env
+        .try_create(&pod, &config)
+        .await
+        .expect_err("run_as_user 4294967295");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(
+        env.list_containers(None).await.is_empty(),
+        "a refused create leaves no container"
+    );
+
     let dup = container_config("dup", &bb, &["sleep", "1000"]);
     let first = env.create(&pod, &dup).await;
     let err = env

@@ -140,6 +140,35 @@ pub(crate) fn rootfs_propagation(config: &ContainerConfig) -> Option<&'static st
     }
 }
 
+/// Files below /proc a volume may cover (what lxcfs provides, as runc
+/// allows).
+const PROC_FILES_ALLOWED: &[&str] = &[
+    "/proc/cpuinfo",
+    "/proc/diskstats",
+    "/proc/meminfo",
+    "/proc/stat",
+    "/proc/swaps",
+    "/proc/uptime",
+    "/proc/loadavg",
+    "/proc/slabinfo",
+];
+
+/// A CRI mount may not cover the root, /proc or /sys (nor reach into
+/// /proc, where a mount can hide what confines the container): the
+/// runtime's own setup needs them as they are.
+fn check_destination(dest: &Path) -> Result<()> {
+    let covers = dest == Path::new("/")
+        || dest == Path::new("/sys")
+        || (dest.starts_with("/proc") && !PROC_FILES_ALLOWED.iter().any(|f| dest == Path::new(f)));
+    if covers {
+        return Err(Error::InvalidArgument(format!(
+            "mount container_path {} would cover what the runtime sets up (/, /proc, /sys)",
+            dest.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Every mount of the container, in mount order.
 pub(crate) fn build(
     config: &ContainerConfig,
@@ -158,6 +187,7 @@ pub(crate) fn build(
             return Err(Error::Unimplemented("idmapped mounts"));
         }
         let dest = clean_container_path("mount container_path", &m.container_path)?;
+        check_destination(&dest)?;
         if m.host_path.is_empty() {
             return Err(Error::InvalidArgument(format!(
                 "mount {}: host_path is empty",
@@ -422,6 +452,12 @@ mod tests {
             ("/a/../../etc", h),
             ("/ok", "/nonexistent/berth/x"),
             ("/ok", ""),
+            ("/", h),
+            ("/proc", h),
+            ("//proc/", h),
+            ("/proc/sys/kernel", h),
+            ("/proc/self", h),
+            ("/sys", h),
         ] {
             let config = ContainerConfig {
                 mounts: vec![cri_mount(
@@ -437,6 +473,19 @@ mod tests {
                 matches!(err, Error::InvalidArgument(_)),
                 "{container} {hostp}: {err}"
             );
+        }
+        // lxcfs-style files below /proc, and paths below /sys, may be covered.
+        for container in ["/proc/meminfo", "/sys/fs/bpf"] {
+            let config = ContainerConfig {
+                mounts: vec![cri_mount(
+                    container,
+                    h,
+                    false,
+                    MountPropagation::PropagationPrivate,
+                )],
+                ..Default::default()
+            };
+            build(&config, &SandboxFiles::default(), false, false, &[]).unwrap();
         }
         // recursive read-only needs readonly and private propagation.
         for (ro, prop) in [
