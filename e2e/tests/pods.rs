@@ -515,6 +515,27 @@ async fn sysctls_outside_the_pod_namespaces_are_refused() {
         err.message()
     );
 
+    // A log directory climbing out, a host port out of range: refused
+    // before anything (CNI included) runs.
+    let mut climbing = env.pod_config("climbing-logs");
+    climbing.log_directory = "/var/log/pods/../../../etc".into();
+    let mut bad_port = env.pod_config("bad-port");
+    bad_port.port_mappings = vec![PortMapping {
+        host_port: 70000,
+        container_port: 80,
+        ..Default::default()
+    }];
+    let mut slash = env.pod_config("slash");
+    slash.metadata.as_mut().unwrap().name = "a/b".into();
+    for (what, config) in [
+        ("log_directory with ..", climbing),
+        ("host_port 70000", bad_port),
+        ("a pod name with /", slash),
+    ] {
+        let err = env.try_run_pod(&config).await.expect_err(what);
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
+    }
+
     let mut host_net = env.pod_config("host-net-sysctl");
     config_host_network(&mut host_net);
     host_net.linux.as_mut().unwrap().sysctls =
@@ -1629,6 +1650,24 @@ async fn bad_container_requests_are_refused() {
             .await
             .expect_err("a mount covering a runtime mount");
         assert_eq!(err.code(), Code::InvalidArgument, "{dest}: {err:?}");
+    }
+    let long = "x".repeat(10_000);
+    let mut labelled = container_config("labelled", &bb, &["true"]);
+    labelled.labels.insert("big".into(), "v".repeat(1 << 20));
+    for (what, config) in [
+        ("a name with /", container_config("a/b", &bb, &["true"])),
+        (
+            "a name of 10,000 bytes",
+            container_config(&long, &bb, &["true"]),
+        ),
+        (
+            "a malformed image",
+            container_config("img", "Not A Ref!", &["true"]),
+        ),
+        ("1 MiB of labels", labelled),
+    ] {
+        let err = env.try_create(&pod, &config).await.expect_err(what);
+        assert_eq!(err.code(), Code::InvalidArgument, "{what}: {err:?}");
     }
     let mut config = container_config("minus-one", &bb, &["id", "-u"]);
     security_context(&mut config).run_as_user = Some(Int64Value { value: 4294967295 });

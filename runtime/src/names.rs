@@ -17,6 +17,55 @@ pub fn new_id() -> String {
     hex::encode(bytes)
 }
 
+/// The longest metadata name, namespace or uid: Kubernetes' bound on an
+/// object name (a DNS subdomain).
+pub const MAX_NAME_LEN: usize = 253;
+
+/// Labels and annotations of one object together, keys and values: twice
+/// Kubernetes' bound on a pod's annotations, so whatever kubelet passes
+/// fits, while a list of many objects stays far below gRPC's message
+/// limit.
+pub const MAX_LABELS_BYTES: usize = 512 << 10;
+
+/// A name, namespace or uid from CRI metadata: it becomes part of keys,
+/// log paths and log lines, so no `/`, no control character, bounded.
+pub fn check_name(what: &str, value: &str) -> Result<()> {
+    if value.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what} is required")));
+    }
+    if value.len() > MAX_NAME_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "{what} is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+            value.len()
+        )));
+    }
+    if value.contains('/') || value.chars().any(char::is_control) || value == "." || value == ".." {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {value:?} may not contain '/' or control characters"
+        )));
+    }
+    Ok(())
+}
+
+/// The labels and annotations of one object fit [`MAX_LABELS_BYTES`].
+pub fn check_labels(
+    what: &str,
+    labels: &std::collections::HashMap<String, String>,
+    annotations: &std::collections::HashMap<String, String>,
+) -> Result<()> {
+    let bytes: usize = labels
+        .iter()
+        .chain(annotations)
+        .map(|(k, v)| k.len() + v.len())
+        .sum();
+    if bytes > MAX_LABELS_BYTES {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: labels and annotations take {bytes} bytes; at most {MAX_LABELS_BYTES} are allowed"
+        )));
+    }
+    Ok(())
+}
+
 pub fn sandbox_key(namespace: &str, name: &str, uid: &str, attempt: u32) -> String {
     format!("sandbox/{namespace}/{name}/{uid}/{attempt}")
 }
@@ -100,6 +149,23 @@ impl Names {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_and_labels_are_bounded() {
+        check_name("n", "web-1.example_x").unwrap();
+        check_name("n", &"a".repeat(MAX_NAME_LEN)).unwrap();
+        for bad in ["", "a/b", "..", ".", "a\nb", "a\u{0}"] {
+            assert!(check_name("n", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_name("n", &"a".repeat(10_000)).is_err());
+        let mut labels = HashMap::new();
+        labels.insert("k".to_string(), "v".repeat(MAX_LABELS_BYTES / 2));
+        let mut annotations = HashMap::new();
+        check_labels("c", &labels, &annotations).unwrap();
+        annotations.insert("a".to_string(), "v".repeat(MAX_LABELS_BYTES / 2));
+        let err = check_labels("c", &labels, &annotations).unwrap_err();
+        assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+    }
 
     #[test]
     fn a_name_is_held_until_released_or_dropped() {

@@ -92,9 +92,8 @@ fn check_create(daemon: &Daemon, config: &ContainerConfig) -> Result<CreateReque
         .metadata
         .clone()
         .ok_or_else(|| Error::InvalidArgument("container metadata is required".into()))?;
-    if meta.name.is_empty() {
-        return Err(Error::InvalidArgument("container name is required".into()));
-    }
+    names::check_name("container name", &meta.name)?;
+    names::check_labels("container", &config.labels, &config.annotations)?;
     let image_name = config
         .image
         .as_ref()
@@ -103,10 +102,19 @@ fn check_create(daemon: &Daemon, config: &ContainerConfig) -> Result<CreateReque
     if image_name.is_empty() {
         return Err(Error::InvalidArgument("container image is required".into()));
     }
-    let image = daemon
-        .images
-        .resolve(&image_name)?
-        .ok_or_else(|| Error::NotFound(format!("image {image_name:?} not found; pull it first")))?;
+    let image = match daemon.images.resolve(&image_name)? {
+        Some(image) => image,
+        None if crate::image::reference::ImageName::parse(&image_name).is_err() => {
+            return Err(Error::InvalidArgument(format!(
+                "image {image_name:?} is not a valid image reference"
+            )));
+        }
+        None => {
+            return Err(Error::NotFound(format!(
+                "image {image_name:?} not found; pull it first"
+            )));
+        }
+    };
     Ok(CreateRequest {
         name: meta.name,
         attempt: meta.attempt,

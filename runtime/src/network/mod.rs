@@ -152,6 +152,40 @@ impl Network {
     }
 }
 
+/// What RunPodSandbox's port mappings must be before CNI sees them: ports
+/// in range, a known protocol, a host IP that is an IP.
+pub fn check_port_mappings(mappings: &[k8s_cri::v1::PortMapping]) -> Result<()> {
+    for m in mappings {
+        let what = format!(
+            "port mapping {}:{} -> {}",
+            m.host_ip, m.host_port, m.container_port
+        );
+        if !(0..=65535).contains(&m.host_port) {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: host_port must be 0 to 65535"
+            )));
+        }
+        if m.host_port > 0 && !(1..=65535).contains(&m.container_port) {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: container_port must be 1 to 65535"
+            )));
+        }
+        if k8s_cri::v1::Protocol::try_from(m.protocol).is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: unknown protocol {}",
+                m.protocol
+            )));
+        }
+        if !m.host_ip.is_empty() && m.host_ip.parse::<std::net::IpAddr>().is_err() {
+            return Err(Error::InvalidArgument(format!(
+                "{what}: host_ip {:?} is not an IP address",
+                m.host_ip
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Whether pods can get a network: a valid config exists and every plugin
 /// it names is in a bin dir. The error says what is missing.
 pub fn readiness(conf_dir: &Path, bin_dirs: &[PathBuf]) -> std::result::Result<PathBuf, String> {
@@ -332,6 +366,43 @@ fn check_network_file(file: &Path) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn port_mappings_are_checked_before_cni() {
+        use k8s_cri::v1::PortMapping as Cri;
+        let ok = Cri {
+            host_port: 8080,
+            container_port: 80,
+            host_ip: "127.0.0.1".into(),
+            ..Default::default()
+        };
+        check_port_mappings(&[ok.clone(), Cri::default()]).unwrap();
+        for bad in [
+            Cri {
+                host_port: 70000,
+                ..ok.clone()
+            },
+            Cri {
+                host_port: -1,
+                ..ok.clone()
+            },
+            Cri {
+                container_port: 0,
+                ..ok.clone()
+            },
+            Cri {
+                protocol: 9,
+                ..ok.clone()
+            },
+            Cri {
+                host_ip: "localhost".into(),
+                ..ok.clone()
+            },
+        ] {
+            let err = check_port_mappings(std::slice::from_ref(&bad)).unwrap_err();
+            assert!(matches!(err, Error::InvalidArgument(_)), "{bad:?}: {err}");
+        }
+    }
 
     #[test]
     fn picks_first_valid_file() {

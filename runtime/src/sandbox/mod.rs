@@ -145,11 +145,11 @@ fn check_run(config: &PodSandboxConfig, runtime_handler: &str) -> Result<RunRequ
         .metadata
         .clone()
         .ok_or_else(|| Error::InvalidArgument("sandbox metadata is required".into()))?;
-    if meta.name.is_empty() || meta.namespace.is_empty() || meta.uid.is_empty() {
-        return Err(Error::InvalidArgument(
-            "sandbox metadata needs name, namespace and uid".into(),
-        ));
-    }
+    names::check_name("sandbox name", &meta.name)?;
+    names::check_name("sandbox namespace", &meta.namespace)?;
+    names::check_name("sandbox uid", &meta.uid)?;
+    names::check_labels("sandbox", &config.labels, &config.annotations)?;
+    crate::network::check_port_mappings(&config.port_mappings)?;
     let ns = NamespaceOptionsView::of(config);
     let own_net = ns.network != NamespaceMode::Node;
     let own_ipc = ns.ipc != NamespaceMode::Node;
@@ -167,9 +167,15 @@ fn check_run(config: &PodSandboxConfig, runtime_handler: &str) -> Result<RunRequ
             "pid namespace mode TARGET is for containers, not pods".into(),
         ));
     }
-    if !config.log_directory.is_empty() && !Path::new(&config.log_directory).is_absolute() {
+    let log_dir = Path::new(&config.log_directory);
+    if !config.log_directory.is_empty()
+        && (!log_dir.is_absolute()
+            || log_dir
+                .components()
+                .any(|c| c == std::path::Component::ParentDir))
+    {
         return Err(Error::InvalidArgument(format!(
-            "log_directory {:?} must be absolute",
+            "log_directory {:?} must be an absolute path without '..'",
             config.log_directory
         )));
     }
