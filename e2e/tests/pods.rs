@@ -1227,6 +1227,87 @@ async fn image_user_env_workdir_and_their_overrides() {
     assert_eq!(outputs[3], "/does/not/exist/yet\n4242\n");
 }
 
+/// Unmounts what a test mounted on the host, also when it fails.
+struct HostMount(std::path::PathBuf);
+
+impl Drop for HostMount {
+    fn drop(&mut self) {
+        let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+    }
+}
+
+/// A read-only bind keeps a submount of its tree writable; a recursive
+/// read-only one (`mount_setattr(AT_RECURSIVE)`) does not. Status
+/// advertises the feature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recursive_read_only_mounts_cover_submounts() {
+    let mut env = PodEnv::start().await;
+    let status = env
+        .client
+        .runtime
+        .status(StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner();
+    let features = status.runtime_handlers[0].features.unwrap();
+    assert!(features.recursive_read_only_mounts, "{features:?}");
+
+    let bb = env.busybox();
+    let pod = env.run_pod(&env.pod_config("rro")).await;
+    let tree = env.host_dir("tree");
+    let sub = tree.join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    nix::mount::mount(
+        Some("tmpfs"),
+        &sub,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .expect("a tmpfs submount on the host");
+    let _submount = HostMount(sub.clone());
+    let mut config = container_config("rro", &bb, &["sleep", "1000"]);
+    for (dest, recursive) in [("/mnt/ro", false), ("/mnt/rro", true)] {
+        config.mounts.push(Mount {
+            container_path: dest.into(),
+            host_path: tree.display().to_string(),
+            readonly: true,
+            recursive_read_only: recursive,
+            ..Default::default()
+        });
+    }
+    let id = env.run(&pod, &config).await;
+    env.wait_state(&id, RUNNING, STATE_TIMEOUT).await;
+    let (_, err, code) = env.exec(&id, &["touch", "/mnt/rro/sub/x"]).await;
+    assert_ne!(
+        code, 0,
+        "a write in the submount of a recursive read-only mount"
+    );
+    assert!(err.contains("Read-only file system"), "{err}");
+    let (_, err, code) = env.exec(&id, &["touch", "/mnt/ro/sub/y"]).await;
+    assert_eq!(
+        code, 0,
+        "plain read-only leaves the submount writable: {err}"
+    );
+    assert!(sub.join("y").exists() && !sub.join("x").exists());
+
+    // Recursive read-only wants a read-only, private mount.
+    let mut bad = container_config("rro-rw", &bb, &["true"]);
+    bad.mounts.push(Mount {
+        container_path: "/mnt/x".into(),
+        host_path: tree.display().to_string(),
+        readonly: false,
+        recursive_read_only: true,
+        ..Default::default()
+    });
+    let err = env
+        .try_create(&pod, &bad)
+        .await
+        .expect_err("rro on a rw mount");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    env.remove_everything().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bind_mounts_and_dev_shm() {
     let mut env = PodEnv::start().await;

@@ -67,7 +67,8 @@ cri_service! {
                 runtime_handlers: vec![RuntimeHandler {
                     name: String::new(),
                     features: Some(RuntimeHandlerFeatures {
-                        recursive_read_only_mounts: false,
+                        // mount_setattr(AT_RECURSIVE) through libcontainer's "rro".
+                        recursive_read_only_mounts: true,
                         user_namespaces: false,
                     }),
                 }],
