@@ -1227,6 +1227,78 @@ async fn image_user_env_workdir_and_their_overrides() {
     assert_eq!(outputs[3], "/does/not/exist/yet\n4242\n");
 }
 
+/// Merge (the default) adds the image user's groups from /etc/group to the
+/// CRI's supplemental groups; Strict keeps only the CRI's. ContainerStatus
+/// reports what the process runs with, as `id` shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn supplemental_groups_policy_and_the_reported_user() {
+    let mut env = PodEnv::start().await;
+    let status = env
+        .client
+        .runtime
+        .status(StatusRequest { verbose: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        status
+            .features
+            .is_some_and(|f| f.supplemental_groups_policy),
+        "Status advertises supplemental_groups_policy"
+    );
+    let image = env.config_image();
+    let pod = env.run_pod(&env.pod_config("groups-policy")).await;
+    let mut seen = Vec::new();
+    for (name, policy) in [
+        ("merge", SupplementalGroupsPolicy::Merge),
+        ("strict", SupplementalGroupsPolicy::Strict),
+    ] {
+        // The image's USER is berth (1000), also in group extra (2000).
+        let mut config = container_config(name, &image, &["sleep", "1000"]);
+        let sc = security_context(&mut config);
+        sc.supplemental_groups = vec![3000];
+        sc.supplemental_groups_policy = policy as i32;
+        let id = env.run(&pod, &config).await;
+        env.wait_state(&id, RUNNING, STATE_TIMEOUT).await;
+        let id_out = env.sh(&id, "id -u; id -g; id -G").await;
+        let mut lines = id_out.lines();
+        let (uid, gid) = (lines.next().unwrap(), lines.next().unwrap());
+        let mut groups: Vec<i64> = lines
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .map(|g| g.parse().unwrap())
+            .collect();
+        groups.sort();
+        let user = env
+            .status(&id)
+            .await
+            .user
+            .and_then(|u| u.linux)
+            .expect("ContainerStatus.user");
+        assert_eq!(user.uid.to_string(), uid, "{name}");
+        assert_eq!(user.gid.to_string(), gid, "{name}");
+        let mut reported = user.supplemental_groups.clone();
+        reported.sort();
+        assert_eq!(
+            reported, groups,
+            "{name}: reported groups as id -G shows them"
+        );
+        seen.push(groups);
+    }
+    assert_eq!(
+        seen[0],
+        [1000, 2000, 3000],
+        "merge: image groups and the CRI's"
+    );
+    assert_eq!(
+        seen[1],
+        [1000, 3000],
+        "strict: the image's /etc/group is ignored"
+    );
+    env.remove_everything().await.unwrap();
+}
+
 /// Unmounts what a test mounted on the host, also when it fails.
 struct HostMount(std::path::PathBuf);
 

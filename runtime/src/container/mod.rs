@@ -156,7 +156,12 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
     let result = (|| {
         let rootfs = prepare_rootfs(daemon, &id, &request.image, &mut undo)?;
         phases.mark("rootfs");
-        let (shim_config, cgroups_path, log) = write_bundle(
+        let Bundle {
+            shim_config,
+            cgroups_path,
+            log,
+            user,
+        } = write_bundle(
             daemon,
             &id,
             &sandbox,
@@ -187,6 +192,7 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
             })?,
             cgroups_path,
             shim,
+            user: Some(user),
             ..Default::default()
         };
         // The record is the commit point.
@@ -250,6 +256,15 @@ fn prepare_rootfs(
     Ok(rootfs)
 }
 
+/// What [`write_bundle`] made.
+struct Bundle {
+    shim_config: ShimConfig,
+    cgroups_path: String,
+    log: Option<PathBuf>,
+    /// Who the container's process runs as.
+    user: crate::store::ProcessUser,
+}
+
 /// The OCI spec and the shim's config, written into the shim dir.
 fn write_bundle(
     daemon: &Daemon,
@@ -259,7 +274,7 @@ fn write_bundle(
     image: &ImageRecord,
     rootfs: &Path,
     undo: &mut Undo,
-) -> Result<(ShimConfig, String, Option<PathBuf>)> {
+) -> Result<Bundle> {
     let sdir = shim_dir(daemon, id);
     let log = log_path(sandbox, &config.log_path)?;
     let ns = sandbox.namespace_options();
@@ -326,7 +341,21 @@ fn write_bundle(
         memory_cgroup: memory_cgroup(daemon, &cgroups_path)?,
         container_helper: shim::container_helper_binary().display().to_string(),
     };
-    Ok((shim_config, cgroups_path, log))
+    let user = spec
+        .process()
+        .as_ref()
+        .map(|p| crate::store::ProcessUser {
+            uid: p.user().uid(),
+            gid: p.user().gid(),
+            supplemental_groups: p.user().additional_gids().clone().unwrap_or_default(),
+        })
+        .unwrap_or_default();
+    Ok(Bundle {
+        shim_config,
+        cgroups_path,
+        log,
+        user,
+    })
 }
 
 /// Starts the container's shim. Its undo is registered first: a shim that

@@ -165,7 +165,17 @@ pub fn container_status(
                 ..Default::default()
             }),
         image_id: r.image_id.clone(),
-        user: None,
+        user: r.user.as_ref().map(|u| cri::ContainerUser {
+            linux: Some(cri::LinuxContainerUser {
+                uid: u.uid.into(),
+                gid: u.gid.into(),
+                supplemental_groups: u
+                    .supplemental_groups
+                    .iter()
+                    .map(|g| i64::from(*g))
+                    .collect(),
+            }),
+        }),
     }
 }
 

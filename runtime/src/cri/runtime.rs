@@ -73,7 +73,7 @@ cri_service! {
                     }),
                 }],
                 features: Some(RuntimeFeatures {
-                    supplemental_groups_policy: false,
+                    supplemental_groups_policy: true,
                 }),
             }))
         }

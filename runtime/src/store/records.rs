@@ -117,6 +117,18 @@ pub struct ContainerRecord {
     pub shim: ProcessIdentity,
     /// The CRI `ContainerConfig` as JSON.
     pub config_json: String,
+    /// Who its process runs as (from its spec); `None` in records of
+    /// containers created before it was kept.
+    pub user: Option<ProcessUser>,
+}
+
+/// A process's uid, primary gid and supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ProcessUser {
+    pub uid: u32,
+    pub gid: u32,
+    pub supplemental_groups: Vec<u32>,
 }
 
 impl Record for ContainerRecord {
