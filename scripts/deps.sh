@@ -15,7 +15,7 @@ berth_install_packages() {
     fi
 }
 
-# Build: protoc for the CRI bindings, libseccomp for the container runtime library.
+# Build: protoc for the CRI bindings (k8s-cri and cri/) and proto/, libseccomp for the container runtime library.
 BERTH_BUILD_PACKAGES=(protobuf-compiler libseccomp-dev pkg-config)
 # Tests: a real registry, busybox for test images, skopeo to push them, the
 # reference CNI plugins and nftables for networking tests; Python with venv
