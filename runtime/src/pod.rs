@@ -4,10 +4,11 @@
 
 use crate::container;
 use crate::daemon::Daemon;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::locks::SandboxGuard;
 use crate::sandbox;
-use crate::store::SandboxRecord;
+use crate::sandbox::stats::SandboxUsage;
+use crate::store::{ContainerRecord, ContainerState, SandboxRecord, SandboxState};
 
 /// StopPodSandbox: its containers first, then the sandbox. Stopping what is
 /// gone is done, as kubelet expects.
@@ -28,4 +29,79 @@ pub fn remove(daemon: &Daemon, pod: &SandboxGuard) -> Result<()> {
     tracing::Span::current().record("pod_id", record.id.as_str());
     container::remove_all(daemon, &record.id)?;
     sandbox::remove(daemon, &record)
+}
+
+/// A pod's resource usage: the sandbox's own (its cgroup holds its
+/// containers') and each running container's.
+#[derive(Debug, Clone)]
+pub struct PodStats {
+    pub record: SandboxRecord,
+    pub usage: SandboxUsage,
+    pub containers: Vec<(ContainerRecord, container::stats::Stats)>,
+}
+
+/// PodSandboxStats. A pod that is not ready has no stats: Unavailable, as
+/// containerd answers (its error wraps ErrUnavailable), so that a caller
+/// can tell it from a pod that does not exist (NotFound).
+pub fn stats(daemon: &Daemon, id: &str) -> Result<PodStats> {
+    let record = sandbox::find(daemon, id)?;
+    tracing::Span::current().record("pod_id", record.id.as_str());
+    if record.state != SandboxState::Ready {
+        return Err(Error::Unavailable(format!(
+            "pod sandbox {} is not ready: it has no stats",
+            record.id
+        )));
+    }
+    read_stats(daemon, record)
+}
+
+/// ListPodSandboxStats: the ready pods `wanted` keeps, oldest first. A pod
+/// removed meanwhile, or whose stats cannot be read, is left out.
+pub fn list_stats(
+    daemon: &Daemon,
+    wanted: impl Fn(&SandboxRecord) -> bool,
+) -> Result<Vec<PodStats>> {
+    let mut records: Vec<SandboxRecord> = daemon
+        .store
+        .list::<SandboxRecord>()?
+        .into_iter()
+        .filter(|r| r.state == SandboxState::Ready && wanted(r))
+        .collect();
+    records.sort_by_key(|r| r.created_at_ns);
+    let mut out = Vec::with_capacity(records.len());
+    for record in records {
+        let id = record.id.clone();
+        match read_stats(daemon, record) {
+            Ok(stats) => {
+                // Removed while it was read: what was read may be partial.
+                if daemon.store.get::<SandboxRecord>(&id)?.is_some() {
+                    out.push(stats);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(pod_id = %id, error = %crate::error::chain(&e), "pod left out of ListPodSandboxStats")
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn read_stats(daemon: &Daemon, record: SandboxRecord) -> Result<PodStats> {
+    let containers = container::of_sandbox(daemon, &record.id)?
+        .into_iter()
+        .map(|c| container::current(daemon, c))
+        // As ListContainerStats: the running ones.
+        .filter(|c| c.state == ContainerState::Running)
+        .map(|c| {
+            let s = container::stats(daemon, &c);
+            (c, s)
+        })
+        .collect();
+    let ctx = sandbox::context(daemon, record)?;
+    let usage = sandbox::stats::read(daemon, &ctx);
+    Ok(PodStats {
+        record: ctx.record,
+        usage,
+        containers,
+    })
 }

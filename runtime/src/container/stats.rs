@@ -9,8 +9,10 @@ use berth_cgroup::Cgroups;
 
 use crate::image::{Usage, dir_usage};
 
+/// What a cgroup has used, as the CRI stats of a container and of a pod
+/// report it.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Stats {
+pub struct CgroupUsage {
     pub timestamp_ns: i64,
     /// Total CPU time in ns.
     pub cpu_usage_ns: Option<u64>,
@@ -24,11 +26,19 @@ pub struct Stats {
     pub major_page_faults: Option<u64>,
     pub swap_usage: Option<u64>,
     pub swap_available: Option<u64>,
+    /// Tasks in the cgroup (`pids.current`).
+    pub pids: Option<u64>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    pub usage: CgroupUsage,
     pub writable_layer: Usage,
     pub writable_layer_path: PathBuf,
 }
 
-/// The previous CPU sample per container, for the nanocores rate.
+/// The previous CPU sample per container (keyed by its id) and per pod
+/// (keyed by `sandbox::stats::sample_key`), for the nanocores rate.
 #[derive(Default)]
 pub struct CpuSamples(Mutex<HashMap<String, (i64, u64)>>);
 
@@ -47,19 +57,22 @@ impl CpuSamples {
     }
 }
 
-pub fn read(
+/// The usage of cgroup `cgroups_path`, its CPU rate against the previous
+/// sample stored under `sample_key`.
+pub fn cgroup_usage(
     cgroups: &Cgroups,
     cgroups_path: &str,
-    id: &str,
-    upper_dir: &Path,
+    sample_key: &str,
     samples: &CpuSamples,
-) -> Stats {
+) -> CgroupUsage {
     let now = crate::timing::now_ns();
     let c = cgroups.stats(cgroups_path);
-    Stats {
+    CgroupUsage {
         timestamp_ns: now,
         cpu_usage_ns: c.cpu_usage_ns,
-        cpu_nano_cores: c.cpu_usage_ns.and_then(|u| samples.rate(id, now, u)),
+        cpu_nano_cores: c
+            .cpu_usage_ns
+            .and_then(|u| samples.rate(sample_key, now, u)),
         memory_usage: c.memory_usage,
         memory_working_set: c.memory_working_set,
         memory_available: c.memory_available,
@@ -71,6 +84,19 @@ pub fn read(
             .swap_limit
             .zip(c.swap_usage)
             .map(|(limit, used)| limit.saturating_sub(used)),
+        pids: c.pids,
+    }
+}
+
+pub fn read(
+    cgroups: &Cgroups,
+    cgroups_path: &str,
+    id: &str,
+    upper_dir: &Path,
+    samples: &CpuSamples,
+) -> Stats {
+    Stats {
+        usage: cgroup_usage(cgroups, cgroups_path, id, samples),
         writable_layer: dir_usage(upper_dir),
         writable_layer_path: upper_dir.to_path_buf(),
     }

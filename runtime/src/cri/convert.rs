@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use k8s_cri::v1 as cri;
 
+use crate::container::stats::CgroupUsage;
 use crate::sandbox::NamespaceOptionsView;
 use crate::store::{ContainerRecord, ContainerState, KeyValue, SandboxRecord, SandboxState};
 
@@ -18,6 +19,11 @@ pub fn labels_match(labels: &[KeyValue], selector: &HashMap<String, String>) -> 
     selector
         .iter()
         .all(|(k, v)| labels.iter().any(|kv| &kv.key == k && &kv.value == v))
+}
+
+/// A ListPodSandboxStats filter: id by prefix, labels.
+pub fn pod_stats_matches(r: &SandboxRecord, filter: Option<&cri::PodSandboxStatsFilter>) -> bool {
+    filter.is_none_or(|f| r.id.starts_with(&f.id) && labels_match(&r.labels, &f.label_selector))
 }
 
 /// The id, sandbox id (both by prefix) and label parts of a container filter.
@@ -189,10 +195,31 @@ fn u64_value(v: Option<u64>) -> Option<cri::UInt64Value> {
     v.map(|value| cri::UInt64Value { value })
 }
 
+pub fn cpu_usage(u: &CgroupUsage) -> cri::CpuUsage {
+    cri::CpuUsage {
+        timestamp: u.timestamp_ns,
+        usage_core_nano_seconds: u64_value(u.cpu_usage_ns),
+        usage_nano_cores: u64_value(u.cpu_nano_cores),
+    }
+}
+
+pub fn memory_usage(u: &CgroupUsage) -> cri::MemoryUsage {
+    cri::MemoryUsage {
+        timestamp: u.timestamp_ns,
+        working_set_bytes: u64_value(u.memory_working_set),
+        available_bytes: u64_value(u.memory_available),
+        usage_bytes: u64_value(u.memory_usage),
+        rss_bytes: u64_value(u.memory_rss),
+        page_faults: u64_value(u.page_faults),
+        major_page_faults: u64_value(u.major_page_faults),
+    }
+}
+
 pub fn container_stats(
     r: &ContainerRecord,
     s: &crate::container::stats::Stats,
 ) -> cri::ContainerStats {
+    let u = &s.usage;
     cri::ContainerStats {
         attributes: Some(cri::ContainerAttributes {
             id: r.id.clone(),
@@ -200,32 +227,94 @@ pub fn container_stats(
             labels: map(&r.labels),
             annotations: map(&r.annotations),
         }),
-        cpu: Some(cri::CpuUsage {
-            timestamp: s.timestamp_ns,
-            usage_core_nano_seconds: u64_value(s.cpu_usage_ns),
-            usage_nano_cores: u64_value(s.cpu_nano_cores),
-        }),
-        memory: Some(cri::MemoryUsage {
-            timestamp: s.timestamp_ns,
-            working_set_bytes: u64_value(s.memory_working_set),
-            available_bytes: u64_value(s.memory_available),
-            usage_bytes: u64_value(s.memory_usage),
-            rss_bytes: u64_value(s.memory_rss),
-            page_faults: u64_value(s.page_faults),
-            major_page_faults: u64_value(s.major_page_faults),
-        }),
+        cpu: Some(cpu_usage(u)),
+        memory: Some(memory_usage(u)),
         writable_layer: Some(cri::FilesystemUsage {
-            timestamp: s.timestamp_ns,
+            timestamp: u.timestamp_ns,
             fs_id: Some(cri::FilesystemIdentifier {
                 mountpoint: s.writable_layer_path.display().to_string(),
             }),
             used_bytes: u64_value(Some(s.writable_layer.bytes)),
             inodes_used: u64_value(Some(s.writable_layer.inodes)),
         }),
-        swap: s.swap_usage.map(|used| cri::SwapUsage {
-            timestamp: s.timestamp_ns,
-            swap_available_bytes: u64_value(s.swap_available),
+        swap: u.swap_usage.map(|used| cri::SwapUsage {
+            timestamp: u.timestamp_ns,
+            swap_available_bytes: u64_value(u.swap_available),
             swap_usage_bytes: u64_value(Some(used)),
         }),
+    }
+}
+
+fn interface_usage(
+    c: &crate::sandbox::namespaces::InterfaceCounters,
+) -> cri::NetworkInterfaceUsage {
+    cri::NetworkInterfaceUsage {
+        name: c.name.clone(),
+        rx_bytes: u64_value(Some(c.rx_bytes)),
+        rx_errors: u64_value(Some(c.rx_errors)),
+        tx_bytes: u64_value(Some(c.tx_bytes)),
+        tx_errors: u64_value(Some(c.tx_errors)),
+    }
+}
+
+pub fn pod_sandbox_stats(p: &crate::pod::PodStats) -> cri::PodSandboxStats {
+    let r = &p.record;
+    let u = &p.usage.cgroup;
+    cri::PodSandboxStats {
+        attributes: Some(cri::PodSandboxAttributes {
+            id: r.id.clone(),
+            metadata: Some(sandbox_metadata(r)),
+            labels: map(&r.labels),
+            annotations: map(&r.annotations),
+        }),
+        linux: Some(cri::LinuxPodSandboxStats {
+            cpu: Some(cpu_usage(u)),
+            memory: Some(memory_usage(u)),
+            network: p.usage.network.as_ref().map(|n| cri::NetworkUsage {
+                timestamp: n.timestamp_ns,
+                default_interface: n.default_interface.as_ref().map(interface_usage),
+                interfaces: n.interfaces.iter().map(interface_usage).collect(),
+            }),
+            process: Some(cri::ProcessUsage {
+                timestamp: u.timestamp_ns,
+                process_count: u64_value(u.pids),
+            }),
+            containers: p
+                .containers
+                .iter()
+                .map(|(c, s)| container_stats(c, s))
+                .collect(),
+        }),
+        windows: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_stats_filter_by_id_prefix_and_labels() {
+        let r = SandboxRecord {
+            id: "abcdef".into(),
+            labels: KeyValue::sorted(&HashMap::from([
+                ("app".to_string(), "web".to_string()),
+                ("tier".to_string(), "front".to_string()),
+            ])),
+            ..Default::default()
+        };
+        let f = |id: &str, labels: &[(&str, &str)]| cri::PodSandboxStatsFilter {
+            id: id.into(),
+            label_selector: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        };
+        assert!(pod_stats_matches(&r, None));
+        assert!(pod_stats_matches(&r, Some(&f("", &[]))));
+        assert!(pod_stats_matches(&r, Some(&f("abc", &[("app", "web")]))));
+        assert!(!pod_stats_matches(&r, Some(&f("abd", &[]))));
+        assert!(!pod_stats_matches(&r, Some(&f("", &[("app", "db")]))));
+        assert!(!pod_stats_matches(&r, Some(&f("", &[("zone", "a")]))));
     }
 }

@@ -309,6 +309,18 @@ cri_service! {
             Ok(Response::new(ListContainerStatsResponse { stats }))
         }
 
+        async fn pod_sandbox_stats(&self, request: Request<PodSandboxStatsRequest>) -> Result<Response<PodSandboxStatsResponse>, Status> {
+            let id = request.into_inner().pod_sandbox_id;
+            let stats = self.daemon.run(move |d| pod::stats(d, &id)).await?;
+            Ok(Response::new(PodSandboxStatsResponse { stats: Some(convert::pod_sandbox_stats(&stats)) }))
+        }
+
+        async fn list_pod_sandbox_stats(&self, request: Request<ListPodSandboxStatsRequest>) -> Result<Response<ListPodSandboxStatsResponse>, Status> {
+            let filter = request.into_inner().filter;
+            let stats = self.daemon.run(move |d| pod::list_stats(d, |r| convert::pod_stats_matches(r, filter.as_ref()))).await?;
+            Ok(Response::new(ListPodSandboxStatsResponse { stats: stats.iter().map(convert::pod_sandbox_stats).collect() }))
+        }
+
         async fn update_container_resources(&self, request: Request<UpdateContainerResourcesRequest>) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
             let request = request.into_inner();
             let linux = request
@@ -327,8 +339,6 @@ cri_service! {
         }
     }
     unimplemented "RuntimeService" {
-        pod_sandbox_stats(PodSandboxStatsRequest) -> PodSandboxStatsResponse = "PodSandboxStats";
-        list_pod_sandbox_stats(ListPodSandboxStatsRequest) -> ListPodSandboxStatsResponse = "ListPodSandboxStats";
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse = "CheckpointContainer";
         list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse = "ListMetricDescriptors";
         list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse = "ListPodSandboxMetrics";

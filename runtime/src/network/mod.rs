@@ -22,6 +22,9 @@ pub struct Network {
     cni: Cni,
 }
 
+/// The pod's interface the CNI plugins are asked to make (`CNI_IFNAME`).
+pub const POD_INTERFACE: &str = "eth0";
+
 impl Network {
     /// `config.cni.bin_dirs` must already hold every dir to search (see
     /// [`Config::cni_bin_dirs`]).
@@ -33,7 +36,7 @@ impl Network {
                 bin_dirs: config.cni.bin_dirs.clone(),
                 cache_dir: config.state_dir.join("cni"),
                 timeout: Duration::from_secs(config.cni.plugin_timeout_secs.max(1)),
-                ifname: "eth0".into(),
+                ifname: POD_INTERFACE.into(),
                 in_process: config.cni.in_process,
                 own_plugins: Default::default(),
             },

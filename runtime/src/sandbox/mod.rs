@@ -5,6 +5,7 @@
 pub mod files;
 pub mod infra;
 pub mod namespaces;
+pub mod stats;
 
 use std::path::{Path, PathBuf};
 
@@ -632,6 +633,7 @@ pub fn remove(daemon: &Daemon, record: &SandboxRecord) -> Result<()> {
         Ok(((), vec![event(EventKind::Deleted, &record.id)]))
     })?;
     daemon.names.release(&record.id);
+    stats::forget(daemon, &record.id);
     tracing::info!(pod_id = %record.id, "sandbox removed");
     Ok(())
 }

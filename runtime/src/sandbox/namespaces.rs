@@ -118,36 +118,98 @@ fn create_in_thread(dir: &Path, setup: &NamespaceSetup) -> Result<Vec<(Kind, Pat
     Ok(pinned)
 }
 
-/// The IP addresses on the interfaces of the network namespace pinned at
-/// `netns`, read from a thread that enters it.
-pub fn addresses(netns: &Path) -> Result<Vec<String>> {
+/// Runs `f` on a short-lived thread that entered the network namespace
+/// pinned at `netns`, so berthd's own threads never change namespace. What
+/// `f` makes there (a socket) keeps that namespace; what it reads through
+/// `/proc/thread-self` is that namespace's.
+pub fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    thread_name: &str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     let file = std::fs::File::open(netns)
         .map_err(|e| Error::io(format!("open {}", netns.display()), e))?;
     let netns_path = netns.to_path_buf();
     std::thread::Builder::new()
-        .name("berth-netns-read".into())
-        .spawn(move || -> Result<Vec<String>> {
+        .name(thread_name.into())
+        .spawn(move || -> Result<T> {
             nix::sched::setns(&file, CloneFlags::CLONE_NEWNET).map_err(|source| Error::Kernel {
                 op: "enter the network namespace",
-                path: netns_path.clone(),
+                path: netns_path,
                 source,
             })?;
-            let addrs = nix::ifaddrs::getifaddrs()
-                .map_err(|e| Error::Internal(format!("list addresses: {e}")))?;
-            Ok(addrs
-                .filter_map(|a| {
-                    let addr = a.address?;
-                    if let Some(v4) = addr.as_sockaddr_in() {
-                        Some(v4.ip().to_string())
-                    } else {
-                        addr.as_sockaddr_in6().map(|v6| v6.ip().to_string())
-                    }
-                })
-                .collect())
+            f()
         })
-        .map_err(|e| Error::io("spawn namespace thread", e))?
+        .map_err(|e| Error::io(format!("spawn the {thread_name} thread"), e))?
         .join()
-        .map_err(|_| Error::Internal("namespace thread panicked".into()))?
+        .map_err(|_| Error::Internal(format!("the {thread_name} thread panicked")))?
+}
+
+/// The IP addresses on the interfaces of the network namespace pinned at
+/// `netns`, read from a thread that enters it.
+pub fn addresses(netns: &Path) -> Result<Vec<String>> {
+    in_netns(netns, "berth-netns-read", || {
+        let addrs = nix::ifaddrs::getifaddrs()
+            .map_err(|e| Error::Internal(format!("list addresses: {e}")))?;
+        Ok(addrs
+            .filter_map(|a| {
+                let addr = a.address?;
+                if let Some(v4) = addr.as_sockaddr_in() {
+                    Some(v4.ip().to_string())
+                } else {
+                    addr.as_sockaddr_in6().map(|v6| v6.ip().to_string())
+                }
+            })
+            .collect())
+    })
+}
+
+/// One interface's counters, as `/proc/net/dev` shows them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InterfaceCounters {
+    pub name: String,
+    pub rx_bytes: u64,
+    pub rx_errors: u64,
+    pub tx_bytes: u64,
+    pub tx_errors: u64,
+}
+
+/// The counters of every interface of the network namespace pinned at
+/// `netns`, read from a thread that enters it.
+pub fn interface_counters(netns: &Path) -> Result<Vec<InterfaceCounters>> {
+    in_netns(netns, "berth-netstats", || {
+        let path = "/proc/thread-self/net/dev";
+        let text =
+            std::fs::read_to_string(path).map_err(|e| Error::io(format!("read {path}"), e))?;
+        Ok(parse_net_dev(&text))
+    })
+}
+
+/// Parses `/proc/net/dev`: two header lines, then
+/// `name: rx_bytes rx_packets rx_errs rx_drop rx_fifo rx_frame rx_compressed
+/// rx_multicast tx_bytes tx_packets tx_errs ...` per interface. Lines that
+/// do not parse are skipped.
+pub fn parse_net_dev(text: &str) -> Vec<InterfaceCounters> {
+    text.lines()
+        .filter_map(|line| {
+            let (name, rest) = line.split_once(':')?;
+            let name = name.trim();
+            let fields: Vec<u64> = rest
+                .split_whitespace()
+                .map(|f| f.parse().ok())
+                .collect::<Option<_>>()?;
+            if name.is_empty() || fields.len() < 16 {
+                return None;
+            }
+            Some(InterfaceCounters {
+                name: name.to_string(),
+                rx_bytes: fields[0],
+                rx_errors: fields[2],
+                tx_bytes: fields[8],
+                tx_errors: fields[10],
+            })
+        })
+        .collect()
 }
 
 /// Unmounts and removes a pinned namespace file; fine if already gone.
@@ -208,4 +270,47 @@ fn loopback_up() -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_dev_is_parsed_per_interface() {
+        let text = "\
+Inter-|   Receive                                                |  Transmit
+ face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
+    lo:     140       2    0    0    0     0          0         0      140       2    0    0    0     0       0          0
+  eth0:   12345      67    3    0    0     0          0         1     6789      45    4    0    0     0       0          0
+net1:1 2 0 0 0 0 0 0 3 4 0 0 0 0 0 0
+  bad: 1 2 3
+";
+        assert_eq!(
+            parse_net_dev(text),
+            vec![
+                InterfaceCounters {
+                    name: "lo".into(),
+                    rx_bytes: 140,
+                    rx_errors: 0,
+                    tx_bytes: 140,
+                    tx_errors: 0
+                },
+                InterfaceCounters {
+                    name: "eth0".into(),
+                    rx_bytes: 12345,
+                    rx_errors: 3,
+                    tx_bytes: 6789,
+                    tx_errors: 4
+                },
+                InterfaceCounters {
+                    name: "net1".into(),
+                    rx_bytes: 1,
+                    rx_errors: 0,
+                    tx_bytes: 3,
+                    tx_errors: 0
+                },
+            ]
+        );
+    }
 }

@@ -68,23 +68,7 @@ pub fn connect_in(netns: Option<PathBuf>, port: u16) -> Result<TcpStream> {
     let Some(netns) = netns else {
         return connect_localhost(port);
     };
-    std::thread::Builder::new()
-        .name("port-forward".into())
-        .spawn(move || {
-            let ns = std::fs::File::open(&netns)
-                .map_err(|e| Error::io(format!("open {}", netns.display()), e))?;
-            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|source| {
-                Error::Kernel {
-                    op: "enter network namespace",
-                    path: netns.clone(),
-                    source,
-                }
-            })?;
-            connect_localhost(port)
-        })
-        .map_err(|e| Error::io("start the port-forward thread", e))?
-        .join()
-        .map_err(|_| Error::Internal("the port-forward thread panicked".into()))?
+    sandbox::namespaces::in_netns(&netns, "port-forward", move || connect_localhost(port))
 }
 
 fn connect_localhost(port: u16) -> Result<TcpStream> {
