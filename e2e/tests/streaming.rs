@@ -631,7 +631,8 @@ async fn crictl_attach_writes_stdin_and_reads_output() {
             .await;
         assert!(
             r.stdout.contains(&format!("got {word}\n")) && r.stdout.contains("stdin closed\n"),
-            "crictl attach -i ({transport}): {r:?}"
+            "crictl attach -i ({transport}): {r:?}; CRI log {:?}",
+            read_cri_log_so_far(&env.log_file(&pod, &config))
         );
         assert!(
             r.stderr.contains(&format!("err {word}\n")),

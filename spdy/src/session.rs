@@ -704,6 +704,11 @@ async fn handle_frame(inner: &Arc<Inner>, frame: Frame) -> Result<(), FrameError
                             st.maybe_remove(stream_id);
                         }
                     }
+                    // An empty frame after FIN adds nothing: Go's spdystream
+                    // sends a second FIN when a stream is closed twice (as
+                    // kubectl's and crictl's stdin copy does). Resetting the
+                    // stream would throw away data its reader has not read.
+                    Some(s) if s.reset.is_none() && len == 0 => {}
                     Some(s) if s.reset.is_none() => {
                         // Data after FIN.
                         st.credit(cfg, None, len);

@@ -305,6 +305,63 @@ async fn spdystream_like_peer_without_flow_control() {
     raw_writer.await.unwrap();
 }
 
+/// A peer that closes a stream twice (spdystream sends a second empty FIN
+/// frame) loses none of the data it sent before: the reader still reads it
+/// all, then EOF.
+#[tokio::test]
+async fn a_second_fin_keeps_unread_data() {
+    let (a, b) = tokio::io::duplex(1 << 16);
+    let (_srv, mut inc) = Connection::server(
+        a,
+        Config {
+            auto_reply: true,
+            ..Config::default()
+        },
+    );
+    let (_rd, mut wr) = tokio::io::split(b);
+    let mut hc = HeaderCompressor::new();
+    let mut out = BytesMut::new();
+    let frames = [
+        Frame::SynStream {
+            stream_id: 1,
+            associated_to: 0,
+            priority: 0,
+            slot: 0,
+            fin: false,
+            unidirectional: false,
+            headers: Headers::new().with("streamtype", "stdin"),
+        },
+        Frame::Data {
+            stream_id: 1,
+            fin: false,
+            data: bytes::Bytes::from_static(b"via-spdy\n"),
+        },
+        Frame::Data {
+            stream_id: 1,
+            fin: true,
+            data: bytes::Bytes::new(),
+        },
+        Frame::Data {
+            stream_id: 1,
+            fin: true,
+            data: bytes::Bytes::new(),
+        },
+    ];
+    for f in &frames {
+        frame::encode(f, &mut hc, &mut out).unwrap();
+    }
+    wr.write_all(&out).await.unwrap();
+    let mut s = inc.accept().await.unwrap();
+    // Everything has arrived before the first read.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut got = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(got, b"via-spdy\n");
+}
+
 #[tokio::test]
 async fn protocol_violation_closes_connection_only() {
     let (a, b) = tokio::io::duplex(1 << 16);

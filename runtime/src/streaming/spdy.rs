@@ -108,6 +108,12 @@ async fn remote_streams(
         closed,
     };
     let mut received = 0;
+    // Our halves of the streams the client only writes (stdin, resize)
+    // stay open until the connection ends: client-go closes its stdin as
+    // soon as it sees our side close, even before it sent what it read
+    // (its copyStdin waits on the stream in a second goroutine), and
+    // kubelet never closes them first.
+    let mut held = Vec::new();
     let collect = async {
         while received < expected {
             let stream = incoming.accept().await?;
@@ -115,10 +121,16 @@ async fn remote_streams(
             let (recv, send) = stream.into_split();
             match kind.as_str() {
                 "error" => streams.error = Some(Box::new(send)),
-                "stdin" => streams.stdin = Some(Box::new(recv)),
+                "stdin" => {
+                    streams.stdin = Some(Box::new(recv));
+                    held.push(send);
+                }
                 "stdout" => streams.stdout = Some(Box::new(send)),
                 "stderr" => streams.stderr = Some(Box::new(send)),
-                "resize" => streams.resize = Some(Box::new(recv)),
+                "resize" => {
+                    streams.resize = Some(Box::new(recv));
+                    held.push(send);
+                }
                 other => {
                     tracing::debug!(stream_type = other, "ignoring an unexpected SPDY stream");
                     continue;
@@ -150,6 +162,7 @@ async fn remote_streams(
             extra.reset(berth_spdy::frame::rst::REFUSED_STREAM);
         }
         closer.close();
+        drop(held);
     });
     Some((streams, watcher))
 }
