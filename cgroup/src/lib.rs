@@ -176,9 +176,14 @@ impl Cgroups {
 
     /// Whether the host has `controller` at all.
     pub fn has_controller(&self, controller: &str) -> bool {
+        self.hierarchy(controller).is_some()
+    }
+
+    /// The hierarchy that carries `controller`.
+    fn hierarchy(&self, controller: &str) -> Option<&Hierarchy> {
         self.hierarchies
             .iter()
-            .any(|h| h.controllers.iter().any(|c| c == controller))
+            .find(|h| h.controllers.iter().any(|c| c == controller))
     }
 
     /// The directory of cgroup `path` where `controller`'s files are: the
@@ -187,11 +192,7 @@ impl Cgroups {
         let rel = relative(path)?;
         Ok(match self.version {
             Version::V2 => Some(self.root.join(rel)),
-            Version::V1 => self
-                .hierarchies
-                .iter()
-                .find(|h| h.controllers.iter().any(|c| c == controller))
-                .map(|h| h.dir.join(rel)),
+            Version::V1 => self.hierarchy(controller).map(|h| h.dir.join(rel)),
         })
     }
 
@@ -275,12 +276,7 @@ impl Cgroups {
     pub fn remove_below(&self, path: &str) -> Result<()> {
         let rel = relative(path)?;
         for h in &self.hierarchies {
-            let dir = h.dir.join(rel);
-            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                    remove_tree(&entry.path(), self.plain)?;
-                }
-            }
+            remove_children(&h.dir.join(rel), self.plain)?;
         }
         Ok(())
     }
@@ -323,18 +319,14 @@ impl Cgroups {
     /// `memory.swap.max`).
     pub fn swap_accounted(&self) -> bool {
         let (dir, file) = match self.version {
-            Version::V1 => match self.dir("memory", "x") {
-                Ok(Some(d)) => (
-                    d.parent().map(Path::to_path_buf),
-                    "memory.memsw.limit_in_bytes",
-                ),
-                _ => (None, ""),
+            Version::V1 => match self.hierarchy("memory") {
+                Some(h) => (&h.dir, "memory.memsw.limit_in_bytes"),
+                None => return false,
             },
-            Version::V2 => (Some(self.root.clone()), "memory.swap.max"),
+            Version::V2 => (&self.root, "memory.swap.max"),
         };
-        let Some(dir) = dir else { return false };
         dir.join(file).exists()
-            || std::fs::read_dir(&dir)
+            || std::fs::read_dir(dir)
                 .into_iter()
                 .flatten()
                 .flatten()
@@ -403,20 +395,13 @@ fn enable_subtree_controllers(dir: &Path) {
 /// exiting stays busy for a moment after the process died: EBUSY is
 /// retried for up to half a second.
 fn remove_tree(dir: &Path, plain: bool) -> Result<()> {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(Error::io(format!("list cgroup {}", dir.display()), e)),
-    };
-    for entry in entries.flatten() {
-        if entry.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_tree(&entry.path(), plain)?;
-        } else if plain {
+    remove_children(dir, plain)?;
+    if plain {
+        for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
             std::fs::remove_file(entry.path())
                 .map_err(|e| Error::io(format!("remove {}", entry.path().display()), e))?;
         }
-    }
-    if !plain {
+    } else {
         kill_members(dir);
     }
     let mut attempt = 0;
@@ -431,6 +416,22 @@ fn remove_tree(dir: &Path, plain: bool) -> Result<()> {
             Err(e) => return Err(Error::io(format!("remove cgroup {}", dir.display()), e)),
         }
     }
+}
+
+/// Removes every cgroup below `dir` (a missing `dir` has none), keeping
+/// `dir` itself.
+fn remove_children(dir: &Path, plain: bool) -> Result<()> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(Error::io(format!("list cgroup {}", dir.display()), e)),
+    };
+    for entry in entries.flatten() {
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            remove_tree(&entry.path(), plain)?;
+        }
+    }
+    Ok(())
 }
 
 /// SIGKILLs every process in the cgroup `dir` (its `cgroup.procs`, in the

@@ -119,6 +119,13 @@ impl Cgroups {
 }
 
 impl CgroupStats {
+    /// What is left of the swap limit, when there is one.
+    pub fn swap_available(&self) -> Option<u64> {
+        self.swap_limit
+            .zip(self.swap_usage)
+            .map(|(limit, used)| limit.saturating_sub(used))
+    }
+
     fn set_working_set(&mut self, inactive_file: Option<u64>, limit: Option<u64>) {
         if let Some(usage) = self.memory_usage {
             let working_set = usage.saturating_sub(inactive_file.unwrap_or(0));

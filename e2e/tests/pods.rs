@@ -1227,19 +1227,23 @@ async fn image_user_env_workdir_and_their_overrides() {
     assert_eq!(outputs[3], "/does/not/exist/yet\n4242\n");
 }
 
+/// berthd's `Status` (not verbose).
+async fn runtime_status(env: &mut PodEnv) -> StatusResponse {
+    env.client
+        .runtime
+        .status(StatusRequest { verbose: false })
+        .await
+        .expect("Status")
+        .into_inner()
+}
+
 /// Merge (the default) adds the image user's groups from /etc/group to the
 /// CRI's supplemental groups; Strict keeps only the CRI's. ContainerStatus
 /// reports what the process runs with, as `id` shows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn supplemental_groups_policy_and_the_reported_user() {
     let mut env = PodEnv::start().await;
-    let status = env
-        .client
-        .runtime
-        .status(StatusRequest { verbose: false })
-        .await
-        .unwrap()
-        .into_inner();
+    let status = runtime_status(&mut env).await;
     assert!(
         status
             .features
@@ -1314,13 +1318,7 @@ impl Drop for HostMount {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recursive_read_only_mounts_cover_submounts() {
     let mut env = PodEnv::start().await;
-    let status = env
-        .client
-        .runtime
-        .status(StatusRequest { verbose: false })
-        .await
-        .unwrap()
-        .into_inner();
+    let status = runtime_status(&mut env).await;
     let features = status.runtime_handlers[0].features.unwrap();
     assert!(features.recursive_read_only_mounts, "{features:?}");
 

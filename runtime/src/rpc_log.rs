@@ -26,40 +26,12 @@ pub struct RpcLog<S> {
     inner: S,
 }
 
-/// The gRPC code of a response, from its headers: a failed unary call is
-/// "trailers-only" (the status is in the headers); a successful one has
-/// its status in the trailers, which come later, so no status header
-/// means OK.
-pub fn response_code(headers: &http::HeaderMap) -> Code {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<i32>().ok())
-        .map_or(Code::Ok, Code::from_i32)
-}
-
-/// `grpc-message` is percent-encoded.
-fn response_message(headers: &http::HeaderMap) -> String {
-    let raw = headers
-        .get("grpc-message")
-        .map(|v| v.as_bytes())
-        .unwrap_or_default();
-    let mut out = Vec::with_capacity(raw.len());
-    let mut i = 0;
-    while i < raw.len() {
-        let hex = |b: u8| (b as char).to_digit(16);
-        if raw[i] == b'%'
-            && i + 2 < raw.len()
-            && let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-        } else {
-            out.push(raw[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+/// The status of a failed call, from its response headers: a failed
+/// unary call is "trailers-only" (the status is in the headers); a
+/// successful one has its status in the trailers, which come later, so no
+/// status header means OK.
+pub fn failure(headers: &http::HeaderMap) -> Option<tonic::Status> {
+    tonic::Status::from_header_map(headers).filter(|s| s.code() != Code::Ok)
 }
 
 impl<S, B, R> tower::Service<http::Request<B>> for RpcLog<S>
@@ -84,15 +56,12 @@ where
             let result = future.await;
             let duration_us = started.elapsed().as_micros() as u64;
             match &result {
-                Ok(response) => {
-                    let code = response_code(response.headers());
-                    if code == Code::Ok {
-                        tracing::debug!(method, duration_us, code = ?code, "CRI call");
-                    } else {
-                        let message = response_message(response.headers());
-                        tracing::warn!(method, duration_us, code = ?code, error = %message, "CRI call failed");
+                Ok(response) => match failure(response.headers()) {
+                    None => tracing::debug!(method, duration_us, code = ?Code::Ok, "CRI call"),
+                    Some(status) => {
+                        tracing::warn!(method, duration_us, code = ?status.code(), error = %status.message(), "CRI call failed")
                     }
-                }
+                },
                 Err(e) => {
                     tracing::warn!(method, duration_us, error = %e, "CRI call failed in transport")
                 }
@@ -107,9 +76,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn code_and_message_from_headers() {
+    fn failures_from_headers() {
         let mut h = http::HeaderMap::new();
-        assert_eq!(response_code(&h), Code::Ok);
+        assert!(failure(&h).is_none(), "no status header: OK");
+        h.insert("grpc-status", "0".parse().unwrap());
+        assert!(failure(&h).is_none());
         h.insert("grpc-status", "5".parse().unwrap());
         h.insert(
             "grpc-message",
@@ -117,9 +88,8 @@ mod tests {
                 .parse()
                 .unwrap(),
         );
-        assert_eq!(response_code(&h), Code::NotFound);
-        assert_eq!(response_message(&h), "container \"x\" not found: gone%");
-        h.insert("grpc-message", "bad%2".parse().unwrap());
-        assert_eq!(response_message(&h), "bad%2");
+        let status = failure(&h).unwrap();
+        assert_eq!(status.code(), Code::NotFound);
+        assert_eq!(status.message(), "container \"x\" not found: gone%");
     }
 }

@@ -10,24 +10,14 @@ use berth_cgroup::Cgroups;
 use crate::image::{Usage, dir_usage};
 
 /// What a cgroup has used, as the CRI stats of a container and of a pod
-/// report it.
+/// report it: the kernel's counters and the CPU rate since the previous
+/// sample.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CgroupUsage {
     pub timestamp_ns: i64,
-    /// Total CPU time in ns.
-    pub cpu_usage_ns: Option<u64>,
     /// CPU use since the previous sample, in nanocores.
     pub cpu_nano_cores: Option<u64>,
-    pub memory_usage: Option<u64>,
-    pub memory_working_set: Option<u64>,
-    pub memory_available: Option<u64>,
-    pub memory_rss: Option<u64>,
-    pub page_faults: Option<u64>,
-    pub major_page_faults: Option<u64>,
-    pub swap_usage: Option<u64>,
-    pub swap_available: Option<u64>,
-    /// Tasks in the cgroup (`pids.current`).
-    pub pids: Option<u64>,
+    pub counters: berth_cgroup::CgroupStats,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -66,25 +56,13 @@ pub fn cgroup_usage(
     samples: &CpuSamples,
 ) -> CgroupUsage {
     let now = crate::timing::now_ns();
-    let c = cgroups.stats(cgroups_path);
+    let counters = cgroups.stats(cgroups_path);
     CgroupUsage {
         timestamp_ns: now,
-        cpu_usage_ns: c.cpu_usage_ns,
-        cpu_nano_cores: c
+        cpu_nano_cores: counters
             .cpu_usage_ns
             .and_then(|u| samples.rate(sample_key, now, u)),
-        memory_usage: c.memory_usage,
-        memory_working_set: c.memory_working_set,
-        memory_available: c.memory_available,
-        memory_rss: c.memory_rss,
-        page_faults: c.page_faults,
-        major_page_faults: c.major_page_faults,
-        swap_usage: c.swap_usage,
-        swap_available: c
-            .swap_limit
-            .zip(c.swap_usage)
-            .map(|(limit, used)| limit.saturating_sub(used)),
-        pids: c.pids,
+        counters,
     }
 }
 

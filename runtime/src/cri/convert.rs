@@ -198,20 +198,21 @@ fn u64_value(v: Option<u64>) -> Option<cri::UInt64Value> {
 pub fn cpu_usage(u: &CgroupUsage) -> cri::CpuUsage {
     cri::CpuUsage {
         timestamp: u.timestamp_ns,
-        usage_core_nano_seconds: u64_value(u.cpu_usage_ns),
+        usage_core_nano_seconds: u64_value(u.counters.cpu_usage_ns),
         usage_nano_cores: u64_value(u.cpu_nano_cores),
     }
 }
 
 pub fn memory_usage(u: &CgroupUsage) -> cri::MemoryUsage {
+    let c = &u.counters;
     cri::MemoryUsage {
         timestamp: u.timestamp_ns,
-        working_set_bytes: u64_value(u.memory_working_set),
-        available_bytes: u64_value(u.memory_available),
-        usage_bytes: u64_value(u.memory_usage),
-        rss_bytes: u64_value(u.memory_rss),
-        page_faults: u64_value(u.page_faults),
-        major_page_faults: u64_value(u.major_page_faults),
+        working_set_bytes: u64_value(c.memory_working_set),
+        available_bytes: u64_value(c.memory_available),
+        usage_bytes: u64_value(c.memory_usage),
+        rss_bytes: u64_value(c.memory_rss),
+        page_faults: u64_value(c.page_faults),
+        major_page_faults: u64_value(c.major_page_faults),
     }
 }
 
@@ -237,9 +238,9 @@ pub fn container_stats(
             used_bytes: u64_value(Some(s.writable_layer.bytes)),
             inodes_used: u64_value(Some(s.writable_layer.inodes)),
         }),
-        swap: u.swap_usage.map(|used| cri::SwapUsage {
+        swap: u.counters.swap_usage.map(|used| cri::SwapUsage {
             timestamp: u.timestamp_ns,
-            swap_available_bytes: u64_value(u.swap_available),
+            swap_available_bytes: u64_value(u.counters.swap_available()),
             swap_usage_bytes: u64_value(Some(used)),
         }),
     }
@@ -277,7 +278,7 @@ pub fn pod_sandbox_stats(p: &crate::pod::PodStats) -> cri::PodSandboxStats {
             }),
             process: Some(cri::ProcessUsage {
                 timestamp: u.timestamp_ns,
-                process_count: u64_value(u.pids),
+                process_count: u64_value(u.counters.pids),
             }),
             containers: p
                 .containers
