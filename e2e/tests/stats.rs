@@ -36,8 +36,30 @@ async fn stats_report_cpu_memory_and_the_writable_layer() {
         }
     };
     let first = stats(&mut env).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let second = stats(&mut env).await;
+    // The busy loop's rate, between samples 500 ms apart: near one core
+    // (one looping shell; a machine busy with other tests may lend it a
+    // little less for a moment, so the best of three samples counts).
+    let mut rates = Vec::new();
+    let mut second = first.clone();
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        second = stats(&mut env).await;
+        let rate = second
+            .cpu
+            .as_ref()
+            .and_then(|c| c.usage_nano_cores.as_ref())
+            .expect("a rate after the first sample")
+            .value;
+        rates.push(rate as f64 / 1e9);
+        if rate >= 800_000_000 {
+            break;
+        }
+    }
+    let best = rates.iter().cloned().fold(0.0, f64::max);
+    assert!(
+        best >= 0.8 && rates.iter().all(|r| *r <= 1.1),
+        "a busy loop's CPU rate should be near one core: {rates:?}"
+    );
 
     assert_eq!(second.attributes.as_ref().unwrap().id, id);
     let cpu1 = first.cpu.unwrap().usage_core_nano_seconds.unwrap().value;
@@ -46,14 +68,6 @@ async fn stats_report_cpu_memory_and_the_writable_layer() {
     assert!(
         cpu2 > cpu1 && cpu1 > 100_000_000,
         "cpu time {cpu1} -> {cpu2}"
-    );
-    let cores = cpu
-        .usage_nano_cores
-        .expect("a rate on the second sample")
-        .value;
-    assert!(
-        cores > 200_000_000,
-        "a busy loop uses well over 0.2 core: {cores}"
     );
 
     let memory = second.memory.unwrap();

@@ -35,6 +35,8 @@ pub struct Daemon {
     pub cgroups: Arc<Cgroups>,
     /// Previous CPU samples, for ContainerStats' nanocores.
     pub cpu_samples: crate::container::stats::CpuSamples,
+    /// Writable layer usage, measured at most every few seconds.
+    pub layer_usage: crate::container::stats::LayerUsage,
     /// Sandbox and container names in use (kubelet's uniqueness rules).
     pub names: Names,
     /// One owner per object: the lock a mutating call holds.
@@ -111,6 +113,7 @@ impl Daemon {
             host,
             cgroups,
             cpu_samples: Default::default(),
+            layer_usage: Default::default(),
             names,
             locks: ObjectLocks::default(),
             events: EventHub::default(),

@@ -770,6 +770,7 @@ fn remove_record(daemon: &Daemon, record: ContainerRecord) -> Result<()> {
     phases.log();
     daemon.names.release(&record.id);
     daemon.cpu_samples.forget(&record.id);
+    daemon.layer_usage.forget(&record.id);
     tracing::info!(container_id = %record.id, "container removed");
     Ok(())
 }
@@ -854,7 +855,42 @@ pub fn stats(daemon: &Daemon, record: &ContainerRecord) -> stats::Stats {
         &record.id,
         &container_dir(daemon, &record.id).join("upper"),
         &daemon.cpu_samples,
+        &daemon.layer_usage,
     )
+}
+
+/// ContainerStats of container `id` (a prefix will do). NotFound also when
+/// it was removed while it was read.
+pub fn stats_of(daemon: &Daemon, id: &str) -> Result<(ContainerRecord, stats::Stats)> {
+    let record = current(daemon, find(daemon, id)?);
+    tracing::Span::current().record("container_id", record.id.as_str());
+    let s = stats(daemon, &record);
+    get(daemon, &record.id)?;
+    Ok((record, s))
+}
+
+/// ListContainerStats: the running containers `wanted` keeps (kubelet
+/// asks for those), with their usage. A container removed while it was
+/// read is left out: what was read of it may be partial.
+pub fn list_stats(
+    daemon: &Daemon,
+    wanted: impl Fn(&ContainerRecord) -> bool,
+) -> Result<Vec<(ContainerRecord, stats::Stats)>> {
+    let mut out = Vec::new();
+    for record in daemon.store.list::<ContainerRecord>()? {
+        if !wanted(&record) {
+            continue;
+        }
+        let record = current(daemon, record);
+        if record.state != ContainerState::Running {
+            continue;
+        }
+        let s = stats(daemon, &record);
+        if daemon.store.get::<ContainerRecord>(&record.id)?.is_some() {
+            out.push((record, s));
+        }
+    }
+    Ok(out)
 }
 
 /// Containers of a sandbox.

@@ -3,7 +3,9 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::mpsc::{self, Sender};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use berth_cgroup::Cgroups;
 
@@ -72,11 +74,113 @@ pub fn read(
     id: &str,
     upper_dir: &Path,
     samples: &CpuSamples,
+    layers: &LayerUsage,
 ) -> Stats {
     Stats {
         usage: cgroup_usage(cgroups, cgroups_path, id, samples),
-        writable_layer: dir_usage(upper_dir),
+        writable_layer: layers.get(id, upper_dir),
         writable_layer_path: upper_dir.to_path_buf(),
+    }
+}
+
+/// How old a writable layer's reported usage may be before it is measured
+/// again. kubelet asks for stats every 10 s; cAdvisor refreshes its disk
+/// usage about once a minute.
+pub const LAYER_USAGE_MAX_AGE: Duration = Duration::from_secs(10);
+
+/// The writable layers' usage, measured by walking the upper dir at most
+/// once per [`LAYER_USAGE_MAX_AGE`] and container. A stale value is
+/// answered as it is while one background thread walks the dir again, so
+/// a stats call never waits on a layer with many files (except for the
+/// very first sample of a container). A reported value is thus at most
+/// the max age plus the time between two stats calls old.
+pub struct LayerUsage {
+    entries: Arc<Mutex<HashMap<String, LayerEntry>>>,
+    max_age: Duration,
+    refresher: OnceLock<Mutex<Sender<(String, PathBuf)>>>,
+}
+
+struct LayerEntry {
+    usage: Usage,
+    measured: Instant,
+    refreshing: bool,
+}
+
+impl Default for LayerUsage {
+    fn default() -> Self {
+        LayerUsage::with_max_age(LAYER_USAGE_MAX_AGE)
+    }
+}
+
+impl LayerUsage {
+    pub fn with_max_age(max_age: Duration) -> Self {
+        LayerUsage {
+            entries: Default::default(),
+            max_age,
+            refresher: OnceLock::new(),
+        }
+    }
+
+    /// The usage of `upper_dir`, the writable layer of container `id`.
+    pub fn get(&self, id: &str, upper_dir: &Path) -> Usage {
+        {
+            let mut entries = self.entries.lock().unwrap();
+            if let Some(entry) = entries.get_mut(id) {
+                if entry.measured.elapsed() > self.max_age && !entry.refreshing {
+                    entry.refreshing = true;
+                    self.refresh_later(id, upper_dir);
+                }
+                return entry.usage;
+            }
+        }
+        let usage = dir_usage(upper_dir);
+        self.entries.lock().unwrap().insert(
+            id.to_string(),
+            LayerEntry {
+                usage,
+                measured: Instant::now(),
+                refreshing: false,
+            },
+        );
+        usage
+    }
+
+    /// Drops a removed container's entry (a refresh in flight for it is
+    /// then thrown away).
+    pub fn forget(&self, id: &str) {
+        self.entries.lock().unwrap().remove(id);
+    }
+
+    fn refresh_later(&self, id: &str, upper_dir: &Path) {
+        let sender = self.refresher.get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<(String, PathBuf)>();
+            let entries = Arc::downgrade(&self.entries);
+            let spawned = std::thread::Builder::new()
+                .name("layer-usage".into())
+                .spawn(move || {
+                    for (id, dir) in rx {
+                        let usage = dir_usage(&dir);
+                        let Some(entries) = entries.upgrade() else { return };
+                        if let Some(entry) = entries.lock().unwrap().get_mut(&id) {
+                            *entry = LayerEntry {
+                                usage,
+                                measured: Instant::now(),
+                                refreshing: false,
+                            };
+                        }
+                    }
+                });
+            if let Err(e) = spawned {
+                tracing::warn!(error = %e, "cannot start the layer usage thread; layer usage stays as first measured");
+            }
+            Mutex::new(tx)
+        });
+        // A send fails only when the thread could not start: the entry then
+        // stays marked and keeps its value.
+        let _ = sender
+            .lock()
+            .unwrap()
+            .send((id.to_string(), upper_dir.to_path_buf()));
     }
 }
 
@@ -95,5 +199,42 @@ mod tests {
         );
         samples.forget("c");
         assert_eq!(samples.rate("c", 3_000_000_000, 600_000_000), None);
+    }
+
+    fn wait_for(mut done: impl FnMut() -> bool) -> bool {
+        for _ in 0..200 {
+            if done() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    #[test]
+    fn layer_usage_is_measured_once_then_refreshed_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a"), vec![1u8; 64 << 10]).unwrap();
+        let layers = LayerUsage::with_max_age(Duration::from_millis(50));
+        let first = layers.get("c", dir.path());
+        assert_eq!(first.inodes, 1);
+        assert!(first.bytes >= 64 << 10, "{first:?}");
+
+        // Within the max age the first value is answered without a walk.
+        std::fs::write(dir.path().join("b"), vec![1u8; 64 << 10]).unwrap();
+        assert_eq!(layers.get("c", dir.path()), first);
+
+        // Once stale, the old value comes back once and the walk runs
+        // behind it.
+        std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(layers.get("c", dir.path()), first);
+        assert!(
+            wait_for(|| layers.get("c", dir.path()).inodes == 2),
+            "the layer was never measured again"
+        );
+
+        layers.forget("c");
+        std::fs::write(dir.path().join("c"), b"x").unwrap();
+        assert_eq!(layers.get("c", dir.path()).inodes, 3);
     }
 }

@@ -284,29 +284,18 @@ cri_service! {
 
         async fn container_stats(&self, request: Request<ContainerStatsRequest>) -> Result<Response<ContainerStatsResponse>, Status> {
             let id = request.into_inner().container_id;
-            let stats = self.daemon.run(move |d| {
-                let record = container::current(d, container::find(d, &id)?);
-                tracing::Span::current().record("container_id", record.id.as_str());
-                let s = container::stats(d, &record);
-                Ok(convert::container_stats(&record, &s))
-            }).await?;
-            Ok(Response::new(ContainerStatsResponse { stats: Some(stats) }))
+            let (record, stats) = self.daemon.run(move |d| container::stats_of(d, &id)).await?;
+            Ok(Response::new(ContainerStatsResponse { stats: Some(convert::container_stats(&record, &stats)) }))
         }
 
         async fn list_container_stats(&self, request: Request<ListContainerStatsRequest>) -> Result<Response<ListContainerStatsResponse>, Status> {
             let filter = request.into_inner().filter;
             let stats = self.daemon.run(move |d| {
-                Ok(d.store
-                    .list::<crate::store::ContainerRecord>()?
-                    .into_iter()
-                    .filter(|r| filter.as_ref().is_none_or(|f| convert::container_matches(r, &f.id, &f.pod_sandbox_id, &f.label_selector)))
-                    .map(|r| container::current(d, r))
-                    // kubelet asks for the stats of running containers.
-                    .filter(|r| r.state == crate::store::ContainerState::Running)
-                    .map(|r| convert::container_stats(&r, &container::stats(d, &r)))
-                    .collect::<Vec<_>>())
+                container::list_stats(d, |r| filter.as_ref().is_none_or(|f| convert::container_matches(r, &f.id, &f.pod_sandbox_id, &f.label_selector)))
             }).await?;
-            Ok(Response::new(ListContainerStatsResponse { stats }))
+            Ok(Response::new(ListContainerStatsResponse {
+                stats: stats.iter().map(|(r, s)| convert::container_stats(r, s)).collect(),
+            }))
         }
 
         async fn pod_sandbox_stats(&self, request: Request<PodSandboxStatsRequest>) -> Result<Response<PodSandboxStatsResponse>, Status> {
