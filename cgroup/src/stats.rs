@@ -12,6 +12,11 @@ use crate::{Cgroups, Version};
 pub struct CgroupStats {
     /// Total CPU time, ns.
     pub cpu_usage_ns: Option<u64>,
+    /// User and system CPU time, ns.
+    pub cpu_user_ns: Option<u64>,
+    pub cpu_system_ns: Option<u64>,
+    /// CFS enforcement periods elapsed (only counted under a quota).
+    pub cpu_periods: Option<u64>,
     pub cpu_throttled_periods: Option<u64>,
     pub cpu_throttled_ns: Option<u64>,
     pub memory_usage: Option<u64>,
@@ -20,6 +25,18 @@ pub struct CgroupStats {
     /// Limit minus working set, when there is a limit.
     pub memory_available: Option<u64>,
     pub memory_rss: Option<u64>,
+    /// Page cache (v1 `cache`, v2 `file`).
+    pub memory_cache: Option<u64>,
+    /// The highest usage seen (v1 `max_usage_in_bytes`, v2 `memory.peak`
+    /// where the kernel has it).
+    pub memory_max_usage: Option<u64>,
+    /// Times usage hit the limit (v1 `failcnt`, v2 `memory.events` max).
+    pub memory_failcnt: Option<u64>,
+    /// The memory limit, when there is one.
+    pub memory_limit: Option<u64>,
+    /// OOM kills in the cgroup (`oom_kill` of v1 `memory.oom_control`, v2
+    /// `memory.events`).
+    pub oom_kills: Option<u64>,
     pub page_faults: Option<u64>,
     pub major_page_faults: Option<u64>,
     pub swap_usage: Option<u64>,
@@ -57,10 +74,13 @@ impl Cgroups {
         let mut s = CgroupStats::default();
         if let Some(cpuacct) = dir("cpuacct") {
             s.cpu_usage_ns = read_u64(&cpuacct.join("cpuacct.usage"));
+            s.cpu_user_ns = read_u64(&cpuacct.join("cpuacct.usage_user"));
+            s.cpu_system_ns = read_u64(&cpuacct.join("cpuacct.usage_sys"));
         }
         if let Some(cpu) = dir("cpu") {
             let text = std::fs::read_to_string(cpu.join("cpu.stat")).unwrap_or_default();
             let stat = flat_keyed(&text);
+            s.cpu_periods = stat.get("nr_periods").copied();
             s.cpu_throttled_periods = stat.get("nr_throttled").copied();
             s.cpu_throttled_ns = stat.get("throttled_time").copied();
         }
@@ -75,6 +95,12 @@ impl Cgroups {
             };
             s.memory_usage = read_u64(&memory.join("memory.usage_in_bytes"));
             s.memory_rss = get("rss");
+            s.memory_cache = get("cache");
+            s.memory_max_usage = read_u64(&memory.join("memory.max_usage_in_bytes"));
+            s.memory_failcnt = read_u64(&memory.join("memory.failcnt"));
+            let oom =
+                std::fs::read_to_string(memory.join("memory.oom_control")).unwrap_or_default();
+            s.oom_kills = flat_keyed(&oom).get("oom_kill").copied();
             s.page_faults = get("pgfault");
             s.major_page_faults = get("pgmajfault");
             s.swap_usage = get("swap");
@@ -84,6 +110,7 @@ impl Cgroups {
             s.swap_limit = finite("memory.memsw.limit_in_bytes")
                 .zip(limit)
                 .map(|(total, l)| total.saturating_sub(l));
+            s.memory_limit = limit;
             s.set_working_set(get("inactive_file"), limit);
         }
         if let Some(pids) = dir("pids") {
@@ -100,18 +127,28 @@ impl Cgroups {
         let cpu = std::fs::read_to_string(dir.join("cpu.stat")).unwrap_or_default();
         let cpu = flat_keyed(&cpu);
         s.cpu_usage_ns = cpu.get("usage_usec").map(|us| us * 1000);
+        s.cpu_user_ns = cpu.get("user_usec").map(|us| us * 1000);
+        s.cpu_system_ns = cpu.get("system_usec").map(|us| us * 1000);
+        s.cpu_periods = cpu.get("nr_periods").copied();
         s.cpu_throttled_periods = cpu.get("nr_throttled").copied();
         s.cpu_throttled_ns = cpu.get("throttled_usec").map(|us| us * 1000);
         let text = std::fs::read_to_string(dir.join("memory.stat")).unwrap_or_default();
         let stat = flat_keyed(&text);
         s.memory_usage = read_u64(&dir.join("memory.current"));
         s.memory_rss = stat.get("anon").copied();
+        s.memory_cache = stat.get("file").copied();
+        s.memory_max_usage = read_u64(&dir.join("memory.peak"));
+        let events = std::fs::read_to_string(dir.join("memory.events")).unwrap_or_default();
+        let events = flat_keyed(&events);
+        s.memory_failcnt = events.get("max").copied();
+        s.oom_kills = events.get("oom_kill").copied();
         s.page_faults = stat.get("pgfault").copied();
         s.major_page_faults = stat.get("pgmajfault").copied();
         s.swap_usage = read_u64(&dir.join("memory.swap.current"));
         s.swap_limit = read_u64(&dir.join("memory.swap.max"));
         // "max" does not parse: no limit.
         let limit = read_u64(&dir.join("memory.max"));
+        s.memory_limit = limit;
         s.set_working_set(stat.get("inactive_file").copied(), limit);
         s.pids = read_u64(&dir.join("pids.current"));
         s
@@ -164,7 +201,19 @@ mod tests {
         write(&c, "memory.swap.current", "0\n");
         write(&c, "memory.swap.max", "4096\n");
         write(&c, "pids.current", "3\n");
+        write(
+            &c,
+            "memory.events",
+            "low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n",
+        );
+        write(&c, "memory.peak", "12000\n");
         let s = cg.stats("/k/c1");
+        assert_eq!((s.cpu_user_ns, s.cpu_system_ns), (None, None));
+        assert_eq!(s.cpu_periods, Some(9));
+        assert_eq!(s.memory_cache, Some(4000));
+        assert_eq!(s.memory_max_usage, Some(12000));
+        assert_eq!((s.memory_failcnt, s.oom_kills), (Some(5), Some(1)));
+        assert_eq!(s.memory_limit, None);
         assert_eq!(s.cpu_usage_ns, Some(1_500_000));
         assert_eq!(s.cpu_throttled_periods, Some(4));
         assert_eq!(s.cpu_throttled_ns, Some(20_000));
@@ -177,6 +226,7 @@ mod tests {
         assert_eq!(s.pids, Some(3));
         write(&c, "memory.max", "20000\n");
         assert_eq!(cg.stats("/k/c1").memory_available, Some(13000));
+        assert_eq!(cg.stats("/k/c1").memory_limit, Some(20000));
         assert_eq!(cg.stats("/k/gone"), CgroupStats::default());
     }
 
@@ -197,10 +247,34 @@ mod tests {
         write(
             &m,
             "memory.stat",
-            "rss 1\ninactive_file 1\ntotal_rss 5000\ntotal_inactive_file 2000\ntotal_pgfault 8\ntotal_pgmajfault 2\ntotal_swap 0\n",
+            "rss 1\ninactive_file 1\ntotal_rss 5000\ntotal_inactive_file 2000\ntotal_pgfault 8\ntotal_pgmajfault 2\ntotal_swap 0\ntotal_cache 3000\n",
         );
         write(&p.join("pids/k/c1"), "pids.current", "2\n");
+        write(
+            &p.join("cpu,cpuacct/k/c1"),
+            "cpuacct.usage_user",
+            "100000\n",
+        );
+        write(&p.join("cpu,cpuacct/k/c1"), "cpuacct.usage_sys", "23456\n");
+        write(&m, "memory.max_usage_in_bytes", "11000\n");
+        write(&m, "memory.failcnt", "3\n");
+        write(
+            &m,
+            "memory.oom_control",
+            "oom_kill_disable 0\nunder_oom 0\noom_kill 2\n",
+        );
         let s = cg.stats("k/c1");
+        assert_eq!(
+            (s.cpu_user_ns, s.cpu_system_ns),
+            (Some(100000), Some(23456))
+        );
+        assert_eq!(s.cpu_periods, Some(5));
+        assert_eq!(
+            (s.memory_max_usage, s.memory_failcnt),
+            (Some(11000), Some(3))
+        );
+        assert_eq!((s.oom_kills, s.memory_limit), (Some(2), None));
+        assert_eq!(s.memory_cache, Some(3000));
         assert_eq!(s.cpu_usage_ns, Some(123456));
         assert_eq!(s.cpu_throttled_periods, Some(2));
         assert_eq!(s.cpu_throttled_ns, Some(99));

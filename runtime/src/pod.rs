@@ -86,6 +86,25 @@ pub fn list_stats(
     Ok(out)
 }
 
+/// ListPodSandboxMetrics: the metrics of every ready pod and its running
+/// containers, from the readings ListPodSandboxStats makes. A pod or
+/// container removed meanwhile is left out (what was read of it may be
+/// partial), never an error.
+pub fn list_metrics(daemon: &Daemon) -> Result<Vec<sandbox::metrics::PodSamples>> {
+    let mut out = Vec::new();
+    for mut stats in list_stats(daemon, |_| true)? {
+        let mut kept = Vec::with_capacity(stats.containers.len());
+        for (c, s) in stats.containers {
+            if daemon.store.get::<ContainerRecord>(&c.id)?.is_some() {
+                kept.push((c, s));
+            }
+        }
+        stats.containers = kept;
+        out.push(sandbox::metrics::pod_samples(&stats));
+    }
+    Ok(out)
+}
+
 fn read_stats(daemon: &Daemon, record: SandboxRecord) -> Result<PodStats> {
     let containers = container::of_sandbox(daemon, &record.id)?
         .into_iter()

@@ -4,6 +4,7 @@
 mod convert;
 mod events;
 mod image;
+mod metrics;
 mod runtime;
 mod status;
 

@@ -310,6 +310,15 @@ cri_service! {
             Ok(Response::new(ListPodSandboxStatsResponse { stats: stats.iter().map(convert::pod_sandbox_stats).collect() }))
         }
 
+        async fn list_metric_descriptors(&self, _request: Request<ListMetricDescriptorsRequest>) -> Result<Response<ListMetricDescriptorsResponse>, Status> {
+            Ok(Response::new(ListMetricDescriptorsResponse { descriptors: super::metrics::descriptors() }))
+        }
+
+        async fn list_pod_sandbox_metrics(&self, _request: Request<ListPodSandboxMetricsRequest>) -> Result<Response<ListPodSandboxMetricsResponse>, Status> {
+            let pods = self.daemon.run(pod::list_metrics).await?;
+            Ok(Response::new(ListPodSandboxMetricsResponse { pod_metrics: pods.iter().map(super::metrics::pod_metrics).collect() }))
+        }
+
         async fn update_container_resources(&self, request: Request<UpdateContainerResourcesRequest>) -> Result<Response<UpdateContainerResourcesResponse>, Status> {
             let request = request.into_inner();
             let linux = request
@@ -329,7 +338,5 @@ cri_service! {
     }
     unimplemented "RuntimeService" {
         checkpoint_container(CheckpointContainerRequest) -> CheckpointContainerResponse = "CheckpointContainer";
-        list_metric_descriptors(ListMetricDescriptorsRequest) -> ListMetricDescriptorsResponse = "ListMetricDescriptors";
-        list_pod_sandbox_metrics(ListPodSandboxMetricsRequest) -> ListPodSandboxMetricsResponse = "ListPodSandboxMetrics";
     }
 }

@@ -4,6 +4,7 @@
 
 pub mod files;
 pub mod infra;
+pub mod metrics;
 pub mod namespaces;
 pub mod stats;
 

@@ -169,9 +169,13 @@ pub fn addresses(netns: &Path) -> Result<Vec<String>> {
 pub struct InterfaceCounters {
     pub name: String,
     pub rx_bytes: u64,
+    pub rx_packets: u64,
     pub rx_errors: u64,
+    pub rx_dropped: u64,
     pub tx_bytes: u64,
+    pub tx_packets: u64,
     pub tx_errors: u64,
+    pub tx_dropped: u64,
 }
 
 /// The counters of every interface of the network namespace pinned at
@@ -187,7 +191,7 @@ pub fn interface_counters(netns: &Path) -> Result<Vec<InterfaceCounters>> {
 
 /// Parses `/proc/net/dev`: two header lines, then
 /// `name: rx_bytes rx_packets rx_errs rx_drop rx_fifo rx_frame rx_compressed
-/// rx_multicast tx_bytes tx_packets tx_errs ...` per interface. Lines that
+/// rx_multicast tx_bytes tx_packets tx_errs tx_drop ...` per interface. Lines that
 /// do not parse are skipped.
 pub fn parse_net_dev(text: &str) -> Vec<InterfaceCounters> {
     text.lines()
@@ -204,9 +208,13 @@ pub fn parse_net_dev(text: &str) -> Vec<InterfaceCounters> {
             Some(InterfaceCounters {
                 name: name.to_string(),
                 rx_bytes: fields[0],
+                rx_packets: fields[1],
                 rx_errors: fields[2],
+                rx_dropped: fields[3],
                 tx_bytes: fields[8],
+                tx_packets: fields[9],
                 tx_errors: fields[10],
+                tx_dropped: fields[11],
             })
         })
         .collect()
@@ -282,7 +290,7 @@ mod tests {
 Inter-|   Receive                                                |  Transmit
  face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed
     lo:     140       2    0    0    0     0          0         0      140       2    0    0    0     0       0          0
-  eth0:   12345      67    3    0    0     0          0         1     6789      45    4    0    0     0       0          0
+  eth0:   12345      67    3    5    0     0          0         1     6789      45    4    6    0     0       0          0
 net1:1 2 0 0 0 0 0 0 3 4 0 0 0 0 0 0
   bad: 1 2 3
 ";
@@ -292,23 +300,29 @@ net1:1 2 0 0 0 0 0 0 3 4 0 0 0 0 0 0
                 InterfaceCounters {
                     name: "lo".into(),
                     rx_bytes: 140,
-                    rx_errors: 0,
+                    rx_packets: 2,
                     tx_bytes: 140,
-                    tx_errors: 0
+                    tx_packets: 2,
+                    ..Default::default()
                 },
                 InterfaceCounters {
                     name: "eth0".into(),
                     rx_bytes: 12345,
+                    rx_packets: 67,
                     rx_errors: 3,
+                    rx_dropped: 5,
                     tx_bytes: 6789,
-                    tx_errors: 4
+                    tx_packets: 45,
+                    tx_errors: 4,
+                    tx_dropped: 6,
                 },
                 InterfaceCounters {
                     name: "net1".into(),
                     rx_bytes: 1,
-                    rx_errors: 0,
+                    rx_packets: 2,
                     tx_bytes: 3,
-                    tx_errors: 0
+                    tx_packets: 4,
+                    ..Default::default()
                 },
             ]
         );
