@@ -30,7 +30,7 @@ use nix::sys::statfs::{CGROUP_SUPER_MAGIC, CGROUP2_SUPER_MAGIC, statfs};
 
 pub use monitor::ContainerCgroup;
 pub use resources::Resources;
-pub use stats::CgroupStats;
+pub use stats::{CgroupStats, Pressure, PressureLine};
 
 /// Where the host mounts its cgroups.
 pub const DEFAULT_ROOT: &str = "/sys/fs/cgroup";

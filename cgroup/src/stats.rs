@@ -44,6 +44,65 @@ pub struct CgroupStats {
     /// memory), when there is one.
     pub swap_limit: Option<u64>,
     pub pids: Option<u64>,
+    /// Pressure stall information (v2 `cpu.pressure`, `memory.pressure`,
+    /// `io.pressure`; v1 has none).
+    pub cpu_pressure: Option<Pressure>,
+    pub memory_pressure: Option<Pressure>,
+    pub io_pressure: Option<Pressure>,
+}
+
+/// One `*.pressure` file: the share of time some, or all, of the cgroup's
+/// tasks stalled on the resource.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pressure {
+    pub some: PressureLine,
+    /// Absent for CPU on kernels before 5.13.
+    pub full: Option<PressureLine>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PressureLine {
+    /// Averages over 10, 60 and 300 s, in hundredths of a percent (the
+    /// kernel prints two decimals).
+    pub avg10_centi: u32,
+    pub avg60_centi: u32,
+    pub avg300_centi: u32,
+    /// Total stall time, µs.
+    pub total_us: u64,
+}
+
+/// Parses a `*.pressure` file: `some avg10=0.12 avg60=… avg300=… total=N`
+/// and the same for `full`.
+pub fn pressure(text: &str) -> Option<Pressure> {
+    let line = |l: &str| {
+        let mut out = PressureLine::default();
+        for field in l.split_whitespace().skip(1) {
+            let (key, value) = field.split_once('=')?;
+            let centi = || -> Option<u32> {
+                let (whole, frac) = value.split_once('.').unwrap_or((value, "0"));
+                let frac = format!("{frac:0<2}");
+                Some(whole.parse::<u32>().ok()? * 100 + frac.get(..2)?.parse::<u32>().ok()?)
+            };
+            match key {
+                "avg10" => out.avg10_centi = centi()?,
+                "avg60" => out.avg60_centi = centi()?,
+                "avg300" => out.avg300_centi = centi()?,
+                "total" => out.total_us = value.parse().ok()?,
+                _ => {}
+            }
+        }
+        Some(out)
+    };
+    let mut some = None;
+    let mut full = None;
+    for l in text.lines() {
+        if l.starts_with("some ") {
+            some = line(l);
+        } else if l.starts_with("full ") {
+            full = line(l);
+        }
+    }
+    Some(Pressure { some: some?, full })
 }
 
 fn read_u64(path: &Path) -> Option<u64> {
@@ -151,6 +210,14 @@ impl Cgroups {
         s.memory_limit = limit;
         s.set_working_set(stat.get("inactive_file").copied(), limit);
         s.pids = read_u64(&dir.join("pids.current"));
+        let psi = |file: &str| {
+            std::fs::read_to_string(dir.join(file))
+                .ok()
+                .and_then(|t| pressure(&t))
+        };
+        s.cpu_pressure = psi("cpu.pressure");
+        s.memory_pressure = psi("memory.pressure");
+        s.io_pressure = psi("io.pressure");
         s
     }
 }
@@ -207,6 +274,11 @@ mod tests {
             "low 0\nhigh 0\nmax 5\noom 1\noom_kill 1\n",
         );
         write(&c, "memory.peak", "12000\n");
+        write(
+            &c,
+            "memory.pressure",
+            "some avg10=1.50 avg60=0.25 avg300=12.07 total=3456\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=12\n",
+        );
         let s = cg.stats("/k/c1");
         assert_eq!((s.cpu_user_ns, s.cpu_system_ns), (None, None));
         assert_eq!(s.cpu_periods, Some(9));
@@ -214,6 +286,18 @@ mod tests {
         assert_eq!(s.memory_max_usage, Some(12000));
         assert_eq!((s.memory_failcnt, s.oom_kills), (Some(5), Some(1)));
         assert_eq!(s.memory_limit, None);
+        let memory = s.memory_pressure.expect("memory.pressure read");
+        assert_eq!(
+            memory.some,
+            PressureLine {
+                avg10_centi: 150,
+                avg60_centi: 25,
+                avg300_centi: 1207,
+                total_us: 3456
+            }
+        );
+        assert_eq!(memory.full.unwrap().total_us, 12);
+        assert_eq!(s.cpu_pressure, None, "no cpu.pressure here");
         assert_eq!(s.cpu_usage_ns, Some(1_500_000));
         assert_eq!(s.cpu_throttled_periods, Some(4));
         assert_eq!(s.cpu_throttled_ns, Some(20_000));

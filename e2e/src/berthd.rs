@@ -333,7 +333,7 @@ impl Berthd {
         let mut client = self.client().await?;
         client
             .runtime
-            .version(k8s_cri::v1::VersionRequest::default())
+            .version(berth_cri::v1::VersionRequest::default())
             .await?;
         Ok(())
     }

@@ -2,9 +2,9 @@
 
 use std::path::{Path, PathBuf};
 
+use berth_cri::v1::image_service_client::ImageServiceClient;
+use berth_cri::v1::runtime_service_client::RuntimeServiceClient;
 use hyper_util::rt::TokioIo;
-use k8s_cri::v1::image_service_client::ImageServiceClient;
-use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use tokio::net::UnixStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1::*;
+use berth_cri::v1::*;
 use tonic::Status;
 
 use crate::cri::CriClient;

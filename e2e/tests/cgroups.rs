@@ -13,8 +13,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use berth_cri::v1::*;
 use berth_e2e::pods::*;
-use k8s_cri::v1::*;
 use tonic::{Code, Status};
 
 const MIB: i64 = 1 << 20;

@@ -11,10 +11,10 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use berth_cri::v1::*;
 use berth_e2e::net::{Plugins, TestNet};
 use berth_e2e::pods::*;
 use berth_e2e::streaming::Crictl;
-use k8s_cri::v1::*;
 
 const MIB: i64 = 1 << 20;
 

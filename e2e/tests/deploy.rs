@@ -18,13 +18,13 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use berth_cri::v1::*;
 use berth_e2e::berthd::bin_dir;
 use berth_e2e::cri::CriClient;
 use berth_e2e::deploy::{self, MountNs, Unit, UnitProcess};
 use berth_e2e::images::{Image, ImageSettings, busybox_layer};
 use berth_e2e::pods::*;
 use berth_e2e::{Registry, require_root};
-use k8s_cri::v1::*;
 use serde_json::Value;
 
 const RUNNING: ContainerState = ContainerState::ContainerRunning;

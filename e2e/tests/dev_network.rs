@@ -21,11 +21,11 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use berth_cri::v1::*;
 use berth_e2e::berthd::{ConfigBase, berthd_bin, dev_config, toml_path};
 use berth_e2e::net::*;
 use berth_e2e::pods::*;
 use berth_e2e::{BerthdOptions, CniOptions};
-use k8s_cri::v1::*;
 use tonic::Code;
 
 // ---- helpers ----

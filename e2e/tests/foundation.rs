@@ -4,9 +4,9 @@
 use std::os::unix::fs::MetadataExt;
 use std::process::Command;
 
+use berth_cri::v1::*;
 use berth_e2e::berthd::berthd_bin;
 use berth_e2e::{Berthd, BerthdOptions, require_root};
-use k8s_cri::v1::*;
 use tonic::Code;
 
 async fn started() -> Berthd {

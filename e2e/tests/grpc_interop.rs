@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use berth_cri::v1::*;
 use berth_e2e::berthd::bin_dir;
 use berth_e2e::process::OwnedChild;
 use berth_e2e::{Berthd, BerthdOptions, require_root};
@@ -18,7 +19,6 @@ use futures_util::StreamExt;
 use h2::frame::{self, BytesStr, Frame, Pseudo, StreamId};
 use h2::{Codec, Reason};
 use http::{HeaderMap, HeaderValue, Method};
-use k8s_cri::v1::*;
 use prost::Message;
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;

@@ -1,8 +1,8 @@
 //! The basic image round trip through berthd: pull, list, status, inspect
 //! the snapshots, remove, with nothing left behind.
 
+use berth_cri::v1::*;
 use berth_e2e::{Berthd, BerthdOptions, Registry, TestImages, require_root};
-use k8s_cri::v1::*;
 
 fn spec(image: &str) -> Option<ImageSpec> {
     Some(ImageSpec {

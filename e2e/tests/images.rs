@@ -11,13 +11,13 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use berth_cri::v1::*;
 use berth_e2e::cri::CriClient;
 use berth_e2e::images::{
     Compression, Entry, Image as TestImage, ImageSettings, Malicious, Platform, build_layer_with,
     busybox_layer, busybox_layer_with, incompressible_image, malicious_image, push_index,
 };
 use berth_e2e::{Berthd, BerthdOptions, Registry, RegistryOptions, TestImages, require_root};
-use k8s_cri::v1::*;
 use tonic::{Code, Status};
 
 const PULL_TIMEOUT: Duration = Duration::from_secs(180);

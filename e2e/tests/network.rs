@@ -18,9 +18,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use berth_cri::v1::*;
 use berth_e2e::net::*;
 use berth_e2e::pods::*;
-use k8s_cri::v1::*;
 use tonic::Code;
 
 // ---- helpers ----

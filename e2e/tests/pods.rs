@@ -10,8 +10,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use berth_cri::v1::*;
 use berth_e2e::pods::*;
-use k8s_cri::v1::*;
 use tonic::Code;
 
 const RUNNING: ContainerState = ContainerState::ContainerRunning;

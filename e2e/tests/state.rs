@@ -27,10 +27,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use berth_cri::v1::*;
 use berth_e2e::cri::CriClient;
 use berth_e2e::net::*;
 use berth_e2e::pods::*;
-use k8s_cri::v1::*;
 use tokio::sync::mpsc;
 use tonic::Code;
 

@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
+use berth_cri::v1::*;
 use berth_e2e::pods::{PodEnv, resources, sh_config};
-use k8s_cri::v1::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stats_report_cpu_memory_and_the_writable_layer() {

@@ -17,10 +17,10 @@
 use std::io::Write;
 use std::time::Duration;
 
+use berth_cri::v1::*;
 use berth_e2e::pods::*;
 use berth_e2e::process::free_port;
 use berth_e2e::streaming::*;
-use k8s_cri::v1::*;
 
 /// How long any one step of a session may take.
 const T: Duration = Duration::from_secs(10);

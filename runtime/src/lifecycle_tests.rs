@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use k8s_cri::v1::{
+use berth_cri::v1::{
     ContainerConfig, ContainerMetadata, ImageSpec, PodSandboxConfig, PodSandboxMetadata,
 };
 
@@ -411,7 +411,7 @@ fn recovery_discards_what_has_no_record() {
 fn recovery_removes_the_v2_infra_leaf_of_a_pod_cgroup_kubelet_owns() {
     let f = fixture_on(berth_cgroup::Version::V2);
     let mut config = pod_config("web");
-    config.linux = Some(k8s_cri::v1::LinuxPodSandboxConfig {
+    config.linux = Some(berth_cri::v1::LinuxPodSandboxConfig {
         cgroup_parent: "/kubepods/pod-web".into(),
         ..Default::default()
     });

@@ -2,6 +2,8 @@
 //! pod's exclusive lock. They sit above the sandbox and container modules,
 //! which do not call each other's lifecycles.
 
+use berth_cri::v1::LinuxContainerResources;
+
 use crate::container;
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
@@ -29,6 +31,72 @@ pub fn remove(daemon: &Daemon, pod: &SandboxGuard) -> Result<()> {
     tracing::Span::current().record("pod_id", record.id.as_str());
     container::remove_all(daemon, &record.id)?;
     sandbox::remove(daemon, &record)
+}
+
+/// UpdatePodSandboxResources (in-place pod resize): the pod cgroup gets
+/// the sum of its containers' resources plus the pod's overhead, as the
+/// kubelet computes the pod cgroup's own limits. A value left at zero in
+/// `resources` leaves that limit alone (overhead alone sets no limit).
+pub fn update_resources(
+    daemon: &Daemon,
+    pod: &crate::locks::SandboxShared,
+    overhead: Option<LinuxContainerResources>,
+    resources: Option<LinuxContainerResources>,
+) -> Result<()> {
+    let record = sandbox::get(daemon, &pod.sandbox_id)?;
+    tracing::Span::current().record("pod_id", record.id.as_str());
+    if record.state != SandboxState::Ready {
+        return Err(Error::WrongState {
+            kind: "pod sandbox",
+            id: record.id.clone(),
+            state: "not ready".into(),
+            wanted: "resources are updated only while it is ready",
+        });
+    }
+    let Some(wanted) = pod_limits(overhead.unwrap_or_default(), resources) else {
+        return Ok(());
+    };
+    let limits = container::resources::from_cri(&wanted)?;
+    daemon.cgroups.check(&record.cgroup_parent, &limits)?;
+    daemon
+        .host
+        .apply_resources(&record.cgroup_parent, &limits)?;
+    tracing::info!(pod_id = %record.id, cgroup = %record.cgroup_parent, "pod resources updated");
+    Ok(())
+}
+
+/// The pod cgroup's limits: `resources` (the containers' sum) plus
+/// `overhead`, where `resources` sets one. `None` when there is nothing
+/// to apply.
+fn pod_limits(
+    overhead: LinuxContainerResources,
+    resources: Option<LinuxContainerResources>,
+) -> Option<LinuxContainerResources> {
+    let mut out = resources?;
+    if out.memory_limit_in_bytes > 0 {
+        out.memory_limit_in_bytes = out
+            .memory_limit_in_bytes
+            .saturating_add(overhead.memory_limit_in_bytes.max(0));
+    }
+    if out.cpu_shares > 0 {
+        out.cpu_shares = out.cpu_shares.saturating_add(overhead.cpu_shares.max(0));
+    }
+    if out.cpu_quota > 0 && overhead.cpu_quota > 0 {
+        // The overhead's quota over the pod's period.
+        let period = if out.cpu_period > 0 {
+            out.cpu_period
+        } else {
+            100_000
+        };
+        let overhead_period = if overhead.cpu_period > 0 {
+            overhead.cpu_period
+        } else {
+            100_000
+        };
+        let extra = (overhead.cpu_quota as i128 * period as i128 / overhead_period as i128) as i64;
+        out.cpu_quota = out.cpu_quota.saturating_add(extra);
+    }
+    Some(out)
 }
 
 /// A pod's resource usage: the sandbox's own (its cgroup holds its
@@ -123,4 +191,39 @@ fn read_stats(daemon: &Daemon, record: SandboxRecord) -> Result<PodStats> {
         usage,
         containers,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pod_limits_add_the_overhead_where_the_containers_set_a_limit() {
+        let overhead = LinuxContainerResources {
+            memory_limit_in_bytes: 10 << 20,
+            cpu_shares: 10,
+            cpu_quota: 5_000,
+            cpu_period: 50_000,
+            ..Default::default()
+        };
+        let resources = LinuxContainerResources {
+            memory_limit_in_bytes: 100 << 20,
+            cpu_shares: 512,
+            cpu_quota: 50_000,
+            cpu_period: 100_000,
+            cpuset_cpus: "0".into(),
+            ..Default::default()
+        };
+        let out = pod_limits(overhead.clone(), Some(resources)).unwrap();
+        assert_eq!(out.memory_limit_in_bytes, 110 << 20);
+        assert_eq!(out.cpu_shares, 522);
+        assert_eq!(out.cpu_quota, 60_000, "5 ms per 50 ms is 10 ms per 100 ms");
+        assert_eq!(out.cpuset_cpus, "0");
+
+        // No container limit: the overhead sets none either.
+        let unlimited = pod_limits(overhead.clone(), Some(Default::default())).unwrap();
+        assert_eq!(unlimited.memory_limit_in_bytes, 0);
+        assert_eq!(unlimited.cpu_quota, 0);
+        assert_eq!(pod_limits(overhead, None), None);
+    }
 }

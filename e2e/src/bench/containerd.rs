@@ -248,7 +248,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         loop {
             match client
                 .runtime
-                .version(k8s_cri::v1::VersionRequest::default())
+                .version(berth_cri::v1::VersionRequest::default())
                 .await
             {
                 Ok(_) => break,

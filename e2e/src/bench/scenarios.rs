@@ -6,7 +6,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1::*;
+use berth_cri::v1::*;
 
 use super::host;
 use crate::cri::CriClient;

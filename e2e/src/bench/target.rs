@@ -7,7 +7,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use k8s_cri::v1::*;
+use berth_cri::v1::*;
 
 use crate::cri::CriClient;
 

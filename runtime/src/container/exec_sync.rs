@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_cri::v1::ExecRequest;
+use berth_cri::v1::ExecRequest;
 use tokio::io::AsyncReadExt;
 
 use super::streams::exec_stream;

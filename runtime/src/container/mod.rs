@@ -7,6 +7,7 @@ pub mod exec_sync;
 pub mod exits;
 pub mod resources;
 pub mod shim;
+pub mod signal;
 pub mod stats;
 mod streams;
 
@@ -15,8 +16,8 @@ pub use streams::{attach, exec_stream, streamable};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use berth_cri::v1::ContainerConfig;
 use berth_proto::shim::{ExitRecord, ShimConfig, shim_request, shim_response};
-use k8s_cri::v1::ContainerConfig;
 
 use crate::daemon::Daemon;
 use crate::error::{Error, IoContext, Result};
@@ -94,6 +95,7 @@ fn check_create(daemon: &Daemon, config: &ContainerConfig) -> Result<CreateReque
         .ok_or_else(|| Error::InvalidArgument("container metadata is required".into()))?;
     names::check_name("container name", &meta.name)?;
     names::check_labels("container", &config.labels, &config.annotations)?;
+    signal::from_cri(config.stop_signal)?;
     let image_name = config
         .image
         .as_ref()
@@ -193,6 +195,7 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
             cgroups_path,
             shim,
             user: Some(user),
+            stop_signal: resolve_stop_signal(&config, &request.image),
             ..Default::default()
         };
         // The record is the commit point.
@@ -279,8 +282,8 @@ fn write_bundle(
     let log = log_path(sandbox, &config.log_path)?;
     let ns = sandbox.namespace_options();
     let pid = match ns.pid {
-        k8s_cri::v1::NamespaceMode::Node => oci::PidMode::Host,
-        k8s_cri::v1::NamespaceMode::Pod => match sandbox.pid_namespace(daemon.host.as_ref()) {
+        berth_cri::v1::NamespaceMode::Node => oci::PidMode::Host,
+        berth_cri::v1::NamespaceMode::Pod => match sandbox.pid_namespace(daemon.host.as_ref()) {
             Some(path) => oci::PidMode::Pod(path),
             None => {
                 return Err(Error::FailedPrecondition(format!(
@@ -606,9 +609,23 @@ pub fn start(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
     observe_exit(daemon, &record.id)
 }
 
-/// The signal that asks this container to stop: the image's StopSignal or
+/// The signal that stops a container: the one its CRI config names (known
+/// valid: `check_create` checked it), else its image's StopSignal, else
 /// SIGTERM.
+fn resolve_stop_signal(config: &ContainerConfig, image: &ImageRecord) -> i32 {
+    signal::from_cri(config.stop_signal)
+        .ok()
+        .flatten()
+        .or_else(|| signal::parse(&image.process_config().stop_signal))
+        .unwrap_or(libc::SIGTERM)
+}
+
+/// The signal that asks this container to stop; records made before it was
+/// resolved at create look it up now.
 fn stop_signal(daemon: &Daemon, record: &ContainerRecord) -> i32 {
+    if record.stop_signal > 0 {
+        return record.stop_signal;
+    }
     let name = daemon
         .store
         .get::<ImageRecord>(&record.image_id)
@@ -616,26 +633,7 @@ fn stop_signal(daemon: &Daemon, record: &ContainerRecord) -> i32 {
         .flatten()
         .map(|i| i.process_config().stop_signal)
         .unwrap_or_default();
-    parse_signal(&name).unwrap_or(libc::SIGTERM)
-}
-
-pub fn parse_signal(name: &str) -> Option<i32> {
-    let name = name.trim();
-    if name.is_empty() {
-        return None;
-    }
-    if let Ok(n) = name.parse::<i32>() {
-        return (1..=64).contains(&n).then_some(n);
-    }
-    let upper = name.to_ascii_uppercase();
-    let full = if upper.starts_with("SIG") {
-        upper
-    } else {
-        format!("SIG{upper}")
-    };
-    full.parse::<nix::sys::signal::Signal>()
-        .ok()
-        .map(|s| s as i32)
+    signal::parse(&name).unwrap_or(libc::SIGTERM)
 }
 
 /// Waits until the shim records the exit, up to `timeout`.
@@ -812,7 +810,7 @@ pub fn discard_unrecorded(daemon: &Daemon, id: &str) -> Result<()> {
 pub fn update_resources(
     daemon: &Daemon,
     guard: &ContainerGuard,
-    new: k8s_cri::v1::LinuxContainerResources,
+    new: berth_cri::v1::LinuxContainerResources,
 ) -> Result<()> {
     let record = current(daemon, get(daemon, &guard.container_id)?);
     tracing::Span::current().record("container_id", record.id.as_str());
@@ -960,18 +958,4 @@ pub fn reopen_log(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
         SHIM_TIMEOUT,
     )?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn signals() {
-        assert_eq!(parse_signal("SIGQUIT"), Some(libc::SIGQUIT));
-        assert_eq!(parse_signal("quit"), Some(libc::SIGQUIT));
-        assert_eq!(parse_signal("9"), Some(9));
-        assert_eq!(parse_signal(""), None);
-        assert_eq!(parse_signal("SIGNOPE"), None);
-    }
 }

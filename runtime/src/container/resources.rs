@@ -1,7 +1,7 @@
 //! The CRI's `LinuxContainerResources` in the cgroup module's terms; the
 //! limits themselves are checked and written by `berth_cgroup`.
 
-use k8s_cri::v1::LinuxContainerResources;
+use berth_cri::v1::LinuxContainerResources;
 
 use crate::error::{Error, Result};
 

@@ -6,9 +6,9 @@ use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
+use berth_cri::v1::{AttachRequest, ExecRequest};
 use berth_proto::shim::ShimResponse;
 use bytes::Bytes;
-use k8s_cri::v1::{AttachRequest, ExecRequest};
 use prost::Message;
 use tokio::io::AsyncReadExt;
 

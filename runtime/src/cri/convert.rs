@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 
-use k8s_cri::v1 as cri;
+use berth_cri::v1 as cri;
 
 use crate::container::stats::CgroupUsage;
 use crate::sandbox::NamespaceOptionsView;
@@ -171,6 +171,11 @@ pub fn container_status(
                 ..Default::default()
             }),
         image_id: r.image_id.clone(),
+        stop_signal: if r.stop_signal > 0 {
+            crate::container::signal::to_cri(r.stop_signal).into()
+        } else {
+            cri::Signal::RuntimeDefault.into()
+        },
         user: r.user.as_ref().map(|u| cri::ContainerUser {
             linux: Some(cri::LinuxContainerUser {
                 uid: u.uid.into(),
@@ -195,12 +200,35 @@ fn u64_value(v: Option<u64>) -> Option<cri::UInt64Value> {
     v.map(|value| cri::UInt64Value { value })
 }
 
+/// Pressure stall information as CRI carries it: total in ns, averages in
+/// percent.
+fn psi(p: Option<berth_cgroup::Pressure>) -> Option<cri::PsiStats> {
+    let data = |l: berth_cgroup::PressureLine| cri::PsiData {
+        total: l.total_us.saturating_mul(1000),
+        avg10: f64::from(l.avg10_centi) / 100.0,
+        avg60: f64::from(l.avg60_centi) / 100.0,
+        avg300: f64::from(l.avg300_centi) / 100.0,
+    };
+    p.map(|p| cri::PsiStats {
+        full: p.full.map(data),
+        some: Some(data(p.some)),
+    })
+}
+
 pub fn cpu_usage(u: &CgroupUsage) -> cri::CpuUsage {
     cri::CpuUsage {
         timestamp: u.timestamp_ns,
         usage_core_nano_seconds: u64_value(u.counters.cpu_usage_ns),
         usage_nano_cores: u64_value(u.cpu_nano_cores),
+        psi: psi(u.counters.cpu_pressure),
     }
+}
+
+fn io_usage(u: &CgroupUsage) -> Option<cri::IoUsage> {
+    u.counters.io_pressure.map(|p| cri::IoUsage {
+        timestamp: u.timestamp_ns,
+        psi: psi(Some(p)),
+    })
 }
 
 pub fn memory_usage(u: &CgroupUsage) -> cri::MemoryUsage {
@@ -213,6 +241,7 @@ pub fn memory_usage(u: &CgroupUsage) -> cri::MemoryUsage {
         rss_bytes: u64_value(c.memory_rss),
         page_faults: u64_value(c.page_faults),
         major_page_faults: u64_value(c.major_page_faults),
+        psi: psi(c.memory_pressure),
     }
 }
 
@@ -243,6 +272,7 @@ pub fn container_stats(
             swap_available_bytes: u64_value(u.counters.swap_available()),
             swap_usage_bytes: u64_value(Some(used)),
         }),
+        io: io_usage(u),
     }
 }
 
@@ -285,6 +315,7 @@ pub fn pod_sandbox_stats(p: &crate::pod::PodStats) -> cri::PodSandboxStats {
                 .iter()
                 .map(|(c, s)| container_stats(c, s))
                 .collect(),
+            io: io_usage(u),
         }),
         windows: None,
     }

@@ -9,7 +9,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use k8s_cri::v1::{ContainerEventResponse, ContainerEventType};
+use berth_cri::v1::{ContainerEventResponse, ContainerEventType};
 use tokio_stream::Stream;
 use tonic::Status;
 

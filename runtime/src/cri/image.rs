@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use k8s_cri::v1::image_service_server::ImageService as CriImageService;
-use k8s_cri::v1::*;
+use berth_cri::v1::image_service_server::ImageService as CriImageService;
+use berth_cri::v1::*;
 use tonic::{Request, Response, Status};
 
 use super::cri_service;
@@ -76,6 +76,8 @@ fn fs_usage(now: i64, (mountpoint, usage): (std::path::PathBuf, Usage)) -> Files
 
 cri_service! {
     impl CriImageService for ImageService {
+        type StreamImagesStream = super::list_stream::ListStream<StreamImagesResponse>;
+
         async fn pull_image(&self, request: Request<PullImageRequest>) -> Result<Response<PullImageResponse>, Status> {
             let request = request.into_inner();
             let reference = image_ref(request.image.as_ref())?;
@@ -117,6 +119,13 @@ cri_service! {
             Ok(Response::new(ListImagesResponse {
                 images: images.iter().map(to_cri).collect(),
             }))
+        }
+
+        // The same answer as ListImages, in chunks (CRI 1.36).
+        async fn stream_images(&self, request: Request<StreamImagesRequest>) -> Result<Response<Self::StreamImagesStream>, Status> {
+            let filter = request.into_inner().filter;
+            let images = self.list_images(Request::new(ListImagesRequest { filter })).await?.into_inner().images;
+            Ok(Response::new(super::list_stream::chunked(images, |images| StreamImagesResponse { images })))
         }
 
         async fn image_status(&self, request: Request<ImageStatusRequest>) -> Result<Response<ImageStatusResponse>, Status> {

@@ -1,7 +1,7 @@
 //! CRI messages of ListMetricDescriptors and ListPodSandboxMetrics, from
 //! `sandbox::metrics`.
 
-use k8s_cri::v1 as cri;
+use berth_cri::v1 as cri;
 
 use crate::sandbox::metrics::{self, Kind, PodSamples, Sample};
 

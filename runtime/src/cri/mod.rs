@@ -4,6 +4,7 @@
 mod convert;
 mod events;
 mod image;
+mod list_stream;
 mod metrics;
 mod runtime;
 mod status;

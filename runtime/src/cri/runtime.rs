@@ -2,8 +2,8 @@
 
 use std::sync::Arc;
 
-use k8s_cri::v1::runtime_service_server::RuntimeService as CriRuntimeService;
-use k8s_cri::v1::*;
+use berth_cri::v1::runtime_service_server::RuntimeService as CriRuntimeService;
+use berth_cri::v1::*;
 use tonic::{Request, Response, Status};
 
 use super::cri_service;
@@ -27,10 +27,17 @@ impl RuntimeService {
 }
 
 type EventStream = super::events::EventStream;
+type ListStream<T> = super::list_stream::ListStream<T>;
+use super::list_stream::chunked;
 
 cri_service! {
     impl CriRuntimeService for RuntimeService {
         type GetContainerEventsStream = EventStream;
+        type StreamPodSandboxesStream = ListStream<StreamPodSandboxesResponse>;
+        type StreamContainersStream = ListStream<StreamContainersResponse>;
+        type StreamContainerStatsStream = ListStream<StreamContainerStatsResponse>;
+        type StreamPodSandboxStatsStream = ListStream<StreamPodSandboxStatsResponse>;
+        type StreamPodSandboxMetricsStream = ListStream<StreamPodSandboxMetricsResponse>;
 
         async fn version(&self, _request: Request<VersionRequest>) -> Result<Response<VersionResponse>, Status> {
             Ok(Response::new(VersionResponse {
@@ -74,6 +81,8 @@ cri_service! {
                 }],
                 features: Some(RuntimeFeatures {
                     supplemental_groups_policy: true,
+                    // No user namespaces yet, so none with the host network.
+                    user_namespaces_host_network: false,
                 }),
             }))
         }
@@ -326,6 +335,43 @@ cri_service! {
                 .ok_or_else(|| Error::InvalidArgument("linux resources are required".into()))?;
             self.daemon.on_container(&request.container_id, move |d, c| container::update_resources(d, c, linux)).await?;
             Ok(Response::new(UpdateContainerResourcesResponse {}))
+        }
+
+        async fn update_pod_sandbox_resources(&self, request: Request<UpdatePodSandboxResourcesRequest>) -> Result<Response<UpdatePodSandboxResourcesResponse>, Status> {
+            let request = request.into_inner();
+            let (overhead, resources) = (request.overhead, request.resources);
+            self.daemon.in_sandbox(&request.pod_sandbox_id, move |d, pod| pod::update_resources(d, pod, overhead, resources)).await?;
+            Ok(Response::new(UpdatePodSandboxResourcesResponse {}))
+        }
+
+        // The streaming lists answer what the unary ones do, in chunks.
+        async fn stream_pod_sandboxes(&self, request: Request<StreamPodSandboxesRequest>) -> Result<Response<Self::StreamPodSandboxesStream>, Status> {
+            let filter = request.into_inner().filter;
+            let items = self.list_pod_sandbox(Request::new(ListPodSandboxRequest { filter })).await?.into_inner().items;
+            Ok(Response::new(chunked(items, |pod_sandboxes| StreamPodSandboxesResponse { pod_sandboxes })))
+        }
+
+        async fn stream_containers(&self, request: Request<StreamContainersRequest>) -> Result<Response<Self::StreamContainersStream>, Status> {
+            let filter = request.into_inner().filter;
+            let items = self.list_containers(Request::new(ListContainersRequest { filter })).await?.into_inner().containers;
+            Ok(Response::new(chunked(items, |containers| StreamContainersResponse { containers })))
+        }
+
+        async fn stream_container_stats(&self, request: Request<StreamContainerStatsRequest>) -> Result<Response<Self::StreamContainerStatsStream>, Status> {
+            let filter = request.into_inner().filter;
+            let items = self.list_container_stats(Request::new(ListContainerStatsRequest { filter })).await?.into_inner().stats;
+            Ok(Response::new(chunked(items, |container_stats| StreamContainerStatsResponse { container_stats })))
+        }
+
+        async fn stream_pod_sandbox_stats(&self, request: Request<StreamPodSandboxStatsRequest>) -> Result<Response<Self::StreamPodSandboxStatsStream>, Status> {
+            let filter = request.into_inner().filter;
+            let items = self.list_pod_sandbox_stats(Request::new(ListPodSandboxStatsRequest { filter })).await?.into_inner().stats;
+            Ok(Response::new(chunked(items, |pod_sandbox_stats| StreamPodSandboxStatsResponse { pod_sandbox_stats })))
+        }
+
+        async fn stream_pod_sandbox_metrics(&self, _request: Request<StreamPodSandboxMetricsRequest>) -> Result<Response<Self::StreamPodSandboxMetricsStream>, Status> {
+            let items = self.list_pod_sandbox_metrics(Request::new(ListPodSandboxMetricsRequest {})).await?.into_inner().pod_metrics;
+            Ok(Response::new(chunked(items, |pod_sandbox_metrics| StreamPodSandboxMetricsResponse { pod_sandbox_metrics })))
         }
 
         async fn get_container_events(&self, request: Request<GetEventsRequest>) -> Result<Response<Self::GetContainerEventsStream>, Status> {

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use berth_cri::v1::PodSandboxConfig;
 use berth_proto::shim::{ContainerState, ExitRecord, ShimConfig, shim_request, shim_response};
-use k8s_cri::v1::PodSandboxConfig;
 use prost::Message;
 
 use super::Host;

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_cri::v1::PodSandboxConfig;
 use berth_proto::shim::{ShimConfig, shim_request, shim_response};
-use k8s_cri::v1::PodSandboxConfig;
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use crate::container::shim;

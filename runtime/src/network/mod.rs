@@ -7,7 +7,7 @@ pub mod cni;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use k8s_cri::v1::PodSandboxConfig;
+use berth_cri::v1::PodSandboxConfig;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -157,7 +157,7 @@ impl Network {
 
 /// What RunPodSandbox's port mappings must be before CNI sees them: ports
 /// in range, a known protocol, a host IP that is an IP.
-pub fn check_port_mappings(mappings: &[k8s_cri::v1::PortMapping]) -> Result<()> {
+pub fn check_port_mappings(mappings: &[berth_cri::v1::PortMapping]) -> Result<()> {
     for m in mappings {
         let what = format!(
             "port mapping {}:{} -> {}",
@@ -173,7 +173,7 @@ pub fn check_port_mappings(mappings: &[k8s_cri::v1::PortMapping]) -> Result<()> 
                 "{what}: container_port must be 1 to 65535"
             )));
         }
-        if k8s_cri::v1::Protocol::try_from(m.protocol).is_err() {
+        if berth_cri::v1::Protocol::try_from(m.protocol).is_err() {
             return Err(Error::InvalidArgument(format!(
                 "{what}: unknown protocol {}",
                 m.protocol
@@ -372,7 +372,7 @@ mod tests {
 
     #[test]
     fn port_mappings_are_checked_before_cni() {
-        use k8s_cri::v1::PortMapping as Cri;
+        use berth_cri::v1::PortMapping as Cri;
         let ok = Cri {
             host_port: 8080,
             container_port: 80,

@@ -61,7 +61,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use k8s_cri::v1::{ContainerConfig, NamespaceMode, PodSandboxConfig};
+use berth_cri::v1::{ContainerConfig, NamespaceMode, PodSandboxConfig};
 use oci_spec::runtime::{
     Capability, Linux, LinuxNamespace, LinuxNamespaceType, PosixRlimitBuilder, PosixRlimitType,
     Process, Root, Spec,
@@ -335,7 +335,7 @@ fn build_spec_on(input: &SpecInput, host: &Host) -> Result<Spec> {
         .as_ref()
         .and_then(|l| l.security_context.as_ref());
 
-    let userns = |o: Option<&k8s_cri::v1::NamespaceOption>| {
+    let userns = |o: Option<&berth_cri::v1::NamespaceOption>| {
         o.and_then(|o| o.userns_options.as_ref()).map(|u| u.mode)
     };
     if user_namespace_requested(userns(

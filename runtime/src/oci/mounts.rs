@@ -4,7 +4,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use k8s_cri::v1::{ContainerConfig, MountPropagation};
+use berth_cri::v1::{ContainerConfig, MountPropagation};
 use oci_spec::runtime::Mount;
 
 use super::SandboxFiles;
@@ -282,7 +282,7 @@ pub(crate) fn build(
 
 #[cfg(test)]
 mod tests {
-    use k8s_cri::v1::Mount as CriMount;
+    use berth_cri::v1::Mount as CriMount;
 
     use super::*;
 

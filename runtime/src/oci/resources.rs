@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::PathBuf;
 
-use k8s_cri::v1::{ContainerConfig, LinuxContainerResources};
+use berth_cri::v1::{ContainerConfig, LinuxContainerResources};
 use oci_spec::runtime::{
     LinuxCpu, LinuxDevice, LinuxDeviceCgroup, LinuxDeviceType, LinuxHugepageLimit, LinuxMemory,
     LinuxResources,
@@ -155,7 +155,7 @@ pub(crate) fn devices(
 
 #[cfg(test)]
 mod tests {
-    use k8s_cri::v1::{Device, HugepageLimit};
+    use berth_cri::v1::{Device, HugepageLimit};
 
     use super::*;
 

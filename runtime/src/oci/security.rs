@@ -3,8 +3,8 @@
 use std::collections::HashSet;
 use std::str::FromStr;
 
-use k8s_cri::v1::security_profile::ProfileType;
-use k8s_cri::v1::{LinuxContainerSecurityContext, SecurityProfile};
+use berth_cri::v1::security_profile::ProfileType;
+use berth_cri::v1::{LinuxContainerSecurityContext, SecurityProfile};
 use oci_spec::runtime::{Capability, LinuxCapabilities, LinuxSeccomp};
 
 use super::seccomp;
@@ -288,7 +288,7 @@ pub(crate) fn masked_and_readonly_paths(
 
 #[cfg(test)]
 mod tests {
-    use k8s_cri::v1::Capability as CriCaps;
+    use berth_cri::v1::Capability as CriCaps;
 
     use super::*;
 

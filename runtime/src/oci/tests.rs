@@ -2,8 +2,8 @@
 
 use std::os::unix::fs::PermissionsExt;
 
-use k8s_cri::v1::security_profile::ProfileType;
-use k8s_cri::v1::{
+use berth_cri::v1::security_profile::ProfileType;
+use berth_cri::v1::{
     Capability as CriCaps, ContainerMetadata, ImageSpec, Int64Value, KeyValue,
     LinuxContainerConfig, LinuxContainerResources, LinuxContainerSecurityContext,
     LinuxPodSandboxConfig, LinuxSandboxSecurityContext, Mount as CriMount, MountPropagation,

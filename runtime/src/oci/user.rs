@@ -11,7 +11,7 @@
 
 use std::path::Path;
 
-use k8s_cri::v1::{LinuxContainerSecurityContext, SupplementalGroupsPolicy};
+use berth_cri::v1::{LinuxContainerSecurityContext, SupplementalGroupsPolicy};
 use oci_spec::runtime::User;
 
 use super::inroot;
@@ -285,7 +285,7 @@ pub fn resolve_user(
 mod tests {
     use std::os::unix::fs::symlink;
 
-    use k8s_cri::v1::Int64Value;
+    use berth_cri::v1::Int64Value;
 
     use super::*;
 

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use k8s_cri::v1::DnsConfig;
+use berth_cri::v1::DnsConfig;
 
 use crate::error::{IoContext, Result};
 

@@ -506,6 +506,7 @@ mod tests {
                     swap_usage: Some(0),
                     swap_limit: None,
                     pids: Some(3),
+                    ..Default::default()
                 },
             },
             writable_layer: crate::image::Usage {

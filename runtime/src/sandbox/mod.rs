@@ -10,7 +10,7 @@ pub mod stats;
 
 use std::path::{Path, PathBuf};
 
-use k8s_cri::v1::{NamespaceMode, PodSandboxConfig};
+use berth_cri::v1::{NamespaceMode, PodSandboxConfig};
 
 use crate::daemon::Daemon;
 use crate::error::{Error, IoContext, Result};
@@ -130,7 +130,7 @@ pub fn validate_sysctls(
 
 /// What a RunPodSandbox request asks for, checked.
 struct RunRequest {
-    meta: k8s_cri::v1::PodSandboxMetadata,
+    meta: berth_cri::v1::PodSandboxMetadata,
     own_net: bool,
     own_ipc: bool,
     shared_pid: bool,

@@ -1,7 +1,7 @@
 //! A pod sandbox's own resource usage: its cgroup (CPU, memory, processes)
 //! and the interfaces of its network namespace.
 
-use k8s_cri::v1::NamespaceMode;
+use berth_cri::v1::NamespaceMode;
 
 use super::SandboxContext;
 use super::namespaces::{self, InterfaceCounters, Kind};

@@ -120,6 +120,9 @@ pub struct ContainerRecord {
     /// Who its process runs as (from its spec); `None` in records of
     /// containers created before it was kept.
     pub user: Option<ProcessUser>,
+    /// The signal StopContainer sends first, resolved at create (config,
+    /// image, SIGTERM); 0 in records made before it was kept.
+    pub stop_signal: i32,
 }
 
 /// A process's uid, primary gid and supplementary groups.

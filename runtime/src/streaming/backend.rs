@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_cri::v1::{AttachRequest, ExecRequest};
+use berth_cri::v1::{AttachRequest, ExecRequest};
 
 use super::remotecommand::TermSize;
 use super::{Attached, Backend, ExecProcess};

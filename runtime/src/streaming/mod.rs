@@ -24,8 +24,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
 use bytes::Bytes;
-use k8s_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
 use tokio::sync::{Semaphore, watch};
 
 use crate::config::StreamingConfig;

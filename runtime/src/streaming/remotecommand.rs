@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_cri::v1::{AttachRequest, ExecRequest};
+use berth_cri::v1::{AttachRequest, ExecRequest};
 use serde::Deserialize;
 use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;

@@ -6,8 +6,8 @@ use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
 
+use berth_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
 use futures_util::{SinkExt, StreamExt};
-use k8s_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;

@@ -9,7 +9,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use k8s_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
+use berth_cri::v1::{AttachRequest, ExecRequest, PortForwardRequest};
 use rand::RngCore;
 
 use crate::error::{Error, Result};
