@@ -431,23 +431,30 @@ impl Drop for Berthd {
 }
 
 /// The address berthd's `/metrics` endpoint is bound to, from verbose
-/// `Status` (key `metricsAddress`); `None` while metrics are off.
-pub async fn metrics_address(
-    client: &mut CriClient,
-) -> anyhow::Result<Option<std::net::SocketAddr>> {
+/// `Status` (key `metricsAddress`); `None` while metrics are off. Panics
+/// when Status fails or lacks the key: the harness cannot go on then.
+pub async fn metrics_address(client: &CriClient) -> Option<std::net::SocketAddr> {
     let status = client
+        .clone()
         .runtime
         .status(k8s_cri::v1::StatusRequest { verbose: true })
-        .await?
+        .await
+        .expect("verbose Status")
         .into_inner();
-    let raw = status.info.get("metricsAddress").ok_or_else(|| {
-        anyhow::anyhow!("verbose Status has no metricsAddress: {:?}", status.info)
-    })?;
-    let address: String = serde_json::from_str(raw)?;
+    let raw = status
+        .info
+        .get("metricsAddress")
+        .unwrap_or_else(|| panic!("verbose Status has no metricsAddress: {:?}", status.info));
+    let address: String = serde_json::from_str(raw)
+        .unwrap_or_else(|e| panic!("metricsAddress {raw:?} is not a JSON string: {e}"));
     if address.is_empty() {
-        return Ok(None);
+        return None;
     }
-    Ok(Some(address.parse()?))
+    Some(
+        address
+            .parse()
+            .unwrap_or_else(|e| panic!("metricsAddress {address:?}: {e}")),
+    )
 }
 
 /// GET `path` from the metrics endpoint at `addr`: (HTTP status, body).
@@ -462,11 +469,13 @@ pub async fn scrape_path(addr: std::net::SocketAddr, path: &str) -> anyhow::Resu
     ))
 }
 
-/// The text of one `/metrics` scrape; fails unless it answered 200.
-pub async fn scrape(addr: std::net::SocketAddr) -> anyhow::Result<String> {
-    let (status, body) = scrape_path(addr, "/metrics").await?;
-    anyhow::ensure!(status == 200, "GET /metrics answered {status}: {body}");
-    Ok(body)
+/// The text of one `/metrics` scrape; panics unless it answered 200.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    let (status, body) = scrape_path(addr, "/metrics")
+        .await
+        .unwrap_or_else(|e| panic!("GET http://{addr}/metrics: {e}"));
+    assert_eq!(status, 200, "GET http://{addr}/metrics: {body}");
+    body
 }
 
 /// The value of the sample `series` (name with its labels, exactly as the

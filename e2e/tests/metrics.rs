@@ -33,10 +33,7 @@ fn value(text: &str, series: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_rpcs_states_shims_and_pulls() {
     let mut env = PodEnv::start_with(metrics_on()).await;
-    let addr = metrics_address(&mut env.client)
-        .await
-        .unwrap()
-        .expect("metrics are on");
+    let addr = metrics_address(&env.client).await.expect("metrics are on");
     assert!(addr.ip().is_loopback() && addr.port() != 0, "{addr}");
     assert!(
         env.d.log().contains(&format!("address={addr}")) && env.d.log().contains("serving metrics"),
@@ -44,7 +41,7 @@ async fn metrics_count_rpcs_states_shims_and_pulls() {
         env.d.log()
     );
 
-    let before = scrape(addr).await.unwrap();
+    let before = scrape(addr).await;
     for _ in 0..3 {
         env.client
             .runtime
@@ -56,7 +53,7 @@ async fn metrics_count_rpcs_states_shims_and_pulls() {
         let err = env.try_status("no-such-container").await.unwrap_err();
         assert_eq!(err.code(), Code::NotFound);
     }
-    let after = scrape(addr).await.unwrap();
+    let after = scrape(addr).await;
     let delta =
         |method: &str, code: &str| requests(&after, method, code) - requests(&before, method, code);
     assert_eq!(delta("RuntimeService/Version", "OK"), 3.0, "{after}");
@@ -104,7 +101,7 @@ async fn metrics_count_rpcs_states_shims_and_pulls() {
             &container_config("sleeper", &env.busybox(), &["sleep", "600"]),
         )
         .await;
-    let text = scrape(addr).await.unwrap();
+    let text = scrape(addr).await;
     assert_eq!(
         value(&text, "berth_sandboxes{state=\"ready\"}"),
         1.0,
@@ -145,7 +142,7 @@ async fn metrics_count_rpcs_states_shims_and_pulls() {
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     let started = Instant::now();
-    let during = scrape(addr).await.unwrap();
+    let during = scrape(addr).await;
     assert!(
         started.elapsed() < Duration::from_secs(2),
         "a scrape waited for ExecSync: {:?}",
@@ -154,7 +151,7 @@ async fn metrics_count_rpcs_states_shims_and_pulls() {
     assert!(!exec.is_finished(), "ExecSync should still run");
     assert_eq!(requests(&during, "RuntimeService/ExecSync", "OK"), 0.0);
     exec.await.unwrap().unwrap();
-    let text = scrape(addr).await.unwrap();
+    let text = scrape(addr).await;
     assert_eq!(
         requests(&text, "RuntimeService/ExecSync", "OK"),
         1.0,
@@ -163,7 +160,7 @@ async fn metrics_count_rpcs_states_shims_and_pulls() {
 
     // Stopped and removed: the gauges follow.
     env.stop_container(&ctr, 0).await.unwrap();
-    let text = scrape(addr).await.unwrap();
+    let text = scrape(addr).await;
     assert_eq!(
         value(&text, "berth_containers{state=\"running\"}"),
         0.0,
@@ -176,7 +173,7 @@ async fn metrics_count_rpcs_states_shims_and_pulls() {
     );
     env.stop_pod(&pod).await.unwrap();
     env.remove_pod(&pod).await.unwrap();
-    let text = scrape(addr).await.unwrap();
+    let text = scrape(addr).await;
     assert_eq!(
         value(&text, "berth_sandboxes{state=\"ready\"}"),
         0.0,
@@ -193,8 +190,8 @@ async fn metrics_count_rpcs_states_shims_and_pulls() {
 async fn metrics_endpoint_serves_only_get_metrics() {
     require_root();
     let d = Berthd::start(metrics_on()).await.unwrap();
-    let mut c = d.client().await.unwrap();
-    let addr = metrics_address(&mut c).await.unwrap().unwrap();
+    let c = d.client().await.unwrap();
+    let addr = metrics_address(&c).await.unwrap();
 
     let r = tokio::task::spawn_blocking(move || {
         berth_e2e::http::get(&addr.to_string(), "/metrics", &[])
@@ -236,8 +233,8 @@ async fn metrics_endpoint_serves_only_get_metrics() {
 async fn metrics_are_off_by_default() {
     require_root();
     let d = Berthd::start(BerthdOptions::default()).await.unwrap();
-    let mut c = d.client().await.unwrap();
-    assert_eq!(metrics_address(&mut c).await.unwrap(), None);
+    let c = d.client().await.unwrap();
+    assert_eq!(metrics_address(&c).await, None);
     assert!(!d.log().contains("serving metrics"), "{}", d.log());
 }
 
@@ -254,16 +251,13 @@ async fn dev_config_serves_metrics_on_loopback() {
     )
     .await
     .unwrap();
-    let mut c = d.client().await.unwrap();
-    let addr = metrics_address(&mut c)
-        .await
-        .unwrap()
-        .expect("dev.toml serves metrics");
+    let c = d.client().await.unwrap();
+    let addr = metrics_address(&c).await.expect("dev.toml serves metrics");
     assert!(addr.ip().is_loopback(), "{addr}");
     // The harness gave it a port of its own instead of dev.toml's.
     let config = std::fs::read_to_string(&d.config_path).unwrap();
     assert!(config.contains("address = \"127.0.0.1:0\""), "{config}");
-    let text = scrape(addr).await.unwrap();
+    let text = scrape(addr).await;
     assert!(
         requests(&text, "RuntimeService/Status", "OK") >= 1.0,
         "{text}"
