@@ -157,6 +157,18 @@ impl FlatToml {
         }
     }
 
+    /// The value of `key` in `table` (`None`: top level), as written.
+    fn get(&self, table: Option<&str>, key: &str) -> Option<&str> {
+        let entries = match table {
+            None => &self.top,
+            Some(name) => &self.tables.iter().find(|(t, _)| t == name)?.1,
+        };
+        entries
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
     /// The document with `between` (more TOML) after the top-level keys.
     fn render(&self, between: &str) -> String {
         let mut out = String::new();
@@ -261,6 +273,14 @@ impl Berthd {
             doc.set(Some("cni"), "allow_loopback_only", "true".into());
         }
         doc.set(Some("cni"), "conf_dir", toml_path(&self.cni_conf_dir()));
+        // A base that serves metrics (dev.toml's fixed port) gets a port of
+        // its own: other berthds may run at the same time.
+        if doc
+            .get(Some("metrics"), "address")
+            .is_some_and(|a| a != "\"\"")
+        {
+            doc.set(Some("metrics"), "address", "\"127.0.0.1:0\"".into());
+        }
         for (k, v) in self
             .cni_options
             .toml_keys()
@@ -408,4 +428,60 @@ impl Drop for Berthd {
             );
         }
     }
+}
+
+/// The address berthd's `/metrics` endpoint is bound to, from verbose
+/// `Status` (key `metricsAddress`); `None` while metrics are off. Panics
+/// when Status fails or lacks the key: the harness cannot go on then.
+pub async fn metrics_address(client: &CriClient) -> Option<std::net::SocketAddr> {
+    let status = client
+        .clone()
+        .runtime
+        .status(k8s_cri::v1::StatusRequest { verbose: true })
+        .await
+        .expect("verbose Status")
+        .into_inner();
+    let raw = status
+        .info
+        .get("metricsAddress")
+        .unwrap_or_else(|| panic!("verbose Status has no metricsAddress: {:?}", status.info));
+    let address: String = serde_json::from_str(raw)
+        .unwrap_or_else(|e| panic!("metricsAddress {raw:?} is not a JSON string: {e}"));
+    if address.is_empty() {
+        return None;
+    }
+    Some(
+        address
+            .parse()
+            .unwrap_or_else(|e| panic!("metricsAddress {address:?}: {e}")),
+    )
+}
+
+/// GET `path` from the metrics endpoint at `addr`: (HTTP status, body).
+pub async fn scrape_path(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<(u16, String)> {
+    let path = path.to_string();
+    let response =
+        tokio::task::spawn_blocking(move || crate::http::get(&addr.to_string(), &path, &[]))
+            .await??;
+    Ok((
+        response.status,
+        String::from_utf8_lossy(&response.body).into_owned(),
+    ))
+}
+
+/// The text of one `/metrics` scrape; panics unless it answered 200.
+pub async fn scrape(addr: std::net::SocketAddr) -> String {
+    let (status, body) = scrape_path(addr, "/metrics")
+        .await
+        .unwrap_or_else(|e| panic!("GET http://{addr}/metrics: {e}"));
+    assert_eq!(status, 200, "GET http://{addr}/metrics: {body}");
+    body
+}
+
+/// The value of the sample `series` (name with its labels, exactly as the
+/// exposition writes them, e.g. `berth_shims`) in `text`.
+pub fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }

@@ -16,7 +16,7 @@ pub mod process;
 pub mod registry;
 pub mod streaming;
 
-pub use berthd::{Berthd, BerthdOptions, CniOptions};
+pub use berthd::{Berthd, BerthdOptions, CniOptions, metrics_address, scrape};
 pub use images::{
     BuiltImage, BuiltIndex, Compression, Image, ImageSettings, Malicious, Platform, TestImages,
 };

@@ -26,6 +26,15 @@ pub struct Config {
     pub cni: CniConfig,
     pub registry: RegistryConfig,
     pub streaming: StreamingConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// ip:port of the Prometheus `/metrics` endpoint; empty (the default)
+    /// serves none.
+    pub address: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -139,6 +148,7 @@ impl Default for Config {
                 ..Default::default()
             },
             streaming: StreamingConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -297,6 +307,18 @@ impl Config {
             return Err(bad(format!(
                 "streaming.address must be ip:port, got {:?}",
                 self.streaming.address
+            )));
+        }
+        if !self.metrics.address.is_empty()
+            && self
+                .metrics
+                .address
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return Err(bad(format!(
+                "metrics.address must be ip:port or empty (off), got {:?}",
+                self.metrics.address
             )));
         }
         match (&self.streaming.tls_cert_file, &self.streaming.tls_key_file) {
@@ -497,6 +519,21 @@ mod tests {
         assert!(!c.cni.allow_loopback_only);
         assert_ne!(c.cni.conf_dir, Config::default().cni.conf_dir);
         assert!(c.cni.conf_dir.starts_with(&c.root_dir), "{c:?}");
+        let metrics: std::net::SocketAddr = c.metrics.address.parse().unwrap();
+        assert!(metrics.ip().is_loopback(), "{c:?}");
+    }
+
+    #[test]
+    fn metrics_address_off_by_default_and_checked() {
+        assert_eq!(Config::default().metrics.address, "");
+        for bad in ["\"9470\"", "\"localhost:9470\"", "\"127.0.0.1\""] {
+            let err = Config::parse(&format!("[metrics]\naddress = {bad}\n"), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("metrics.address"), "{bad}: {err}");
+        }
+        let c = Config::parse("[metrics]\naddress = \"0.0.0.0:9470\"\n", "t").unwrap();
+        assert_eq!(c.metrics.address, "0.0.0.0:9470");
     }
 
     #[test]

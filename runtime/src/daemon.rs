@@ -13,6 +13,7 @@ use crate::host::{Host, RealHost};
 use crate::image::Images;
 use crate::layout::Layout;
 use crate::locks::{ContainerGuard, ObjectLocks, SandboxGuard, SandboxShared};
+use crate::metrics::Metrics;
 use crate::names::Names;
 use crate::network::{self, Network};
 use crate::store::{ContainerRecord, SandboxRecord, Store};
@@ -47,6 +48,8 @@ pub struct Daemon {
     transitions: Mutex<()>,
     /// Containers whose exit is being watched (exit records, dead shims).
     pub exits: crate::container::exits::ExitWatcher,
+    /// What `/metrics` serves; recorded into from every module.
+    pub metrics: Arc<Metrics>,
 }
 
 /// One readiness condition as `Status` reports it.
@@ -84,12 +87,13 @@ impl Daemon {
         {
             tracing::info!(path = %path.display(), "wrote the default CNI network config");
         }
+        let metrics = Arc::new(Metrics::new());
         let host = RealHost {
             cgroups: cgroups.clone(),
-            network: Arc::new(Network::new(&config)),
+            network: Arc::new(Network::new(&config, metrics.clone())),
             rt: tokio::runtime::Handle::current(),
         };
-        Self::with_host(config, cgroups, Arc::new(host))
+        Self::with_host_and_metrics(config, cgroups, Arc::new(host), metrics)
     }
 
     /// The daemon over `host` (a recording fake in unit tests).
@@ -98,9 +102,26 @@ impl Daemon {
         cgroups: Arc<Cgroups>,
         host: Arc<dyn Host>,
     ) -> Result<Arc<Daemon>> {
+        Self::with_host_and_metrics(config, cgroups, host, Arc::new(Metrics::new()))
+    }
+
+    fn with_host_and_metrics(
+        config: Config,
+        cgroups: Arc<Cgroups>,
+        host: Arc<dyn Host>,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<Daemon>> {
         let layout = Layout::new(&config.root_dir, &config.state_dir);
-        let store = Arc::new(Store::open(&layout.store())?);
-        let images = Images::open(&config.root_dir, &config.registry, store.clone())?;
+        let store = Arc::new(Store::open_with_metrics(
+            &layout.store(),
+            Some(metrics.clone()),
+        )?);
+        let images = Images::open(
+            &config.root_dir,
+            &config.registry,
+            store.clone(),
+            metrics.clone(),
+        )?;
         let names = Names::of_records(
             &store.list::<SandboxRecord>()?,
             &store.list::<ContainerRecord>()?,
@@ -116,9 +137,10 @@ impl Daemon {
             layer_usage: Default::default(),
             names,
             locks: ObjectLocks::default(),
-            events: EventHub::default(),
+            events: EventHub::new(metrics.clone()),
             transitions: Mutex::new(()),
             exits: crate::container::exits::ExitWatcher::new()?,
+            metrics,
         }))
     }
 
@@ -266,6 +288,17 @@ impl Daemon {
             (
                 "podCIDR".into(),
                 serde_json::Value::String(self.pod_cidr().unwrap_or_default()).to_string(),
+            ),
+            (
+                // The address bound (port 0 resolved); "" while metrics are off.
+                "metricsAddress".into(),
+                serde_json::Value::String(
+                    self.metrics
+                        .address()
+                        .map(|a| a.to_string())
+                        .unwrap_or_default(),
+                )
+                .to_string(),
             ),
         ]
     }

@@ -8,11 +8,12 @@
 //! with a log line, so a slow or stuck client never blocks a CRI call or
 //! another subscriber.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 
+use crate::metrics::Metrics;
 use crate::store::ContainerRecord;
 
 /// Events buffered per subscriber before it counts as stuck.
@@ -44,6 +45,8 @@ pub struct Event {
 
 struct Subscriber {
     id: u64,
+    /// The metrics label: which code subscribed (a constant).
+    kind: &'static str,
     name: String,
     tx: mpsc::Sender<Event>,
 }
@@ -61,12 +64,20 @@ struct Inner {
 pub struct EventHub {
     started: Instant,
     inner: Mutex<Inner>,
+    metrics: Arc<Metrics>,
 }
 
 impl Default for EventHub {
     fn default() -> Self {
+        Self::new(Arc::default())
+    }
+}
+
+impl EventHub {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
         EventHub {
             started: Instant::now(),
+            metrics,
             inner: Mutex::new(Inner {
                 next_id: 1,
                 subscribers: Vec::new(),
@@ -76,12 +87,11 @@ impl Default for EventHub {
             }),
         }
     }
-}
 
-impl EventHub {
-    /// A new subscriber named `name` (for logs); its receiver ends when it
-    /// is dropped for falling behind.
-    pub fn subscribe(&self, name: &str) -> mpsc::Receiver<Event> {
+    /// A new subscriber of `kind` (a constant naming the code that
+    /// subscribes, for metrics) named `name` (for logs); its receiver ends
+    /// when it is dropped for falling behind.
+    pub fn subscribe(&self, kind: &'static str, name: &str) -> mpsc::Receiver<Event> {
         let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         let mut inner = self.inner.lock().unwrap();
         self.expire_backlog(&mut inner);
@@ -93,6 +103,7 @@ impl EventHub {
         tracing::debug!(subscriber = id, name, "event subscriber added");
         inner.subscribers.push(Subscriber {
             id,
+            kind,
             name: name.to_string(),
             tx,
         });
@@ -103,6 +114,7 @@ impl EventHub {
     pub fn publish(&self, event: Event) {
         let mut inner = self.inner.lock().unwrap();
         inner.published += 1;
+        self.metrics.event_published();
         self.expire_backlog(&mut inner);
         if let Some(backlog) = &mut inner.backlog
             && backlog.len() < SUBSCRIBER_BUFFER
@@ -123,6 +135,7 @@ impl EventHub {
                         "event subscriber does not keep up; dropping it"
                     );
                     dropped += 1;
+                    self.metrics.event_dropped(s.kind);
                     false
                 }
             });
@@ -163,8 +176,8 @@ mod tests {
     #[test]
     fn every_subscriber_gets_events_in_order() {
         let hub = EventHub::default();
-        let mut a = hub.subscribe("a");
-        let mut b = hub.subscribe("b");
+        let mut a = hub.subscribe("test", "a");
+        let mut b = hub.subscribe("test", "b");
         for kind in [
             EventKind::Created,
             EventKind::Started,
@@ -192,8 +205,8 @@ mod tests {
     #[test]
     fn a_stuck_subscriber_is_dropped_and_others_keep_receiving() {
         let hub = EventHub::default();
-        let _stuck = hub.subscribe("stuck");
-        let mut live = hub.subscribe("live");
+        let _stuck = hub.subscribe("test", "stuck");
+        let mut live = hub.subscribe("test", "live");
         for i in 0..SUBSCRIBER_BUFFER * 3 {
             hub.publish(event(&i.to_string(), EventKind::Created));
             while live.try_recv().is_ok() {}
@@ -208,10 +221,10 @@ mod tests {
     fn start_up_events_reach_the_first_subscriber_only() {
         let hub = EventHub::default();
         hub.publish(event("exited-while-down", EventKind::Stopped));
-        let mut first = hub.subscribe("kubelet");
+        let mut first = hub.subscribe("test", "kubelet");
         assert_eq!(first.try_recv().unwrap().id, "exited-while-down");
         hub.publish(event("later", EventKind::Stopped));
-        let mut second = hub.subscribe("crictl");
+        let mut second = hub.subscribe("test", "crictl");
         assert_eq!(first.try_recv().unwrap().id, "later");
         assert!(second.try_recv().is_err());
     }
@@ -219,7 +232,7 @@ mod tests {
     #[test]
     fn a_gone_subscriber_is_forgotten() {
         let hub = EventHub::default();
-        drop(hub.subscribe("gone"));
+        drop(hub.subscribe("test", "gone"));
         hub.publish(event("c", EventKind::Created));
         assert_eq!(hub.subscriber_count(), 0);
         assert_eq!(hub.counters().1, 0);

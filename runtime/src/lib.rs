@@ -13,6 +13,7 @@ pub mod image;
 pub mod layout;
 pub mod locks;
 pub mod logging;
+pub mod metrics;
 pub mod names;
 pub mod network;
 pub mod oci;

@@ -342,7 +342,7 @@ fn a_failing_create_container_step_undoes_every_earlier_one() {
 #[test]
 fn remove_pod_sandbox_releases_everything_and_publishes_events() {
     let f = fixture();
-    let mut events = f.daemon.events.subscribe("test");
+    let mut events = f.daemon.events.subscribe("test", "test");
     let pod = f.run_pod("web").unwrap();
     let c = f.create(&pod, "app", container_config("app")).unwrap();
     f.start(&pod, &c);
@@ -475,7 +475,7 @@ fn a_shim_that_dies_makes_the_container_unknown_and_stopped_once() {
     let pod = f.run_pod("web").unwrap();
     let c = f.create(&pod, "app", container_config("app")).unwrap();
     f.start(&pod, &c);
-    let mut events = f.daemon.events.subscribe("test");
+    let mut events = f.daemon.events.subscribe("test", "test");
     // The first subscriber gets what happened before it: skip that.
     while events.try_recv().is_ok() {}
     let shim = f

@@ -101,6 +101,9 @@ fn run(config_path: Option<PathBuf>) -> Result<()> {
         });
         let streaming =
             berth_runtime::streaming::Server::start(&daemon.config.streaming, backend).await?;
+        // Bound before CRI is served, so a bad address stops berthd early;
+        // dropped (stopped) when serving ends.
+        let _metrics = berth_runtime::metrics::http::start(&daemon).await?;
         server::serve(daemon, streaming, socket, server::termination_signal()).await
     })
 }

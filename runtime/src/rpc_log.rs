@@ -3,27 +3,37 @@
 //! debug; a failure at warn with its message (the cause chain
 //! `cri/status.rs` put there; Internal errors are also logged at error
 //! there). A tower layer on the tonic server, so no handler repeats it.
+//! The same layer counts each call and its latency in [`Metrics`].
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
 use tonic::Code;
 
-#[derive(Clone, Copy, Default)]
-pub struct RpcLogLayer;
+use crate::metrics::Metrics;
+
+#[derive(Clone)]
+pub struct RpcLogLayer {
+    pub metrics: Arc<Metrics>,
+}
 
 impl<S> tower::Layer<S> for RpcLogLayer {
     type Service = RpcLog<S>;
     fn layer(&self, inner: S) -> RpcLog<S> {
-        RpcLog { inner }
+        RpcLog {
+            inner,
+            metrics: self.metrics.clone(),
+        }
     }
 }
 
 #[derive(Clone)]
 pub struct RpcLog<S> {
     inner: S,
+    metrics: Arc<Metrics>,
 }
 
 /// The status of a failed call, from its response headers: a failed
@@ -52,20 +62,29 @@ where
         let method = request.uri().path().to_string();
         let started = Instant::now();
         let future = self.inner.call(request);
+        let metrics = self.metrics.clone();
         Box::pin(async move {
             let result = future.await;
-            let duration_us = started.elapsed().as_micros() as u64;
-            match &result {
+            let elapsed = started.elapsed();
+            let duration_us = elapsed.as_micros() as u64;
+            let code = match &result {
                 Ok(response) => match failure(response.headers()) {
-                    None => tracing::debug!(method, duration_us, code = ?Code::Ok, "CRI call"),
+                    None => {
+                        tracing::debug!(method, duration_us, code = ?Code::Ok, "CRI call");
+                        Code::Ok
+                    }
                     Some(status) => {
-                        tracing::warn!(method, duration_us, code = ?status.code(), error = %status.message(), "CRI call failed")
+                        tracing::warn!(method, duration_us, code = ?status.code(), error = %status.message(), "CRI call failed");
+                        status.code()
                     }
                 },
                 Err(e) => {
-                    tracing::warn!(method, duration_us, error = %e, "CRI call failed in transport")
+                    tracing::warn!(method, duration_us, error = %e, "CRI call failed in transport");
+                    Code::Unknown
                 }
-            }
+            };
+            // A stream (GetContainerEvents) counts when its headers go out.
+            metrics.rpc_done(&method, code, elapsed);
             result
         })
     }

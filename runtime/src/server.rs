@@ -172,7 +172,9 @@ pub async fn serve(
                 image = tracing::field::Empty,
             )
         })
-        .layer(crate::rpc_log::RpcLogLayer)
+        .layer(crate::rpc_log::RpcLogLayer {
+            metrics: daemon.metrics.clone(),
+        })
         .add_service(RuntimeServiceServer::new(RuntimeService::new(
             daemon.clone(),
             streaming,

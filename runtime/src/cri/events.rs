@@ -26,7 +26,7 @@ pub type EventStream = Pin<Box<dyn Stream<Item = Result<ContainerEventResponse, 
 const STREAM_BUFFER: usize = 64;
 
 pub fn stream(daemon: Arc<Daemon>, who: &str) -> EventStream {
-    let mut events = daemon.events.subscribe(who);
+    let mut events = daemon.events.subscribe("GetContainerEvents", who);
     let (tx, rx) = tokio::sync::mpsc::channel(STREAM_BUFFER);
     tokio::spawn(async move {
         while let Some(event) = events.recv().await {

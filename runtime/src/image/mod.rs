@@ -54,6 +54,7 @@ pub struct Images {
     gc_lock: tokio::sync::RwLock<()>,
     downloads: tokio::sync::Semaphore,
     records_lock: Mutex<()>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 #[derive(Default)]
@@ -170,7 +171,12 @@ pub struct Usage {
 }
 
 impl Images {
-    pub fn open(root: &Path, config: &RegistryConfig, store: Arc<Store>) -> Result<Images> {
+    pub fn open(
+        root: &Path,
+        config: &RegistryConfig,
+        store: Arc<Store>,
+        metrics: Arc<crate::metrics::Metrics>,
+    ) -> Result<Images> {
         let containers_dir = root.join("containers");
         std::fs::create_dir_all(&containers_dir)
             .context(|| format!("create {}", containers_dir.display()))?;
@@ -184,13 +190,25 @@ impl Images {
             gc_lock: tokio::sync::RwLock::new(()),
             downloads: tokio::sync::Semaphore::new(PARALLEL_LAYERS),
             records_lock: Mutex::new(()),
+            metrics,
         })
     }
 
     /// Pulls `reference` and records it; returns the image record.
     pub async fn pull(&self, reference: &str, creds: &Credentials) -> Result<ImageRecord> {
-        let name = ImageName::parse(reference)?;
         let started = Instant::now();
+        let result = self.pull_and_record(reference, creds, started).await;
+        self.metrics.pull_done(result.is_ok(), started.elapsed());
+        result
+    }
+
+    async fn pull_and_record(
+        &self,
+        reference: &str,
+        creds: &Credentials,
+        started: Instant,
+    ) -> Result<ImageRecord> {
+        let name = ImageName::parse(reference)?;
         let _shared = self.gc_lock.read().await;
         let (source, top) = self.registries.resolve(&name, creds).await?;
         let top_digest = sha256_digest(&top);
@@ -376,7 +394,10 @@ impl Images {
                 stall.as_secs()
             ))),
             Ok(None) => Ok(None),
-            Ok(Some(Ok(b))) => Ok(Some(b)),
+            Ok(Some(Ok(b))) => {
+                self.metrics.pulled_bytes(b.len() as u64);
+                Ok(Some(b))
+            }
             Ok(Some(Err(e))) => Err(Error::Unavailable(format!(
                 "download of {digest} from {} failed: {e}",
                 source.host()

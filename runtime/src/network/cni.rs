@@ -86,6 +86,7 @@ pub struct Cni {
     /// Plugin binaries checked for Berth's marker: path → (mtime, size, is ours).
     pub own_plugins:
         std::sync::Mutex<std::collections::HashMap<PathBuf, (std::time::SystemTime, u64, bool)>>,
+    pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// The pod's IP addresses (without prefix) from a CNI result, IPv4 first:
@@ -304,10 +305,16 @@ impl Cni {
         prev: &Value,
     ) -> Result<Value> {
         let call = self.prepare(command, network, plugin, pod, prev)?;
-        match self.own_plugin(&call) {
+        // The type is bounded as a label: prepare found its binary in the
+        // operator's bin dirs.
+        let kind = call.kind.clone();
+        let started = std::time::Instant::now();
+        let result = match self.own_plugin(&call) {
             Some(own) => self.run_in_process(own, call, pod).await,
             None => self.run_binary(call, pod).await,
-        }
+        };
+        self.metrics.cni_call(&kind, command, started.elapsed());
+        result
     }
 
     /// Finds the plugin's binary and builds what both ways of running it
@@ -695,6 +702,7 @@ mod tests {
             ifname: "eth0".into(),
             in_process: true,
             own_plugins: Default::default(),
+            metrics: Default::default(),
         };
         (dir, cni)
     }

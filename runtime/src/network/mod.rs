@@ -28,7 +28,7 @@ pub const POD_INTERFACE: &str = "eth0";
 impl Network {
     /// `config.cni.bin_dirs` must already hold every dir to search (see
     /// [`Config::cni_bin_dirs`]).
-    pub fn new(config: &Config) -> Network {
+    pub fn new(config: &Config, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Network {
         Network {
             conf_dir: config.cni.conf_dir.clone(),
             allow_loopback_only: config.cni.allow_loopback_only,
@@ -39,6 +39,7 @@ impl Network {
                 ifname: POD_INTERFACE.into(),
                 in_process: config.cni.in_process,
                 own_plugins: Default::default(),
+                metrics,
             },
         }
     }
@@ -460,7 +461,7 @@ mod tests {
     fn no_config_refuses_the_pod_naming_the_conf_dir() {
         let dir = tempfile::tempdir().unwrap();
         let config = config_in(dir.path());
-        let network = Network::new(&config);
+        let network = Network::new(&config, Default::default());
         let err = run_setup(&network, &dir.path().join("netns")).unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
         let message = err.to_string();
@@ -482,7 +483,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut config = config_in(dir.path());
         config.cni.allow_loopback_only = true;
-        let network = Network::new(&config);
+        let network = Network::new(&config, Default::default());
         assert_eq!(
             run_setup(&network, &dir.path().join("netns")).unwrap(),
             Vec::<String>::new()
@@ -504,7 +505,7 @@ mod tests {
             r#"{"cniVersion":"1.0.0","name":"n","plugins":[{"type":"bridge","ipam":{"type":"host-local"}},{"type":"loopback"}]}"#,
         )
         .unwrap();
-        let network = Network::new(&config);
+        let network = Network::new(&config, Default::default());
         let err = run_setup(&network, &dir.path().join("netns")).unwrap_err();
         assert!(matches!(err, Error::FailedPrecondition(_)), "{err:?}");
         let message = err.to_string();

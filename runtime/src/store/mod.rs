@@ -31,7 +31,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard};
 
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -88,6 +88,8 @@ pub struct Store {
     /// Whether the last write committed.
     writable: AtomicBool,
     reserve: Reserve,
+    /// Where write latency goes; `None` for stores outside a daemon.
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// Which writes a call makes, for the space check.
@@ -165,6 +167,14 @@ impl Store {
     /// Opens (or creates) the store. Fails if another process holds it. A
     /// full filesystem does not stop the open: reads and deletes still work.
     pub fn open(path: &Path) -> Result<Store> {
+        Self::open_with_metrics(path, None)
+    }
+
+    /// [`Store::open`], timing each write transaction into `metrics`.
+    pub fn open_with_metrics(
+        path: &Path,
+        metrics: Option<Arc<crate::metrics::Metrics>>,
+    ) -> Result<Store> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir)
                 .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
@@ -181,6 +191,7 @@ impl Store {
                 path: reserve_path.into(),
                 held: Mutex::new(false),
             },
+            metrics,
         };
         if let Err(e) = store.reserve.ensure() {
             tracing::warn!(path = %store.reserve.path.display(), error = %e, "metadata store: cannot allocate the reserve file");
@@ -260,7 +271,14 @@ impl Store {
         let (generation, result) = {
             let (guard, generation) = self.handle()?;
             let db = guard.as_ref().expect("handle() returns an open database");
-            (generation, f(db))
+            let started = std::time::Instant::now();
+            let result = f(db);
+            if access != Access::Read
+                && let Some(m) = &self.metrics
+            {
+                m.store_write(started.elapsed());
+            }
+            (generation, result)
         };
         match result {
             Ok(v) => {
