@@ -437,7 +437,7 @@ pub async fn metrics_address(client: &CriClient) -> Option<std::net::SocketAddr>
     let status = client
         .clone()
         .runtime
-        .status(k8s_cri::v1::StatusRequest { verbose: true })
+        .status(berth_cri::v1::StatusRequest { verbose: true })
         .await
         .expect("verbose Status")
         .into_inner();
