@@ -776,6 +776,15 @@ where
     Ok((pct(d1.saturating_sub(d0)), pct(ticks_spent(&h0, &h1))))
 }
 
+/// The calls of [`stats_cpu`] that failed, the first failure, and an
+/// Unimplemented ListPodSandboxStats (not a failure).
+#[derive(Debug, Clone, Default)]
+struct ListingErrors {
+    failed: usize,
+    first: Option<String>,
+    unimplemented: Option<String>,
+}
+
 /// The daemon's CPU while a client calls ListContainerStats and
 /// ListPodSandboxStats once a second for [`Plan::stats_cpu_secs`]: its
 /// utime + stime (/proc/PID/stat) over the whole period divided by the
@@ -793,8 +802,7 @@ async fn stats_cpu(t: &mut Target, plan: &Plan) -> Cell {
         Err(e) => return Cell::na(e),
     };
     let client = t.client.clone();
-    let errors: std::sync::Arc<std::sync::Mutex<(usize, Option<String>, Option<String>)>> =
-        Default::default();
+    let errors: std::sync::Arc<std::sync::Mutex<ListingErrors>> = Default::default();
     let listing = cpu_over(daemon, &helpers, secs, || {
         let mut c = client.clone();
         let errors = errors.clone();
@@ -811,15 +819,16 @@ async fn stats_cpu(t: &mut Target, plan: &Plan) -> Cell {
             .await;
             let mut e = errors.lock().unwrap();
             if let Err(x) = containers {
-                e.0 += 1;
-                e.1.get_or_insert(format!("ListContainerStats: {x}"));
+                e.failed += 1;
+                e.first.get_or_insert(format!("ListContainerStats: {x}"));
             }
             if let Err(x) = pods {
                 if x.starts_with("Unimplemented") {
-                    e.2.get_or_insert(format!("ListPodSandboxStats answered {x}"));
+                    e.unimplemented
+                        .get_or_insert(format!("ListPodSandboxStats answered {x}"));
                 } else {
-                    e.0 += 1;
-                    e.1.get_or_insert(format!("ListPodSandboxStats: {x}"));
+                    e.failed += 1;
+                    e.first.get_or_insert(format!("ListPodSandboxStats: {x}"));
                 }
             }
         }
@@ -829,7 +838,11 @@ async fn stats_cpu(t: &mut Target, plan: &Plan) -> Cell {
         Ok(x) => x,
         Err(e) => return Cell::na(e),
     };
-    let (failed, first_error, unimplemented) = errors.lock().unwrap().clone();
+    let ListingErrors {
+        failed,
+        first: first_error,
+        unimplemented,
+    } = errors.lock().unwrap().clone();
     let mut note = format!(
         "idle {}; shims {} ({} idle); CPU time / wall time over {secs} s, ListContainerStats + ListPodSandboxStats at the start of each second (idle: the {secs} s before, no calls); shims: the {} shim processes' own CPU",
         report::fmt_num(idle.0),
