@@ -2,6 +2,8 @@
 //! loopback: enough to check readiness, read manifests and blobs back and
 //! push blobs without trusting the code under test. Plain TCP, or TLS
 //! (rustls with ring) trusting one CA file, with optional basic auth.
+//! [`get_http11`] is an async plain-TCP HTTP/1.1 GET (what a Prometheus
+//! scraper sends), for timing a daemon's metrics endpoint.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -133,6 +135,115 @@ fn tls_config(ca: &std::path::Path) -> anyhow::Result<Arc<rustls::ClientConfig>>
     Ok(Arc::new(config))
 }
 
+/// GET `path` from loopback `addr` over plain TCP as HTTP/1.1 with
+/// `Connection: close` (no `Accept-Encoding`: an identity body), on tokio;
+/// returns once the whole body is read: by `Content-Length`, the last
+/// chunk of a chunked body, or the end of the connection. The body is
+/// returned de-chunked. Everything, connecting included, within `timeout`.
+pub async fn get_http11(addr: &str, path: &str, timeout: Duration) -> anyhow::Result<HttpResponse> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let sock: std::net::SocketAddr = addr.parse()?;
+    anyhow::ensure!(
+        sock.ip().is_loopback(),
+        "harness HTTP only talks to loopback, not {addr}"
+    );
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(sock).await?;
+        stream.set_nodelay(true)?;
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: berth-e2e\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        );
+        stream.write_all(req.as_bytes()).await?;
+        let mut raw = Vec::with_capacity(64 * 1024);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return parse_http11(addr, &raw, true);
+            }
+            raw.extend_from_slice(&buf[..n]);
+            if let Some(r) = parse_http11(addr, &raw, false)? {
+                return Ok(Some(r));
+            }
+        }
+    };
+    match tokio::time::timeout(timeout, exchange).await {
+        Err(_) => anyhow::bail!("GET http://{addr}{path}: no whole response within {timeout:?}"),
+        Ok(Err(e)) => Err(e.context(format!("GET http://{addr}{path}"))),
+        Ok(Ok(None)) => anyhow::bail!("GET http://{addr}{path}: the connection ended mid-response"),
+        Ok(Ok(Some(r))) => Ok(r),
+    }
+}
+
+/// An HTTP/1.1 response from the bytes read so far: `None` while it is
+/// not whole yet; `eof`: the connection has ended (a body without length
+/// or chunking ends there).
+fn parse_http11(addr: &str, raw: &[u8], eof: bool) -> anyhow::Result<Option<HttpResponse>> {
+    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else {
+        anyhow::ensure!(!eof, "no end of headers in response from {addr}");
+        return Ok(None);
+    };
+    let mut r = parse_response(addr, &raw[..split + 4])?;
+    let body = &raw[split + 4..];
+    let chunked = r
+        .header("transfer-encoding")
+        .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+    if chunked {
+        return match dechunk(body)? {
+            Some(b) => {
+                r.body = b;
+                Ok(Some(r))
+            }
+            None if eof => anyhow::bail!("chunked body from {addr} ended before its last chunk"),
+            None => Ok(None),
+        };
+    }
+    if let Some(len) = r.header("content-length") {
+        let len: usize = len
+            .parse()
+            .map_err(|_| anyhow::anyhow!("bad Content-Length {len:?} from {addr}"))?;
+        if body.len() >= len {
+            r.body = body[..len].to_vec();
+            return Ok(Some(r));
+        }
+        anyhow::ensure!(
+            !eof,
+            "body from {addr} ended after {} of {len} bytes",
+            body.len()
+        );
+        return Ok(None);
+    }
+    if eof {
+        r.body = body.to_vec();
+        return Ok(Some(r));
+    }
+    Ok(None)
+}
+
+/// A chunked body's data, once its last (empty) chunk is there.
+fn dechunk(mut body: &[u8]) -> anyhow::Result<Option<Vec<u8>>> {
+    let mut out = Vec::with_capacity(body.len());
+    loop {
+        let Some(eol) = body.windows(2).position(|w| w == b"\r\n") else {
+            return Ok(None);
+        };
+        let line = std::str::from_utf8(&body[..eol])?;
+        let size = line.split(';').next().unwrap_or("").trim();
+        let size = usize::from_str_radix(size, 16)
+            .map_err(|_| anyhow::anyhow!("bad chunk size line {line:?}"))?;
+        body = &body[eol + 2..];
+        if size == 0 {
+            // Trailers (none expected) end with an empty line.
+            return Ok(body.windows(2).any(|w| w == b"\r\n").then_some(out));
+        }
+        if body.len() < size + 2 {
+            return Ok(None);
+        }
+        out.extend_from_slice(&body[..size]);
+        body = &body[size + 2..];
+    }
+}
+
 fn parse_response(addr: &str, raw: &[u8]) -> anyhow::Result<HttpResponse> {
     let split = raw
         .windows(4)
@@ -155,4 +266,30 @@ fn parse_response(addr: &str, raw: &[u8]) -> anyhow::Result<HttpResponse> {
         headers,
         body: raw[split + 4..].to_vec(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http11_bodies() {
+        let cl = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel";
+        assert!(parse_http11("a", cl, false).unwrap().is_none());
+        let cl = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello";
+        let r = parse_http11("a", cl, false).unwrap().unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (200, &b"hello"[..]));
+        let ch =
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n2;x=1\r\nlo\r\n";
+        assert!(parse_http11("a", ch, false).unwrap().is_none());
+        assert!(parse_http11("a", ch, true).is_err());
+        let mut whole = ch.to_vec();
+        whole.extend_from_slice(b"0\r\n\r\n");
+        let r = parse_http11("a", &whole, false).unwrap().unwrap();
+        assert_eq!(r.body, b"hello");
+        let eof = b"HTTP/1.1 404 Not Found\r\n\r\nnope";
+        assert!(parse_http11("a", eof, false).unwrap().is_none());
+        let r = parse_http11("a", eof, true).unwrap().unwrap();
+        assert_eq!((r.status, r.body.as_slice()), (404, &b"nope"[..]));
+    }
 }

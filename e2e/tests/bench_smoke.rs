@@ -44,6 +44,9 @@ async fn quick_bench_against_berth_has_every_row() {
         "daemon RSS with 30 pods × 1 container",
         "ListContainers at 30 containers",
         "ListContainerStats at 30 containers",
+        "ListPodSandboxStats at 30 pods",
+        "one /metrics scrape at 30 containers",
+        "daemon CPU while listing stats every second (30 containers, 3 s)",
         "ContainerStatus p99 while 10 RemovePodSandbox run concurrently",
         "container exit → STOPPED event",
         "port-forward pod → client, 64 MiB over one SPDY connection",
@@ -80,6 +83,24 @@ async fn quick_bench_against_berth_has_every_row() {
         "daemon RSS idle: {:?}",
         berth.cell(report::RSS_IDLE)
     );
+    // Berth implements ListPodSandboxStats; its CPU is read from /proc.
+    for id in [report::LIST_POD_STATS, report::STATS_CPU] {
+        assert!(
+            !berth.cell(id).is_na(),
+            "{id}: {:?}\n{table}",
+            berth.cell(id)
+        );
+    }
+    // The scrape is measured, or berthd says it has no endpoint.
+    match berth.cell(report::METRICS_SCRAPE) {
+        Cell::Na(why) => assert!(
+            why.starts_with("berthd: metrics endpoint not configured"),
+            "metrics scrape: {why}"
+        ),
+        Cell::Samples { values, failed, .. } => {
+            assert_eq!(values.len() + failed, plan.iterations)
+        }
+    }
     // A figure with samples has the plan's count (failures aside).
     if let Cell::Samples { values, failed, .. } = berth.cell("container_status") {
         assert_eq!(values.len() + failed, plan.iterations);

@@ -115,6 +115,15 @@ pub fn pause_image() -> anyhow::Result<Image> {
     ))
 }
 
+/// The path of containerd's Prometheus endpoint.
+pub const METRICS_PATH: &str = "/v1/metrics";
+
+/// `127.0.0.1:PORT` with a port nothing listened on a moment ago.
+fn free_loopback_addr() -> anyhow::Result<String> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?.to_string())
+}
+
 /// A containerd started by the benchmark. Dropping it stops containerd,
 /// kills shims it left, unmounts what it left under its dirs and deletes
 /// the bridge.
@@ -122,6 +131,9 @@ pub struct Containerd {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
     pub root: PathBuf,
+    /// `127.0.0.1:PORT` of its Prometheus endpoint (`/v1/metrics`), on a
+    /// port that was free when the config was written.
+    pub metrics_addr: String,
     child: Option<OwnedChild>,
     run_containerd_existed: bool,
     var_lib_cni_existed: bool,
@@ -148,7 +160,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
   level = "warn"
 
 [metrics]
-  address = ""
+  address = "{metrics}"
 
 [plugins."io.containerd.internal.v1.opt"]
   path = "{opt}"
@@ -186,6 +198,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             cni_bin = net::CNI_BIN_DIR,
             cni_conf = d.join("cni/net.d").display(),
             reg = registry_addr,
+            metrics = self.metrics_addr,
         )
     }
 
@@ -207,6 +220,7 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         let mut c = Containerd {
             socket: dir.path().join("containerd.sock"),
             root: dir.path().join("root"),
+            metrics_addr: free_loopback_addr()?,
             dir,
             child: None,
             run_containerd_existed: Path::new(RUN_CONTAINERD).exists(),

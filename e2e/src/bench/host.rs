@@ -48,6 +48,25 @@ fn stat(pid: i32) -> Option<(i32, char)> {
     Some((ppid, state))
 }
 
+/// CPU time a process has used, all its threads (dead ones included):
+/// utime + stime of /proc/PID/stat, in clock ticks ([`clock_ticks_per_sec`]).
+pub fn cpu_ticks(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = s.rsplit_once(')')?;
+    // After the command: state (field 3), ..., utime (14), stime (15).
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = f.get(11)?.parse().ok()?;
+    let stime: u64 = f.get(12)?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// `sysconf(_SC_CLK_TCK)`: the unit of [`cpu_ticks`].
+pub fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf reads a constant.
+    let n = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if n > 0 { n as u64 } else { 100 }
+}
+
 /// Whether `pid` exists and is not a zombie.
 pub fn alive(pid: i32) -> bool {
     matches!(stat(pid), Some((_, s)) if s != 'Z' && s != 'X')
@@ -336,6 +355,17 @@ mod tests {
         let me = std::process::id() as i32;
         assert!(alive(me));
         assert!(rss_kib(me).is_some_and(|r| r > 0));
+        // Spinning shows up as CPU time (a tenth of a second of it).
+        let before = cpu_ticks(me).expect("own cpu ticks");
+        let want = before + clock_ticks_per_sec() / 10;
+        let t0 = Instant::now();
+        let mut x = 0u64;
+        while cpu_ticks(me).unwrap() < want && t0.elapsed() < Duration::from_secs(30) {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(1));
+            }
+        }
+        assert!(cpu_ticks(me).unwrap() >= want, "no CPU time after spinning");
         let tree = ProcessTree::snapshot();
         assert!(tree.subtree(me).contains(&me));
         assert!(cmdline(me).is_some_and(|c| !c.is_empty()));

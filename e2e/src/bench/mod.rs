@@ -145,6 +145,9 @@ pub struct Plan {
     pub forward_mib: u64,
     /// How many times each port-forward transfer is repeated.
     pub forward_runs: usize,
+    /// Seconds of listing stats once a second at [`Plan::many`] pods while
+    /// the daemon's CPU time is measured (and as long again idle).
+    pub stats_cpu_secs: u64,
 }
 
 impl Plan {
@@ -164,6 +167,7 @@ impl Plan {
                 only: o.only.clone(),
                 forward_mib: 64,
                 forward_runs: 2,
+                stats_cpu_secs: 3,
             }
         } else {
             Plan {
@@ -180,6 +184,7 @@ impl Plan {
                 only: o.only.clone(),
                 forward_mib: 256,
                 forward_runs: 5,
+                stats_cpu_secs: 10,
             }
         }
     }
@@ -425,7 +430,14 @@ async fn bench_target(
 struct BerthWorld {
     d: Berthd,
     bridge: bool,
+    /// Why berthd runs without [`BERTHD_METRICS_TOML`]: the line of its
+    /// refusal.
+    metrics_refused: Option<String>,
 }
+
+/// The benchmark berthd's metrics endpoint: loopback, a port of its own
+/// choosing, reported by verbose `Status` (`info["metricsAddress"]`).
+const BERTHD_METRICS_TOML: &str = "[metrics]\naddress = \"127.0.0.1:0\"\n";
 
 impl BerthWorld {
     async fn start(
@@ -438,10 +450,34 @@ impl BerthWorld {
             // Network safety first: private ranges must not leave the machine.
             net::prepare()?;
         }
-        let mut d = Berthd::start(BerthdOptions {
-            extra_toml: format!("[registry]\ninsecure = [\"{}\"]\n", registry.addr),
+        let registry_toml = format!("[registry]\ninsecure = [\"{}\"]\n", registry.addr);
+        // The metrics endpoint on a port of its own choosing (reported by
+        // verbose Status). A berthd from before the endpoint refuses the
+        // table as an unknown key: it then runs without it, and the scrape
+        // row says the endpoint is not configured.
+        let mut metrics_refused = None;
+        let mut d = match Berthd::start(BerthdOptions {
+            extra_toml: format!("{registry_toml}{BERTHD_METRICS_TOML}"),
         })
-        .await?;
+        .await
+        {
+            Ok(d) => d,
+            Err(e) if format!("{e:#}").contains("metrics") => {
+                let text = format!("{e:#}");
+                let line = text
+                    .lines()
+                    .find(|l| l.contains("metrics"))
+                    .unwrap_or("")
+                    .trim()
+                    .to_string();
+                metrics_refused = Some(line);
+                Berthd::start(BerthdOptions {
+                    extra_toml: registry_toml,
+                })
+                .await?
+            }
+            Err(e) => return Err(e),
+        };
         // The harness logs berth_runtime at debug; a benchmark wants what an
         // operator runs: warnings only.
         let cfg = std::fs::read_to_string(&d.config_path)?;
@@ -475,7 +511,11 @@ impl BerthWorld {
             d.stop();
             d.restart().await?;
         }
-        Ok(BerthWorld { d, bridge })
+        Ok(BerthWorld {
+            d,
+            bridge,
+            metrics_refused,
+        })
     }
 }
 
@@ -553,7 +593,13 @@ async fn bench_berth(
             root_dir: world.d.root_dir(),
         },
         daemon_pid: world.d.pid().map(|p| p as i32),
+        metrics: target::Metrics::FromStatus,
     };
+    if let Some(line) = &world.metrics_refused {
+        res.notes.push(format!(
+            "berthd refused the [metrics] table, ran without it: {line}"
+        ));
+    }
     let route_check: &mut dyn FnMut() -> anyhow::Result<()> = match network {
         BerthNetwork::Bridge | BerthNetwork::BerthPlugins => &mut net::check_route,
         BerthNetwork::Loopback => &mut || Ok(()),
@@ -612,6 +658,10 @@ async fn bench_containerd(
             root: ctrd.root.clone(),
         },
         daemon_pid: ctrd.pid(),
+        metrics: target::Metrics::At {
+            addr: ctrd.metrics_addr.clone(),
+            path: containerd::METRICS_PATH.into(),
+        },
     };
     let route_check = &mut net::check_route;
     let outcome = bench_target(&mut t, factory, plan, big, &mut res, &[pause], route_check).await;
@@ -663,6 +713,7 @@ async fn bench_endpoint(
         client,
         kind: Kind::External,
         daemon_pid: None,
+        metrics: target::Metrics::Unknown("metrics endpoint unknown for an --endpoint".into()),
     };
     if let Err(e) = bench_target(&mut t, factory, plan, big, &mut res, &[], &mut || Ok(())).await {
         res.fill_na(defs, &e);

@@ -61,6 +61,13 @@ pub const RSS_IDLE: &str = "daemon_rss_idle";
 pub const RSS_MANY: &str = "daemon_rss_many";
 pub const LIST_CONTAINERS: &str = "list_containers_many";
 pub const LIST_STATS: &str = "list_container_stats_many";
+pub const LIST_POD_STATS: &str = "list_pod_sandbox_stats_many";
+/// One whole scrape of the daemon's Prometheus endpoint (HTTP/1.1 GET
+/// and body) at [`Plan::many`] containers.
+pub const METRICS_SCRAPE: &str = "metrics_scrape_many";
+/// The daemon's CPU (percent of one core) while a client calls
+/// ListContainerStats and ListPodSandboxStats once a second.
+pub const STATS_CPU: &str = "daemon_cpu_listing_stats";
 pub const PULL: &str = "pull_throughput";
 pub const STATUS_DURING_REMOVALS: &str = "container_status_p99_during_removals";
 pub const EXIT_TO_EVENT: &str = "exit_to_stopped_event";
@@ -122,6 +129,27 @@ pub fn catalogue(plan: &Plan) -> Vec<MetricDef> {
         LIST_STATS,
         format!("ListContainerStats at {} containers", plan.many),
         "ms",
+        Lower,
+    ));
+    v.push(def(
+        LIST_POD_STATS,
+        format!("ListPodSandboxStats at {} pods", plan.many),
+        "ms",
+        Lower,
+    ));
+    v.push(def(
+        METRICS_SCRAPE,
+        format!("one /metrics scrape at {} containers", plan.many),
+        "ms",
+        Lower,
+    ));
+    v.push(def(
+        STATS_CPU,
+        format!(
+            "daemon CPU while listing stats every second ({} containers, {} s)",
+            plan.many, plan.stats_cpu_secs
+        ),
+        "% core",
         Lower,
     ));
     v.push(def(
@@ -517,7 +545,7 @@ impl Report {
         for n in &self.notes {
             let _ = writeln!(s, "  note: {n}");
         }
-        s.push_str("  ratio columns: >1 means Berth is better (times and memory: other/berth; throughput: berth/other)\n");
+        s.push_str("  ratio columns: >1 means Berth is better (times, memory and CPU: other/berth; throughput: berth/other)\n");
         s
     }
 
@@ -564,6 +592,7 @@ impl Report {
                 "pull_runs": p.pull_runs,
                 "forward_mib": p.forward_mib,
                 "forward_runs": p.forward_runs,
+                "stats_cpu_secs": p.stats_cpu_secs,
                 "only": p.only.iter().map(|s| format!("{s:?}")).collect::<Vec<_>>(),
             },
             "environment": self.environment,

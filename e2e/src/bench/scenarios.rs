@@ -523,6 +523,9 @@ pub async fn many(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut Runtime
             report::RSS_MANY,
             report::LIST_CONTAINERS,
             report::LIST_STATS,
+            report::LIST_POD_STATS,
+            report::METRICS_SCRAPE,
+            report::STATS_CPU,
         ] {
             res.set(id, Cell::na(why.clone()));
         }
@@ -594,9 +597,268 @@ pub async fn many(t: &mut Target, f: &PodFactory, plan: &Plan, res: &mut Runtime
             col.note(format!("only {} containers: {p}", ok.len()));
         }
         res.set(report::LIST_STATS, col.cell("not measured"));
+
+        let mut cell = list_pod_stats(t, plan, ok.len()).await;
+        if let Some(p) = &partial {
+            append_note(&mut cell, format!("only {} pods: {p}", ok.len()));
+        }
+        res.set(report::LIST_POD_STATS, cell);
+
+        progress(t, "scraping the metrics endpoint");
+        let mut cell = metrics_scrape(t, plan).await;
+        if let Some(p) = &partial {
+            append_note(&mut cell, format!("only {} containers: {p}", ok.len()));
+        }
+        res.set(report::METRICS_SCRAPE, cell);
+
+        progress(
+            t,
+            &format!(
+                "daemon CPU: {} s idle, {} s listing stats every second",
+                plan.stats_cpu_secs, plan.stats_cpu_secs
+            ),
+        );
+        let mut cell = stats_cpu(t, plan).await;
+        if let Some(p) = &partial {
+            append_note(&mut cell, format!("only {} containers: {p}", ok.len()));
+        }
+        res.set(report::STATS_CPU, cell);
     }
     progress(t, "removing the pods");
     teardown_many(&t.client, cleanup_list(&ok, &failed), 8).await;
+}
+
+/// Adds `extra` to a measured cell's note (after what it says).
+fn append_note(cell: &mut Cell, extra: String) {
+    if let Cell::Samples { note, .. } = cell {
+        *note = Some(match note.take() {
+            Some(n) => format!("{n}; {extra}"),
+            None => extra,
+        });
+    }
+}
+
+/// ListPodSandboxStats (no filter) timed N times at `pods` running pods,
+/// as ListContainerStats is; an Unimplemented answer is an n/a cell
+/// naming the runtime, not a failure.
+async fn list_pod_stats(t: &mut Target, plan: &Plan, pods: usize) -> Cell {
+    let mut col = Collector::default();
+    for _ in 0..plan.iterations {
+        match timed(
+            t.client
+                .runtime
+                .list_pod_sandbox_stats(ListPodSandboxStatsRequest { filter: None }),
+        )
+        .await
+        {
+            Ok((r, d)) => {
+                col.push(ms(d));
+                if r.stats.len() < pods {
+                    col.note(format!("stats for {} of {pods} pods", r.stats.len()));
+                }
+            }
+            Err(e) if e.starts_with("Unimplemented") => {
+                return Cell::na(format!("{}: {e}", t.key));
+            }
+            Err(e) => {
+                col.fail(e);
+                break;
+            }
+        }
+    }
+    col.cell("not measured")
+}
+
+/// How long one scrape of a metrics endpoint may take.
+const SCRAPE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One whole scrape of the daemon's Prometheus endpoint, N times: a new
+/// loopback TCP connection, an HTTP/1.1 GET, the body read to its end
+/// (as a Prometheus server's scrape, without compression). The note has
+/// the body's size and sample lines.
+async fn metrics_scrape(t: &mut Target, plan: &Plan) -> Cell {
+    let (addr, path) = match target::metrics_endpoint(t).await {
+        Ok(x) => x,
+        Err(why) => return Cell::na(why),
+    };
+    let mut col = Collector::default();
+    let mut body: Option<(usize, usize)> = None;
+    for _ in 0..plan.iterations {
+        let t0 = Instant::now();
+        match crate::http::get_http11(&addr, &path, SCRAPE_TIMEOUT).await {
+            Ok(r) if r.status == 200 => {
+                col.push(ms(t0.elapsed()));
+                let samples = String::from_utf8_lossy(&r.body)
+                    .lines()
+                    .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                    .count();
+                body = Some((r.body.len(), samples));
+            }
+            Ok(r) => {
+                col.fail(format!(
+                    "GET http://{addr}{path}: HTTP {}: {}",
+                    r.status,
+                    String::from_utf8_lossy(&r.body[..r.body.len().min(200)]).trim()
+                ));
+                break;
+            }
+            Err(e) => {
+                col.fail(format!("{e:#}"));
+                break;
+            }
+        }
+    }
+    if let Some((bytes, samples)) = body {
+        col.note(format!(
+            "body {:.1} KiB, {samples} samples; GET {path}, new connection each",
+            bytes as f64 / 1024.0
+        ));
+    }
+    col.cell("not measured")
+}
+
+/// The runtime's per-container helper processes (shims), to show their
+/// CPU beside the daemon's: containerd asks its shims for the stats,
+/// berthd reads cgroups itself.
+fn helper_processes(t: &Target) -> Vec<i32> {
+    match &t.kind {
+        Kind::Berth { state_dir, .. } => {
+            host::processes_matching("berth-shim", &state_dir.display().to_string())
+        }
+        Kind::Containerd { address, .. } => {
+            host::processes_matching("containerd-shim-runc-v2", &address.display().to_string())
+        }
+        Kind::External => Vec::new(),
+    }
+}
+
+/// CPU ticks of each of `pids` (those still there).
+fn ticks_of(pids: &[i32]) -> HashMap<i32, u64> {
+    pids.iter()
+        .filter_map(|p| host::cpu_ticks(*p).map(|t| (*p, t)))
+        .collect()
+}
+
+/// Ticks spent from `before` to `after` by the processes in both.
+fn ticks_spent(before: &HashMap<i32, u64>, after: &HashMap<i32, u64>) -> u64 {
+    after
+        .iter()
+        .filter_map(|(p, a)| before.get(p).map(|b| a.saturating_sub(*b)))
+        .sum()
+}
+
+/// CPU used by the daemon and by its helpers over `secs` seconds, as
+/// percent of one core, while `work` runs once at the start of every
+/// second: (daemon %, helpers %).
+async fn cpu_over<F, Fut>(
+    daemon: i32,
+    helpers: &[i32],
+    secs: u64,
+    mut work: F,
+) -> Result<(f64, f64), String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let per_sec = host::clock_ticks_per_sec() as f64;
+    let h0 = ticks_of(helpers);
+    let d0 = host::cpu_ticks(daemon).ok_or(format!("cannot read /proc/{daemon}/stat"))?;
+    let start = tokio::time::Instant::now();
+    for i in 0..secs {
+        tokio::time::sleep_until(start + Duration::from_secs(i)).await;
+        work().await;
+    }
+    tokio::time::sleep_until(start + Duration::from_secs(secs)).await;
+    let d1 = host::cpu_ticks(daemon).ok_or(format!("cannot read /proc/{daemon}/stat"))?;
+    let h1 = ticks_of(helpers);
+    let wall = start.elapsed().as_secs_f64();
+    let pct = |ticks: u64| ticks as f64 / per_sec / wall * 100.0;
+    Ok((pct(d1.saturating_sub(d0)), pct(ticks_spent(&h0, &h1))))
+}
+
+/// The calls of [`stats_cpu`] that failed, the first failure, and an
+/// Unimplemented ListPodSandboxStats (not a failure).
+#[derive(Debug, Clone, Default)]
+struct ListingErrors {
+    failed: usize,
+    first: Option<String>,
+    unimplemented: Option<String>,
+}
+
+/// The daemon's CPU while a client calls ListContainerStats and
+/// ListPodSandboxStats once a second for [`Plan::stats_cpu_secs`]: its
+/// utime + stime (/proc/PID/stat) over the whole period divided by the
+/// wall time, in percent of one core, one figure. The note has the same
+/// figure for as long idle just before (no calls), and the shims' CPU in
+/// both periods (containerd's come from its shims, Berth's from berthd).
+async fn stats_cpu(t: &mut Target, plan: &Plan) -> Cell {
+    let Some(daemon) = t.daemon_pid else {
+        return Cell::na("daemon pid unknown");
+    };
+    let secs = plan.stats_cpu_secs.max(1);
+    let helpers = helper_processes(t);
+    let idle = match cpu_over(daemon, &helpers, secs, || async {}).await {
+        Ok(x) => x,
+        Err(e) => return Cell::na(e),
+    };
+    let client = t.client.clone();
+    let errors: std::sync::Arc<std::sync::Mutex<ListingErrors>> = Default::default();
+    let listing = cpu_over(daemon, &helpers, secs, || {
+        let mut c = client.clone();
+        let errors = errors.clone();
+        async move {
+            let containers = call(
+                c.runtime
+                    .list_container_stats(ListContainerStatsRequest { filter: None }),
+            )
+            .await;
+            let pods = call(
+                c.runtime
+                    .list_pod_sandbox_stats(ListPodSandboxStatsRequest { filter: None }),
+            )
+            .await;
+            let mut e = errors.lock().unwrap();
+            if let Err(x) = containers {
+                e.failed += 1;
+                e.first.get_or_insert(format!("ListContainerStats: {x}"));
+            }
+            if let Err(x) = pods {
+                if x.starts_with("Unimplemented") {
+                    e.unimplemented
+                        .get_or_insert(format!("ListPodSandboxStats answered {x}"));
+                } else {
+                    e.failed += 1;
+                    e.first.get_or_insert(format!("ListPodSandboxStats: {x}"));
+                }
+            }
+        }
+    })
+    .await;
+    let (daemon_pct, helpers_pct) = match listing {
+        Ok(x) => x,
+        Err(e) => return Cell::na(e),
+    };
+    let ListingErrors {
+        failed,
+        first: first_error,
+        unimplemented,
+    } = errors.lock().unwrap().clone();
+    let mut note = format!(
+        "idle {}; shims {} ({} idle); CPU time / wall time over {secs} s, ListContainerStats + ListPodSandboxStats at the start of each second (idle: the {secs} s before, no calls); shims: the {} shim processes' own CPU",
+        report::fmt_num(idle.0),
+        report::fmt_num(helpers_pct),
+        report::fmt_num(idle.1),
+        helpers.len(),
+    );
+    if let Some(u) = unimplemented {
+        note.push_str(&format!("; {u}"));
+    }
+    Cell::Samples {
+        values: vec![daemon_pct],
+        failed,
+        first_error,
+        note: Some(note),
+    }
 }
 
 /// Pull + unpack throughput of the incompressible image from a cold

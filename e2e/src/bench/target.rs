@@ -43,7 +43,26 @@ pub struct Target {
     pub kind: Kind,
     /// The daemon's pid, when the benchmark knows it.
     pub daemon_pid: Option<i32>,
+    /// Where the daemon serves Prometheus metrics.
+    pub metrics: Metrics,
 }
+
+/// Where a daemon serves its Prometheus metrics (plain HTTP on loopback).
+#[derive(Debug, Clone)]
+pub enum Metrics {
+    /// Asked of the runtime at scrape time: berthd reports the address it
+    /// bound in verbose `Status`, `info["metricsAddress"]` (a JSON string,
+    /// empty when the endpoint is off); the path is `/metrics`.
+    FromStatus,
+    /// Known from the config the benchmark wrote (its containerd:
+    /// `[metrics] address`, path `/v1/metrics`).
+    At { addr: String, path: String },
+    /// Not known, and why.
+    Unknown(String),
+}
+
+/// The key of berthd's verbose `Status` info with its metrics address.
+pub const METRICS_ADDRESS_KEY: &str = "metricsAddress";
 
 impl Target {
     /// Where the runtime keeps unpacked layers (one entry per layer).
@@ -401,6 +420,39 @@ pub async fn sandbox_pid(client: &mut CriClient, id: &str) -> Option<i32> {
         .as_i64()
         .filter(|p| *p > 0)
         .map(|p| p as i32)
+}
+
+/// The metrics endpoint `(addr, path)` of `t`, or why there is none
+/// (the text of an n/a cell).
+pub async fn metrics_endpoint(t: &mut Target) -> Result<(String, String), String> {
+    match &t.metrics {
+        Metrics::At { addr, path } => Ok((addr.clone(), path.clone())),
+        Metrics::Unknown(why) => Err(why.clone()),
+        Metrics::FromStatus => {
+            let r = call(t.client.runtime.status(StatusRequest { verbose: true }))
+                .await
+                .map_err(|e| format!("berthd: Status: {e}"))?;
+            let addr = r.info.get(METRICS_ADDRESS_KEY).map(|raw| {
+                // A JSON string; taken as it is if it is not one.
+                serde_json::from_str::<String>(raw).unwrap_or_else(|_| raw.trim().to_string())
+            });
+            match addr {
+                Some(a) if !a.is_empty() => {
+                    let ok = a
+                        .parse::<std::net::SocketAddr>()
+                        .is_ok_and(|s| s.ip().is_loopback());
+                    if ok {
+                        Ok((a, "/metrics".into()))
+                    } else {
+                        Err(format!(
+                            "berthd: metrics address {a:?} is not a loopback address:port"
+                        ))
+                    }
+                }
+                _ => Err("berthd: metrics endpoint not configured".into()),
+            }
+        }
+    }
 }
 
 /// PullImage `image`; returns its image ref.
