@@ -5,10 +5,10 @@
 
 use std::time::{Duration, Instant};
 
+use berth_cri::v1::*;
 use berth_e2e::berthd::{ConfigBase, dev_config, metrics_address, sample, scrape, scrape_path};
 use berth_e2e::pods::{PodEnv, container_config};
 use berth_e2e::{Berthd, BerthdOptions, CniOptions, require_root};
-use berth_cri::v1::*;
 use tonic::Code;
 
 /// Metrics on a port of its own (other berthds may be running).

@@ -38,10 +38,10 @@ async fn stats_report_cpu_memory_and_the_writable_layer() {
     let first = stats(&mut env).await;
     // The busy loop's rate, between samples 500 ms apart: near one core
     // (one looping shell; a machine busy with other tests may lend it a
-    // little less for a moment, so the best of three samples counts).
+    // little less for a moment, so the best of five samples counts).
     let mut rates = Vec::new();
     let mut second = first.clone();
-    for _ in 0..3 {
+    for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         second = stats(&mut env).await;
         let rate = second
