@@ -811,6 +811,16 @@ async fn many_pods_leave_nothing(plugins: Plugins) {
     net.write_conflist(&env.d.cni_conf_dir(), net.standard_plugins(true));
     let base_port = 20000 + u16::from_str_radix(&random_hex(2), 16).unwrap() % 20000;
 
+    // One pod alone first: the reference portmap checks for its top-level
+    // iptables chains and then creates them, so the first ADDs running at
+    // once on a host without them race ("CHAIN_USER_ADD failed (File
+    // exists)"), a fault of that plugin, not of the runtime.
+    let mut warm = env.pod_config("churn-warm");
+    warm.port_mappings = vec![tcp_mapping(base_port.wrapping_sub(1).max(1024), 80)];
+    let warm = env.run_pod(&warm).await;
+    env.stop_pod(&warm).await.unwrap();
+    env.remove_pod(&warm).await.unwrap();
+
     let mut seen_ids = Vec::new();
     for batch in 0..CHURN_PODS / CHURN_BATCH {
         let mut set = tokio::task::JoinSet::new();
