@@ -2,6 +2,8 @@
 //! pod's exclusive lock. They sit above the sandbox and container modules,
 //! which do not call each other's lifecycles.
 
+use std::collections::HashMap;
+
 use berth_cri::v1::LinuxContainerResources;
 
 use crate::container;
@@ -120,7 +122,8 @@ pub fn stats(daemon: &Daemon, id: &str) -> Result<PodStats> {
             record.id
         )));
     }
-    read_stats(daemon, record)
+    let containers = container::of_sandbox(daemon, &record.id)?;
+    read_stats(daemon, record, containers)
 }
 
 /// ListPodSandboxStats: the ready pods `wanted` keeps, oldest first. A pod
@@ -136,10 +139,17 @@ pub fn list_stats(
         .filter(|r| r.state == SandboxState::Ready && wanted(r))
         .collect();
     records.sort_by_key(|r| r.created_at_ns);
+    // The containers of every pod from one read of the store, not one per
+    // pod (which made the call quadratic in the number of pods).
+    let mut containers: HashMap<String, Vec<ContainerRecord>> = HashMap::new();
+    for c in daemon.store.list::<ContainerRecord>()? {
+        containers.entry(c.sandbox_id.clone()).or_default().push(c);
+    }
     let mut out = Vec::with_capacity(records.len());
     for record in records {
         let id = record.id.clone();
-        match read_stats(daemon, record) {
+        let of_pod = containers.remove(&id).unwrap_or_default();
+        match read_stats(daemon, record, of_pod) {
             Ok(stats) => {
                 // Removed while it was read: what was read may be partial.
                 if daemon.store.get::<SandboxRecord>(&id)?.is_some() {
@@ -173,8 +183,14 @@ pub fn list_metrics(daemon: &Daemon) -> Result<Vec<sandbox::metrics::PodSamples>
     Ok(out)
 }
 
-fn read_stats(daemon: &Daemon, record: SandboxRecord) -> Result<PodStats> {
-    let containers = container::of_sandbox(daemon, &record.id)?
+/// The stats of pod `record` and of those of `containers` (its own) that
+/// run.
+fn read_stats(
+    daemon: &Daemon,
+    record: SandboxRecord,
+    containers: Vec<ContainerRecord>,
+) -> Result<PodStats> {
+    let containers: Vec<_> = containers
         .into_iter()
         .map(|c| container::current(daemon, c))
         // As ListContainerStats: the running ones.
@@ -185,7 +201,9 @@ fn read_stats(daemon: &Daemon, record: SandboxRecord) -> Result<PodStats> {
         })
         .collect();
     let ctx = sandbox::context(daemon, record)?;
-    let usage = sandbox::stats::read(daemon, &ctx);
+    let mut pids: Vec<i32> = containers.iter().map(|(c, _)| c.pid).collect();
+    pids.push(ctx.record.infra.pid);
+    let usage = sandbox::stats::read(daemon, &ctx, &pids);
     Ok(PodStats {
         record: ctx.record,
         usage,

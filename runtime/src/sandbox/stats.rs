@@ -50,7 +50,11 @@ pub struct SandboxUsage {
 
 /// The usage of a sandbox: its cgroup (with the CPU rate against the
 /// previous sample), and its network namespace unless it uses the host's.
-pub fn read(daemon: &Daemon, ctx: &SandboxContext) -> SandboxUsage {
+///
+/// `members` are pids of processes in the pod (its running containers'),
+/// through which the network counters are read without entering the
+/// namespace.
+pub fn read(daemon: &Daemon, ctx: &SandboxContext, members: &[i32]) -> SandboxUsage {
     let cgroup = cgroup_usage(
         &daemon.cgroups,
         &ctx.record.cgroup_parent,
@@ -61,7 +65,7 @@ pub fn read(daemon: &Daemon, ctx: &SandboxContext) -> SandboxUsage {
         None
     } else {
         ctx.namespace_path(Kind::Net)
-            .and_then(|netns| match namespaces::interface_counters(&netns) {
+            .and_then(|netns| match namespaces::interface_counters(&netns, members) {
                 Ok(counters) => Some(NetworkUsage::of(
                     crate::timing::now_ns(),
                     counters,
