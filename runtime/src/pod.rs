@@ -145,23 +145,28 @@ pub fn list_stats(
     for c in daemon.store.list::<ContainerRecord>()? {
         containers.entry(c.sandbox_id.clone()).or_default().push(c);
     }
-    let mut out = Vec::with_capacity(records.len());
-    for record in records {
+    let pods: Vec<(SandboxRecord, Vec<ContainerRecord>)> = records
+        .into_iter()
+        .map(|r| {
+            let of_pod = containers.remove(&r.id).unwrap_or_default();
+            (r, of_pod)
+        })
+        .collect();
+    let read = container::stats::read_many(pods, |(record, of_pod)| {
         let id = record.id.clone();
-        let of_pod = containers.remove(&id).unwrap_or_default();
         match read_stats(daemon, record, of_pod) {
-            Ok(stats) => {
-                // Removed while it was read: what was read may be partial.
-                if daemon.store.get::<SandboxRecord>(&id)?.is_some() {
-                    out.push(stats);
-                }
-            }
+            // Removed while it was read: what was read may be partial.
+            Ok(stats) => Ok(daemon
+                .store
+                .contains::<SandboxRecord>(&id)?
+                .then_some(stats)),
             Err(e) => {
-                tracing::warn!(pod_id = %id, error = %crate::error::chain(&e), "pod left out of ListPodSandboxStats")
+                tracing::warn!(pod_id = %id, error = %crate::error::chain(&e), "pod left out of ListPodSandboxStats");
+                Ok(None)
             }
         }
-    }
-    Ok(out)
+    });
+    read.into_iter().filter_map(Result::transpose).collect()
 }
 
 /// ListPodSandboxMetrics: the metrics of every ready pod and its running
@@ -173,7 +178,7 @@ pub fn list_metrics(daemon: &Daemon) -> Result<Vec<sandbox::metrics::PodSamples>
     for mut stats in list_stats(daemon, |_| true)? {
         let mut kept = Vec::with_capacity(stats.containers.len());
         for (c, s) in stats.containers {
-            if daemon.store.get::<ContainerRecord>(&c.id)?.is_some() {
+            if daemon.store.contains::<ContainerRecord>(&c.id)? {
                 kept.push((c, s));
             }
         }

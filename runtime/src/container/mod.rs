@@ -874,21 +874,22 @@ pub fn list_stats(
     daemon: &Daemon,
     wanted: impl Fn(&ContainerRecord) -> bool,
 ) -> Result<Vec<(ContainerRecord, stats::Stats)>> {
-    let mut out = Vec::new();
-    for record in daemon.store.list::<ContainerRecord>()? {
-        if !wanted(&record) {
-            continue;
-        }
-        let record = current(daemon, record);
-        if record.state != ContainerState::Running {
-            continue;
-        }
-        let s = stats(daemon, &record);
-        if daemon.store.get::<ContainerRecord>(&record.id)?.is_some() {
-            out.push((record, s));
-        }
-    }
-    Ok(out)
+    let running: Vec<ContainerRecord> = daemon
+        .store
+        .list::<ContainerRecord>()?
+        .into_iter()
+        .filter(|r| wanted(r))
+        .map(|r| current(daemon, r))
+        .filter(|r| r.state == ContainerState::Running)
+        .collect();
+    let read = stats::read_many(running, |r| {
+        let s = stats(daemon, &r);
+        daemon
+            .store
+            .contains::<ContainerRecord>(&r.id)
+            .map(|kept| kept.then_some((r, s)))
+    });
+    read.into_iter().filter_map(Result::transpose).collect()
 }
 
 /// Containers of a sandbox.

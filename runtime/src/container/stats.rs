@@ -83,6 +83,47 @@ pub fn read(
     }
 }
 
+/// `read` applied to every item, on up to as many threads as there are
+/// CPUs (a list of stats is mostly kernel time in cgroup files: it scales
+/// with cores). Few items are read on the calling thread. Order is kept.
+pub fn read_many<T: Send, R: Send>(items: Vec<T>, read: impl Fn(T) -> R + Sync) -> Vec<R> {
+    const PER_THREAD_AT_LEAST: usize = 8;
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .min(4)
+        .min(items.len() / PER_THREAD_AT_LEAST)
+        .max(1);
+    if threads == 1 {
+        return items.into_iter().map(read).collect();
+    }
+    let per_thread = items.len().div_ceil(threads);
+    let mut chunks: Vec<Vec<T>> = Vec::with_capacity(threads);
+    let mut items = items.into_iter();
+    loop {
+        let chunk: Vec<T> = items.by_ref().take(per_thread).collect();
+        if chunk.is_empty() {
+            break;
+        }
+        chunks.push(chunk);
+    }
+    let read = &read;
+    std::thread::scope(|scope| {
+        let mut rest = chunks.into_iter();
+        let first = rest.next().unwrap_or_default();
+        let handles: Vec<_> = rest
+            .map(|chunk| scope.spawn(move || chunk.into_iter().map(read).collect::<Vec<R>>()))
+            .collect();
+        let mut out: Vec<R> = first.into_iter().map(read).collect();
+        for handle in handles {
+            match handle.join() {
+                Ok(part) => out.extend(part),
+                Err(panic) => std::panic::resume_unwind(panic),
+            }
+        }
+        out
+    })
+}
+
 /// How old a writable layer's reported usage may be before it is measured
 /// again. kubelet asks for stats every 10 s; cAdvisor refreshes its disk
 /// usage about once a minute.
@@ -199,6 +240,22 @@ mod tests {
         );
         samples.forget("c");
         assert_eq!(samples.rate("c", 3_000_000_000, 600_000_000), None);
+    }
+
+    #[test]
+    fn read_many_keeps_order_on_several_threads() {
+        let items: Vec<u32> = (0..100).collect();
+        let main = std::thread::current().id();
+        let out = read_many(items, |i| (i * 2, std::thread::current().id() != main));
+        assert_eq!(
+            out.iter().map(|(v, _)| *v).collect::<Vec<_>>(),
+            (0..100).map(|i| i * 2).collect::<Vec<_>>()
+        );
+        if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
+            assert!(out.iter().any(|(_, other)| *other), "no other thread read");
+        }
+        assert_eq!(read_many(vec![1, 2, 3], |i| i + 1), vec![2, 3, 4]);
+        assert!(read_many(Vec::<u8>::new(), |i| i).is_empty());
     }
 
     fn wait_for(mut done: impl FnMut() -> bool) -> bool {

@@ -454,6 +454,19 @@ impl Store {
         )
     }
 
+    /// Whether record `key` exists, without decoding it.
+    pub fn contains<R: Record>(&self, key: &str) -> Result<bool> {
+        self.run(
+            Access::Read,
+            || format!("look up {} {key}", R::TABLE),
+            |db| {
+                let txn = db.begin_read()?;
+                let t = txn.open_table(table::<R>())?;
+                Ok(t.get(key)?.is_some())
+            },
+        )
+    }
+
     /// Removes a record; returns whether it existed. Works while the
     /// filesystem is full, as long as the reserve lasts (see the module doc).
     pub fn delete<R: Record>(&self, key: &str) -> Result<bool> {
