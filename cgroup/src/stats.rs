@@ -22,8 +22,6 @@ pub struct CgroupStats {
     pub memory_usage: Option<u64>,
     /// Usage minus inactive file pages, as cAdvisor computes it.
     pub memory_working_set: Option<u64>,
-    /// Limit minus working set, when there is a limit.
-    pub memory_available: Option<u64>,
     pub memory_rss: Option<u64>,
     /// Page cache (v1 `cache`, v2 `file`).
     pub memory_cache: Option<u64>,
@@ -170,7 +168,7 @@ impl Cgroups {
                 .zip(limit)
                 .map(|(total, l)| total.saturating_sub(l));
             s.memory_limit = limit;
-            s.set_working_set(get("inactive_file"), limit);
+            s.set_working_set(get("inactive_file"));
         }
         if let Some(pids) = dir("pids") {
             s.pids = read_u64(&pids.join("pids.current"));
@@ -208,7 +206,7 @@ impl Cgroups {
         // "max" does not parse: no limit.
         let limit = read_u64(&dir.join("memory.max"));
         s.memory_limit = limit;
-        s.set_working_set(stat.get("inactive_file").copied(), limit);
+        s.set_working_set(stat.get("inactive_file").copied());
         s.pids = read_u64(&dir.join("pids.current"));
         let psi = |file: &str| {
             std::fs::read_to_string(dir.join(file))
@@ -230,12 +228,17 @@ impl CgroupStats {
             .map(|(limit, used)| limit.saturating_sub(used))
     }
 
-    fn set_working_set(&mut self, inactive_file: Option<u64>, limit: Option<u64>) {
-        if let Some(usage) = self.memory_usage {
-            let working_set = usage.saturating_sub(inactive_file.unwrap_or(0));
-            self.memory_working_set = Some(working_set);
-            self.memory_available = limit.map(|l| l.saturating_sub(working_set));
-        }
+    /// The memory limit minus the working set, when there is a limit.
+    pub fn memory_available(&self) -> Option<u64> {
+        self.memory_limit
+            .zip(self.memory_working_set)
+            .map(|(limit, working_set)| limit.saturating_sub(working_set))
+    }
+
+    fn set_working_set(&mut self, inactive_file: Option<u64>) {
+        self.memory_working_set = self
+            .memory_usage
+            .map(|usage| usage.saturating_sub(inactive_file.unwrap_or(0)));
     }
 }
 
@@ -303,13 +306,13 @@ mod tests {
         assert_eq!(s.cpu_throttled_ns, Some(20_000));
         assert_eq!(s.memory_usage, Some(10000));
         assert_eq!(s.memory_working_set, Some(7000));
-        assert_eq!(s.memory_available, None, "no limit");
+        assert_eq!(s.memory_available(), None, "no limit");
         assert_eq!(s.memory_rss, Some(6000));
         assert_eq!((s.page_faults, s.major_page_faults), (Some(7), Some(1)));
         assert_eq!((s.swap_usage, s.swap_limit), (Some(0), Some(4096)));
         assert_eq!(s.pids, Some(3));
         write(&c, "memory.max", "20000\n");
-        assert_eq!(cg.stats("/k/c1").memory_available, Some(13000));
+        assert_eq!(cg.stats("/k/c1").memory_available(), Some(13000));
         assert_eq!(cg.stats("/k/c1").memory_limit, Some(20000));
         assert_eq!(cg.stats("/k/gone"), CgroupStats::default());
     }
@@ -363,7 +366,7 @@ mod tests {
         assert_eq!(s.cpu_throttled_periods, Some(2));
         assert_eq!(s.cpu_throttled_ns, Some(99));
         assert_eq!(s.memory_working_set, Some(8000));
-        assert_eq!(s.memory_available, None, "the huge number is no limit");
+        assert_eq!(s.memory_available(), None, "the huge number is no limit");
         assert_eq!((s.swap_usage, s.swap_limit), (Some(0), None));
         assert_eq!(s.memory_rss, Some(5000));
         assert_eq!((s.page_faults, s.major_page_faults), (Some(8), Some(2)));

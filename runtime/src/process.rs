@@ -105,6 +105,12 @@ pub struct ProcStat {
     pub state: char,
     /// Field 22: start time in clock ticks since boot.
     pub start_time: u64,
+    /// Fields 14 + 15: user and system CPU time, clock ticks.
+    pub cpu_ticks: u64,
+    /// Field 20.
+    pub threads: u64,
+    /// Field 24: resident set size, pages.
+    pub rss_pages: u64,
 }
 
 /// Parses the text of `/proc/<pid>/stat`.
@@ -113,11 +119,17 @@ pub struct ProcStat {
 /// fields are counted from the last `)`.
 pub fn parse_stat(stat: &str) -> Option<ProcStat> {
     let (_, rest) = stat.rsplit_once(')')?;
-    let mut fields = rest.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    // `fields` now starts at field 4; starttime is field 22.
-    let start_time = fields.nth(22 - 4)?.parse().ok()?;
-    Some(ProcStat { state, start_time })
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // Field 3 (state) is the first after the parenthesis.
+    let field = |n: usize| fields.get(n - 3).copied();
+    let number = |n: usize| -> Option<u64> { field(n)?.parse().ok() };
+    Some(ProcStat {
+        state: field(3)?.chars().next()?,
+        start_time: number(22)?,
+        cpu_ticks: number(14)? + number(15)?,
+        threads: number(20)?,
+        rss_pages: number(24)?,
+    })
 }
 
 fn read_stat(pid: i32) -> io::Result<ProcStat> {
@@ -343,7 +355,10 @@ mod tests {
             stat,
             ProcStat {
                 state: 'S',
-                start_time: 424242
+                start_time: 424242,
+                cpu_ticks: 11 + 12,
+                threads: 17,
+                rss_pages: 21,
             }
         );
         let stat = parse_stat(&format!("7 (we ird ) ) (x) Z {tail}\n")).unwrap();

@@ -616,24 +616,29 @@ fn resolve_stop_signal(config: &ContainerConfig, image: &ImageRecord) -> i32 {
     signal::from_cri(config.stop_signal)
         .ok()
         .flatten()
-        .or_else(|| signal::parse(&image.process_config().stop_signal))
+        .unwrap_or_else(|| image_stop_signal(Some(image)))
+}
+
+/// The image's StopSignal, else SIGTERM.
+fn image_stop_signal(image: Option<&ImageRecord>) -> i32 {
+    image
+        .and_then(|i| signal::parse(&i.process_config().stop_signal))
         .unwrap_or(libc::SIGTERM)
 }
 
 /// The signal that asks this container to stop; records made before it was
-/// resolved at create look it up now.
+/// resolved at create (whose configs had no stop_signal) look up the
+/// image's now.
 fn stop_signal(daemon: &Daemon, record: &ContainerRecord) -> i32 {
     if record.stop_signal > 0 {
         return record.stop_signal;
     }
-    let name = daemon
+    let image = daemon
         .store
         .get::<ImageRecord>(&record.image_id)
         .ok()
-        .flatten()
-        .map(|i| i.process_config().stop_signal)
-        .unwrap_or_default();
-    signal::parse(&name).unwrap_or(libc::SIGTERM)
+        .flatten();
+    image_stop_signal(image.as_ref())
 }
 
 /// Waits until the shim records the exit, up to `timeout`.

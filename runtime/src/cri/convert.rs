@@ -236,7 +236,7 @@ pub fn memory_usage(u: &CgroupUsage) -> cri::MemoryUsage {
     cri::MemoryUsage {
         timestamp: u.timestamp_ns,
         working_set_bytes: u64_value(c.memory_working_set),
-        available_bytes: u64_value(c.memory_available),
+        available_bytes: u64_value(c.memory_available()),
         usage_bytes: u64_value(c.memory_usage),
         rss_bytes: u64_value(c.memory_rss),
         page_faults: u64_value(c.page_faults),

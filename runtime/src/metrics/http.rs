@@ -161,7 +161,10 @@ pub fn live(daemon: &Daemon) -> Live {
             .collect();
             // Whether each shim still runs, from /proc: the recorded state
             // does not tell a shim that died.
-            live.shims = containers.iter().filter(|c| c.shim.is_alive()).count() as i64;
+            live.shims = containers
+                .iter()
+                .filter(|c| daemon.host.is_alive(&c.shim))
+                .count() as i64;
         }
         Err(e) => tracing::warn!(error = %e, "metrics: cannot list containers"),
     }

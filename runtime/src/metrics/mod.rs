@@ -336,20 +336,25 @@ pub fn process_stats() -> Option<ProcessStats> {
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     let open_fds = std::fs::read_dir("/proc/self/fd").ok()?.count() as u64;
-    let mut stats = parse_stat(&stat, &boot, ticks.max(1) as f64, page.max(1) as u64)?;
+    let mut stats = from_stat(
+        crate::process::parse_stat(&stat)?,
+        &boot,
+        ticks.max(1) as f64,
+        page.max(1) as u64,
+    )?;
     // read_dir's own descriptor is among those it listed.
     stats.open_fds = open_fds.saturating_sub(1);
     Some(stats)
 }
 
-/// Parses /proc/self/stat (and /proc/stat's boot time) with `ticks` clock
-/// ticks a second and `page` bytes a page.
-fn parse_stat(stat: &str, proc_stat: &str, ticks: f64, page: u64) -> Option<ProcessStats> {
-    // The command name may hold spaces and parentheses: fields start after
-    // the last ')'. Field 3 (state) is then index 0.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
+/// The numbers of a parsed /proc/PID/stat, with /proc/stat's boot time,
+/// `ticks` clock ticks a second and `page` bytes a page.
+fn from_stat(
+    stat: crate::process::ProcStat,
+    proc_stat: &str,
+    ticks: f64,
+    page: u64,
+) -> Option<ProcessStats> {
     let btime: u64 = proc_stat
         .lines()
         .find_map(|l| l.strip_prefix("btime "))?
@@ -357,10 +362,10 @@ fn parse_stat(stat: &str, proc_stat: &str, ticks: f64, page: u64) -> Option<Proc
         .parse()
         .ok()?;
     Some(ProcessStats {
-        cpu_seconds: (field(14)? + field(15)?) as f64 / ticks,
-        threads: field(20)?,
-        start_time_seconds: btime as f64 + field(22)? as f64 / ticks,
-        resident_bytes: field(24)? * page,
+        cpu_seconds: stat.cpu_ticks as f64 / ticks,
+        threads: stat.threads,
+        start_time_seconds: btime as f64 + stat.start_time as f64 / ticks,
+        resident_bytes: stat.rss_pages * page,
         open_fds: 0,
     })
 }
@@ -397,7 +402,13 @@ const CRI_METHODS: &[&str] = &[
     "RuntimeService/ListPodSandboxMetrics",
     "RuntimeService/RuntimeConfig",
     "RuntimeService/UpdatePodSandboxResources",
+    "RuntimeService/StreamPodSandboxes",
+    "RuntimeService/StreamContainers",
+    "RuntimeService/StreamContainerStats",
+    "RuntimeService/StreamPodSandboxStats",
+    "RuntimeService/StreamPodSandboxMetrics",
     "ImageService/ListImages",
+    "ImageService/StreamImages",
     "ImageService/ImageStatus",
     "ImageService/PullImage",
     "ImageService/RemoveImage",
@@ -465,6 +476,25 @@ mod tests {
     }
 
     #[test]
+    fn every_rpc_of_the_cri_definition_has_its_label() {
+        let proto = include_str!("../../../proto/proto/cri/v1/api.proto");
+        let mut service = "";
+        let mut rpcs = Vec::new();
+        for line in proto.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("service ") {
+                service = rest.split_whitespace().next().unwrap();
+            } else if let Some(rest) = line.strip_prefix("rpc ") {
+                let name = rest.split('(').next().unwrap().trim();
+                rpcs.push(format!("{service}/{name}"));
+            }
+        }
+        assert_eq!(rpcs.len(), CRI_METHODS.len(), "{rpcs:?}");
+        for rpc in &rpcs {
+            assert_eq!(cri_method(&format!("/runtime.v1.{rpc}")), rpc, "{rpc}");
+        }
+    }
+
+    #[test]
     fn encoding_has_every_family() {
         let m = Metrics::new();
         m.rpc_done(
@@ -528,12 +558,14 @@ mod tests {
     #[test]
     fn process_stat_parses() {
         let stat = "4242 (berth d) (x) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 50 0 0 20 0 7 0 1000 123456789 3000 18446744073709551615";
-        let s = parse_stat(stat, "cpu 1 2 3\nbtime 1700000000\n", 100.0, 4096).unwrap();
+        let parsed = crate::process::parse_stat(stat).unwrap();
+        let s = from_stat(parsed, "cpu 1 2 3\nbtime 1700000000\n", 100.0, 4096).unwrap();
         assert_eq!(s.cpu_seconds, 3.0);
         assert_eq!(s.threads, 7);
         assert_eq!(s.start_time_seconds, 1_700_000_010.0);
         assert_eq!(s.resident_bytes, 3000 * 4096);
-        assert!(parse_stat("garbage", "", 100.0, 4096).is_none());
+        assert!(crate::process::parse_stat("garbage").is_none());
+        assert!(from_stat(parsed, "no boot time", 100.0, 4096).is_none());
         let own = process_stats().unwrap();
         assert!(own.resident_bytes > 0 && own.threads >= 1 && own.open_fds >= 3);
         assert!(own.start_time_seconds > 1_000_000_000.0);

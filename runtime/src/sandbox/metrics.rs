@@ -494,7 +494,6 @@ mod tests {
                     cpu_throttled_ns: Some(7_000_000_000),
                     memory_usage: Some(40 << 20),
                     memory_working_set: Some(33 << 20),
-                    memory_available: Some(31 << 20),
                     memory_rss: Some(1 << 20),
                     memory_cache: Some(32 << 20),
                     memory_max_usage: Some(41 << 20),
