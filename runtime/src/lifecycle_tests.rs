@@ -303,10 +303,14 @@ fn a_failing_create_container_step_undoes_every_earlier_one() {
         c
     };
     let cases: [(&str, Option<ContainerConfig>, &[&str]); 3] = [
-        ("mount_overlay", None, &[]),
-        ("launch_shim", None, &["unmount"]),
+        ("mount_overlay", None, &["unmount_all_under"]),
+        ("launch_shim", None, &["unmount", "unmount_all_under"]),
         // A bad request found after the rootfs was mounted.
-        ("mount_overlay", Some(bad_log), &["unmount"]),
+        (
+            "mount_overlay",
+            Some(bad_log),
+            &["unmount", "unmount_all_under"],
+        ),
     ];
     for (step, config, undo) in cases {
         let f = fixture();

@@ -239,8 +239,9 @@ fn prepare_rootfs(
     }
     {
         let dir = dir.clone();
+        let host = daemon.host.clone();
         undo.push(format!("remove {}", dir.display()), move || {
-            remove_dir_all(&dir)
+            remove_mounted_dir(host.as_ref(), &dir)
         });
     }
     daemon.host.mount_overlay(
@@ -384,6 +385,13 @@ fn launch_shim(
 
 fn runtime_root(daemon: &Daemon) -> PathBuf {
     daemon.layout.runtime_root()
+}
+
+/// Removes a container dir once nothing is mounted in it any more (its
+/// rootfs, idmapped layers and volumes are unmounted first).
+fn remove_mounted_dir(host: &dyn Host, dir: &Path) -> Result<()> {
+    host.unmount_all_under(dir)?;
+    remove_dir_all(dir)
 }
 
 fn remove_dir_all(path: &Path) -> Result<()> {
@@ -760,9 +768,7 @@ fn remove_record(daemon: &Daemon, record: ContainerRecord) -> Result<()> {
             .delete_container(&runtime_root(daemon), &record.id)?;
     }
     phases.mark("shim-shutdown");
-    let cdir = container_dir(daemon, &record.id);
-    daemon.host.unmount(&cdir.join("rootfs"))?;
-    remove_dir_all(&cdir)?;
+    remove_mounted_dir(daemon.host.as_ref(), &container_dir(daemon, &record.id))?;
     remove_dir_all(&dir)?;
     phases.mark("rootfs+dirs");
     daemon.publish_with(|| {
@@ -804,9 +810,7 @@ pub fn discard_unrecorded(daemon: &Daemon, id: &str) -> Result<()> {
         &runtime_root(daemon),
         id,
     )?;
-    let cdir = container_dir(daemon, id);
-    daemon.host.unmount(&cdir.join("rootfs"))?;
-    remove_dir_all(&cdir)?;
+    remove_mounted_dir(daemon.host.as_ref(), &container_dir(daemon, id))?;
     remove_dir_all(&shim_dir(daemon, id))
 }
 

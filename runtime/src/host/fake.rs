@@ -144,6 +144,16 @@ impl Host for RecordingHost {
         Ok(())
     }
 
+    fn unmount_all_under(&self, dir: &Path) -> Result<()> {
+        self.call("unmount_all_under", dir.display())?;
+        self.state
+            .lock()
+            .unwrap()
+            .mounted
+            .retain(|m| !m.starts_with(dir));
+        Ok(())
+    }
+
     fn pin_namespaces(&self, dir: &Path, setup: NamespaceSetup) -> Result<Vec<(Kind, PathBuf)>> {
         let kinds: Vec<&str> = setup.kinds.iter().map(|k| k.name()).collect();
         self.call("pin_namespaces", kinds.join(","))?;

@@ -29,6 +29,10 @@ pub trait Host: Send + Sync + 'static {
     ) -> Result<()>;
     /// Unmounts `target`; fine if nothing is mounted there.
     fn unmount(&self, target: &Path) -> Result<()>;
+    /// Unmounts every mount at or below `dir`, deepest first, and fails if
+    /// one stays: a tree is removed only once nothing is mounted in it (a
+    /// recursive delete would otherwise go into an image layer or a volume).
+    fn unmount_all_under(&self, dir: &Path) -> Result<()>;
 
     /// Creates the pod's namespaces and pins them under `dir`; on error
     /// nothing stays pinned.
@@ -121,6 +125,28 @@ impl Host for RealHost {
         match umount2(target, MntFlags::MNT_DETACH) {
             Ok(()) | Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
             Err(e) => Err(Error::io(format!("unmount {}", target.display()), e.into())),
+        }
+    }
+
+    fn unmount_all_under(&self, dir: &Path) -> Result<()> {
+        // Stacked mounts show one at a time; a few rounds take them all.
+        for _ in 0..8 {
+            let mut targets = mounts_under(dir)?;
+            if targets.is_empty() {
+                return Ok(());
+            }
+            targets.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+            for target in targets {
+                self.unmount(&target)?;
+            }
+        }
+        match mounts_under(dir)?.first() {
+            None => Ok(()),
+            Some(left) => Err(Error::Internal(format!(
+                "{} is still mounted after unmounting everything under {}",
+                left.display(),
+                dir.display()
+            ))),
         }
     }
 
@@ -226,3 +252,65 @@ impl Host for RealHost {
 
 #[cfg(test)]
 pub mod fake;
+
+/// The mount points at or below `dir` in berthd's mount namespace.
+fn mounts_under(dir: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| Error::io("read /proc/self/mountinfo", e))?;
+    Ok(parse_mount_points(&text)
+        .into_iter()
+        .filter(|p| p.starts_with(dir))
+        .collect())
+}
+
+/// The mount point (fifth field) of each `/proc/self/mountinfo` line, with
+/// the kernel's octal escapes (`\040` for a space) decoded.
+fn parse_mount_points(text: &str) -> Vec<PathBuf> {
+    use std::os::unix::ffi::OsStringExt;
+    text.lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(|field| {
+            let raw = field.as_bytes();
+            let mut out = Vec::with_capacity(raw.len());
+            let mut i = 0;
+            while i < raw.len() {
+                let octal = raw
+                    .get(i + 1..i + 4)
+                    .filter(|d| raw[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
+                match octal {
+                    Some(d) => {
+                        out.push((d[0] - b'0') * 64 + (d[1] - b'0') * 8 + (d[2] - b'0'));
+                        i += 4;
+                    }
+                    None => {
+                        out.push(raw[i]);
+                        i += 1;
+                    }
+                }
+            }
+            PathBuf::from(std::ffi::OsString::from_vec(out))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mount_points_are_read_with_their_escapes_decoded() {
+        let text = "\
+22 1 0:21 / / rw,relatime shared:1 - ext4 /dev/vda rw
+95 22 0:50 / /var/lib/berth/containers/c1/rootfs rw shared:50 - overlay overlay rw,lowerdir=a
+96 22 0:51 / /var/lib/berth/containers/c1/my\\040dir rw - tmpfs tmpfs rw
+";
+        assert_eq!(
+            parse_mount_points(text),
+            vec![
+                PathBuf::from("/"),
+                PathBuf::from("/var/lib/berth/containers/c1/rootfs"),
+                PathBuf::from("/var/lib/berth/containers/c1/my dir"),
+            ]
+        );
+    }
+}
