@@ -22,5 +22,6 @@ BERTH_BUILD_PACKAGES=(protobuf-compiler libseccomp-dev pkg-config)
 # for the tests that install from PyPI (grpcio for the interop test, a
 # Kubernetes schema validator for the deploy tests) and python3-yaml to read
 # the manifests; user-mode-linux (a 6.1 kernel run as a process) and kmod
-# (modprobe for its modules) for the cgroup v2 lane (scripts/v2-lane).
-BERTH_TEST_PACKAGES=(docker-registry busybox-static skopeo containernetworking-plugins nftables iproute2 python3 python3-venv python3-yaml user-mode-linux kmod)
+# (modprobe for its modules) and e2fsprogs (mkfs.ext4 for the guest's /tmp
+# disk) for the cgroup v2 lane (scripts/v2-lane).
+BERTH_TEST_PACKAGES=(docker-registry busybox-static skopeo containernetworking-plugins nftables iproute2 python3 python3-venv python3-yaml user-mode-linux kmod e2fsprogs)

@@ -245,6 +245,13 @@ impl Berthd {
         cni_options: CniOptions,
     ) -> anyhow::Result<Berthd> {
         let dir = tempfile::Builder::new().prefix("berth-e2e-").tempdir()?;
+        // Searchable like /var/lib and /run, where berthd's dirs normally
+        // live: a container in a user namespace reaches its rootfs and its
+        // pod's namespace files by path, as nobody to the host's files.
+        std::fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o711),
+        )?;
         let state = dir.path().join("state");
         std::fs::create_dir_all(dir.path().join("cni/net.d"))?;
         let mut d = Berthd {

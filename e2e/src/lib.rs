@@ -22,6 +22,13 @@ pub use images::{
 };
 pub use registry::{Registry, RegistryOptions};
 
+/// Says that a test (or part of one) was skipped and why, straight on the
+/// test's stderr: libtest captures `eprintln!`, and a skip must be seen.
+pub fn report_skip(test: &str, why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
+}
+
 /// Fails fast with a clear message when a test needs root.
 pub fn require_root() {
     assert!(

@@ -8,19 +8,15 @@
 //! traffic, and is left out of the cgroup v2 lane (no bridge there).
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use berth_cri::v1::*;
 use berth_e2e::net::{Plugins, TestNet};
 use berth_e2e::pods::*;
+use berth_e2e::report_skip;
 use berth_e2e::streaming::Crictl;
 
 const MIB: i64 = 1 << 20;
-
-fn report_skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
 
 /// Name -> label keys.
 async fn descriptors(env: &mut PodEnv) -> HashMap<String, Vec<String>> {

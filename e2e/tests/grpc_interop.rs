@@ -5,7 +5,6 @@
 //! alone refuses both with RST_STREAM(PROTOCOL_ERROR). berthd must answer
 //! them, and still refuse what is really malformed.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -13,6 +12,7 @@ use std::time::Duration;
 use berth_cri::v1::*;
 use berth_e2e::berthd::bin_dir;
 use berth_e2e::process::OwnedChild;
+use berth_e2e::report_skip;
 use berth_e2e::{Berthd, BerthdOptions, require_root};
 use bytes::Bytes;
 use futures_util::StreamExt;
@@ -94,12 +94,6 @@ print(json.dumps(out))
 
 /// Why the grpcio test could not run.
 struct Skip(String);
-
-/// Writes straight to the test's stderr: libtest captures `eprintln!`, and a
-/// skip must be seen.
-fn report_skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
 
 /// Runs `cmd` to completion (at most `timeout`), its output in `log`.
 fn run_logged(name: &str, mut cmd: Command, log: &Path, timeout: Duration) -> Result<(), String> {

@@ -7,20 +7,16 @@
 //! net-guard is on (`TestNet::assert_routed`), as network.rs does; it is
 //! left out of the cgroup v2 lane (no NAT there for net-guard).
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
 use berth_cri::v1::*;
 use berth_e2e::net::{Plugins, TestNet};
 use berth_e2e::pods::*;
+use berth_e2e::report_skip;
 use berth_e2e::streaming::Crictl;
 use tonic::Code;
 
 const MIB: i64 = 1 << 20;
-
-fn report_skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
 
 async fn try_pod_stats(env: &mut PodEnv, pod: &str) -> Result<PodSandboxStats, tonic::Status> {
     Ok(env

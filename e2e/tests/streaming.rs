@@ -14,22 +14,16 @@
 //! traffic goes to 127.0.0.1 inside the pod's (or the host's) network
 //! namespace only, after net-guard is on.
 
-use std::io::Write;
 use std::time::Duration;
 
 use berth_cri::v1::*;
 use berth_e2e::pods::*;
 use berth_e2e::process::free_port;
+use berth_e2e::report_skip;
 use berth_e2e::streaming::*;
 
 /// How long any one step of a session may take.
 const T: Duration = Duration::from_secs(10);
-
-/// Writes straight to the test's stderr: libtest captures `eprintln!`, and a
-/// skip must be seen.
-fn report_skip(test: &str, why: &str) {
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: {why}");
-}
 
 fn crictl(env: &PodEnv, test: &str) -> Option<Crictl> {
     let c = Crictl::new(&env.d.socket, env.work.path());

@@ -50,6 +50,9 @@ pub struct Daemon {
     pub exits: crate::container::exits::ExitWatcher,
     /// What `/metrics` serves; recorded into from every module.
     pub metrics: Arc<Metrics>,
+    /// Pods may have user namespaces: the root dir's filesystem takes
+    /// idmapped mounts (probed at start).
+    pub user_namespaces: bool,
 }
 
 /// One readiness condition as `Status` reports it.
@@ -126,7 +129,12 @@ impl Daemon {
             &store.list::<SandboxRecord>()?,
             &store.list::<ContainerRecord>()?,
         );
+        let user_namespaces = host.supports_idmapped_mounts(&config.root_dir);
+        if !user_namespaces {
+            tracing::warn!(root_dir = %config.root_dir.display(), "the root dir's filesystem does not take idmapped mounts: pods with a user namespace are refused");
+        }
         Ok(Arc::new(Daemon {
+            user_namespaces,
             config,
             layout,
             store,

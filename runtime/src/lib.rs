@@ -27,6 +27,7 @@ pub mod store;
 pub mod streaming;
 pub mod timing;
 pub mod undo;
+pub mod userns;
 
 #[cfg(test)]
 mod lifecycle_tests;

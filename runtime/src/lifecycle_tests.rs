@@ -515,3 +515,124 @@ fn a_shim_that_dies_makes_the_container_unknown_and_stopped_once() {
     f.remove_pod(&pod);
     f.assert_nothing_left();
 }
+
+fn userns_pod_config(name: &str) -> PodSandboxConfig {
+    use berth_cri::v1::{
+        IdMapping, LinuxPodSandboxConfig, LinuxSandboxSecurityContext, NamespaceMode,
+        NamespaceOption, UserNamespace,
+    };
+    let map = || {
+        vec![IdMapping {
+            container_id: 0,
+            host_id: 100_000,
+            length: 65536,
+        }]
+    };
+    let mut config = pod_config(name);
+    config.linux = Some(LinuxPodSandboxConfig {
+        security_context: Some(LinuxSandboxSecurityContext {
+            namespace_options: Some(NamespaceOption {
+                pid: NamespaceMode::Pod as i32,
+                userns_options: Some(UserNamespace {
+                    mode: NamespaceMode::Pod as i32,
+                    uids: map(),
+                    gids: map(),
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    config
+}
+
+#[test]
+fn a_user_namespaced_pod_and_its_container_see_files_through_idmapped_mounts() {
+    let f = fixture();
+    let pod = f.run_pod_with(&userns_pod_config("web")).unwrap();
+    let user_ns = f.daemon.layout.sandbox(&pod).join("ns/user");
+    let calls = f.host.calls();
+    assert!(
+        calls.contains(&"pin_namespaces user,net,uts,ipc".to_string()),
+        "{calls:?}"
+    );
+    assert!(
+        calls.contains(&format!("start_infra {}", user_ns.display())),
+        "the infra process is made inside the user namespace: {calls:?}"
+    );
+
+    let vol = f._dir.path().join("vol");
+    std::fs::create_dir_all(&vol).unwrap();
+    let mut config = container_config("app");
+    config.mounts.push(berth_cri::v1::Mount {
+        container_path: "/data".into(),
+        host_path: vol.display().to_string(),
+        ..Default::default()
+    });
+    f.host.clear_calls();
+    let id = f.create(&pod, "app", config).unwrap();
+    let cdir = f.daemon.layout.container(&id);
+    let calls = f.host.calls();
+    // The one layer, the upper dir given to the namespace's root, the
+    // overlay on the idmapped layer, then the three pod files and /data.
+    let expected = [
+        format!("idmapped_bind {}", cdir.join("lower/0").display()),
+        format!("give_to {} 100000:100000", cdir.join("upper").display()),
+        format!("mount_overlay {}", cdir.join("rootfs").display()),
+    ];
+    assert_eq!(calls[..3], expected, "{calls:?}");
+    let binds: Vec<&String> = calls[3..]
+        .iter()
+        .filter(|c| c.starts_with("idmapped_bind"))
+        .collect();
+    assert_eq!(binds.len(), 4, "{calls:?}");
+
+    let spec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(f.daemon.layout.shim(&id).join("bundle/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(spec["linux"]["namespaces"][0]["type"], "user");
+    assert_eq!(
+        spec["linux"]["namespaces"][0]["path"],
+        user_ns.display().to_string()
+    );
+    let data = spec["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["destination"] == "/data")
+        .unwrap();
+    let source = data["source"].as_str().unwrap();
+    assert!(
+        Path::new(source).starts_with(cdir.join("mounts")),
+        "{source}"
+    );
+
+    f.remove_pod(&pod);
+    f.assert_nothing_left();
+}
+
+#[test]
+fn a_failing_idmapped_step_undoes_the_create() {
+    for step in ["idmapped_bind", "give_to"] {
+        let f = fixture();
+        let pod = f.run_pod_with(&userns_pod_config("web")).unwrap();
+        f.host.fail_next(step);
+        let err = f.create(&pod, "app", container_config("app")).unwrap_err();
+        assert!(matches!(err, Error::Internal(_)), "{step}: {err}");
+        let calls = f.host.calls();
+        assert!(
+            ops(&after(&calls, step)).contains(&"unmount_all_under"),
+            "{step}: {calls:?}"
+        );
+        assert_eq!(entries(&f.daemon.layout.containers()), Vec::<String>::new());
+        assert!(
+            f.host.leftovers().iter().all(|l| !l.starts_with("mount")),
+            "{step}: {:?}",
+            f.host.leftovers()
+        );
+        f.remove_pod(&pod);
+        f.assert_nothing_left();
+    }
+}

@@ -113,11 +113,7 @@ fn discard_unrecorded_sandboxes(daemon: &Daemon) -> Result<()> {
                 daemon.host.remove_cgroup(cgroup.trim()),
             );
         }
-        for kind in [
-            namespaces::Kind::Net,
-            namespaces::Kind::Ipc,
-            namespaces::Kind::Uts,
-        ] {
+        for kind in namespaces::Kind::ALL {
             logged(
                 "unpin a namespace",
                 &id,

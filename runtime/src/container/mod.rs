@@ -5,6 +5,7 @@
 
 pub mod exec_sync;
 pub mod exits;
+mod idmap;
 pub mod resources;
 pub mod shim;
 pub mod signal;
@@ -153,10 +154,11 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
     tracing::Span::current().record("container_id", id.as_str());
     tracing::Span::current().record("pod_id", sandbox.record.id.as_str());
 
+    let userns = sandbox.user_namespace()?;
     let mut undo = Undo::new(format!("container {id}"));
     let mut phases = crate::timing::Phases::start("CreateContainer");
     let result = (|| {
-        let rootfs = prepare_rootfs(daemon, &id, &request.image, &mut undo)?;
+        let rootfs = prepare_rootfs(daemon, &id, &request.image, userns.as_ref(), &mut undo)?;
         phases.mark("rootfs");
         let Bundle {
             shim_config,
@@ -224,11 +226,13 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
     }
 }
 
-/// The container's dirs and its overlay rootfs over the image's snapshots.
+/// The container's dirs and its overlay rootfs over the image's snapshots
+/// (idmapped for a pod user namespace).
 fn prepare_rootfs(
     daemon: &Daemon,
     id: &str,
     image: &ImageRecord,
+    userns: Option<&oci::UserNamespaceInput>,
     undo: &mut Undo,
 ) -> Result<PathBuf> {
     let dir = container_dir(daemon, id);
@@ -244,12 +248,13 @@ fn prepare_rootfs(
             remove_mounted_dir(host.as_ref(), &dir)
         });
     }
-    daemon.host.mount_overlay(
-        &daemon.images.lower_dirs(image),
-        &dir.join("upper"),
-        &dir.join("work"),
-        &rootfs,
-    )?;
+    let mut lower = daemon.images.lower_dirs(image);
+    if let Some(userns) = userns {
+        lower = idmap::layers(daemon.host.as_ref(), &dir, &lower, userns)?;
+    }
+    daemon
+        .host
+        .mount_overlay(&lower, &dir.join("upper"), &dir.join("work"), &rootfs)?;
     {
         let rootfs = rootfs.clone();
         let host = daemon.host.clone();
@@ -279,6 +284,7 @@ fn write_bundle(
     rootfs: &Path,
     undo: &mut Undo,
 ) -> Result<Bundle> {
+    let user_namespace = sandbox.user_namespace()?;
     let sdir = shim_dir(daemon, id);
     let log = log_path(sandbox, &config.log_path)?;
     let ns = sandbox.namespace_options();
@@ -300,7 +306,7 @@ fn write_bundle(
         sandbox.record.cgroup_parent.trim_end_matches('/')
     );
     let process = image.process_config();
-    let spec = oci::build_spec(&oci::SpecInput {
+    let mut spec = oci::build_spec(&oci::SpecInput {
         container_id: id,
         config,
         sandbox: &sandbox.config,
@@ -319,9 +325,17 @@ fn write_bundle(
         },
         cgroups_path: cgroups_path.clone(),
         oom_score_adj_min: own_oom_score_adj(),
+        user_namespace: user_namespace.clone(),
     })?;
     // libcontainer fails on a missing working dir; runc creates it.
     oci::ensure_cwd(&spec)?;
+    idmap::mounts(
+        daemon.host.as_ref(),
+        &container_dir(daemon, id),
+        config,
+        user_namespace.as_ref(),
+        &mut spec,
+    )?;
     let bundle = sdir.join("bundle");
     std::fs::create_dir_all(&bundle).context(|| format!("create {}", bundle.display()))?;
     {

@@ -76,12 +76,15 @@ cri_service! {
                     features: Some(RuntimeHandlerFeatures {
                         // mount_setattr(AT_RECURSIVE) through libcontainer's "rro".
                         recursive_read_only_mounts: true,
-                        user_namespaces: false,
+                        // Mode POD: a pinned user namespace per pod,
+                        // idmapped image layers and volumes.
+                        user_namespaces: self.daemon.user_namespaces,
                     }),
                 }],
                 features: Some(RuntimeFeatures {
                     supplemental_groups_policy: true,
-                    // No user namespaces yet, so none with the host network.
+                    // The pod's network namespace belongs to its user
+                    // namespace; the host's cannot.
                     user_namespaces_host_network: false,
                 }),
             }))

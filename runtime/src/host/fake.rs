@@ -144,6 +144,30 @@ impl Host for RecordingHost {
         Ok(())
     }
 
+    fn idmapped_bind(
+        &self,
+        _source: &Path,
+        target: &Path,
+        _with: crate::host::IdmapWith<'_>,
+        _recursive: bool,
+    ) -> Result<()> {
+        self.call("idmapped_bind", target.display())?;
+        self.state
+            .lock()
+            .unwrap()
+            .mounted
+            .insert(target.to_path_buf());
+        Ok(())
+    }
+
+    fn supports_idmapped_mounts(&self, _dir: &Path) -> bool {
+        true
+    }
+
+    fn give_to(&self, path: &Path, uid: u32, gid: u32) -> Result<()> {
+        self.call("give_to", format!("{} {uid}:{gid}", path.display()))
+    }
+
     fn unmount_all_under(&self, dir: &Path) -> Result<()> {
         self.call("unmount_all_under", dir.display())?;
         self.state
@@ -155,10 +179,12 @@ impl Host for RecordingHost {
     }
 
     fn pin_namespaces(&self, dir: &Path, setup: NamespaceSetup) -> Result<Vec<(Kind, PathBuf)>> {
-        let kinds: Vec<&str> = setup.kinds.iter().map(|k| k.name()).collect();
-        self.call("pin_namespaces", kinds.join(","))?;
+        let user = setup.user.is_some().then_some(Kind::User);
+        let kinds: Vec<Kind> = user.into_iter().chain(setup.kinds).collect();
+        let names: Vec<&str> = kinds.iter().map(|k| k.name()).collect();
+        self.call("pin_namespaces", names.join(","))?;
         let mut pinned = Vec::new();
-        for kind in setup.kinds {
+        for kind in kinds {
             let path = dir.join(kind.name());
             std::fs::write(&path, b"").map_err(|e| Error::io("fake pin", e))?;
             self.state.lock().unwrap().pinned.insert(path.clone());
@@ -198,8 +224,9 @@ impl Host for RecordingHost {
         self.call("apply_resources", path)
     }
 
-    fn start_infra(&self, _log: &Path) -> Result<ProcessIdentity> {
-        self.call("start_infra", "")?;
+    fn start_infra(&self, _log: &Path, userns: Option<&Path>) -> Result<ProcessIdentity> {
+        let userns = userns.map(|p| p.display().to_string()).unwrap_or_default();
+        self.call("start_infra", userns)?;
         Ok(self.spawn())
     }
 

@@ -33,6 +33,20 @@ pub trait Host: Send + Sync + 'static {
     /// one stays: a tree is removed only once nothing is mounted in it (a
     /// recursive delete would otherwise go into an image layer or a volume).
     fn unmount_all_under(&self, dir: &Path) -> Result<()>;
+    /// Whether the filesystem of `dir` takes idmapped mounts (tried once,
+    /// in a scratch dir under it).
+    fn supports_idmapped_mounts(&self, dir: &Path) -> bool;
+    /// Makes `path` (a dir berthd made) owned by `uid`:`gid`.
+    fn give_to(&self, path: &Path, uid: u32, gid: u32) -> Result<()>;
+    /// Mounts `source` at `target` (which exists), its files' owners shown
+    /// through a user namespace's mappings; `recursive` takes submounts.
+    fn idmapped_bind(
+        &self,
+        source: &Path,
+        target: &Path,
+        with: IdmapWith<'_>,
+        recursive: bool,
+    ) -> Result<()>;
 
     /// Creates the pod's namespaces and pins them under `dir`; on error
     /// nothing stays pinned.
@@ -47,7 +61,9 @@ pub trait Host: Send + Sync + 'static {
     fn add_to_cgroup(&self, path: &str, pid: i32) -> Result<()>;
     fn apply_resources(&self, path: &str, resources: &berth_cgroup::Resources) -> Result<()>;
 
-    fn start_infra(&self, log: &Path) -> Result<ProcessIdentity>;
+    /// Starts the infra process of a shared PID namespace, inside the
+    /// pinned user namespace `userns` when the pod has one.
+    fn start_infra(&self, log: &Path, userns: Option<&Path>) -> Result<ProcessIdentity>;
     /// Kills the infra process if it is still the one identified.
     fn stop_infra(&self, infra: &ProcessIdentity);
     fn is_alive(&self, process: &ProcessIdentity) -> bool;
@@ -75,6 +91,15 @@ pub trait Host: Send + Sync + 'static {
     fn network_teardown(&self, sandbox_id: &str) -> Result<()>;
     /// What is wrong with a ready pod's network, if anything.
     fn network_check(&self, sandbox_id: &str, netns: &Path, pod_ips: &[String]) -> Option<String>;
+}
+
+/// The user namespace whose mappings an idmapped mount shows.
+#[derive(Debug, Clone, Copy)]
+pub enum IdmapWith<'a> {
+    /// A pinned namespace file (the pod's).
+    Pinned(&'a Path),
+    /// A namespace made for the mount with these mappings.
+    Mappings(&'a crate::userns::IdMappings),
 }
 
 /// The host berthd runs on.
@@ -150,6 +175,32 @@ impl Host for RealHost {
         }
     }
 
+    fn supports_idmapped_mounts(&self, dir: &Path) -> bool {
+        crate::userns::probe_idmapped_mounts(dir)
+    }
+
+    fn give_to(&self, path: &Path, uid: u32, gid: u32) -> Result<()> {
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .map_err(|e| Error::io(format!("chown {} to {uid}:{gid}", path.display()), e))
+    }
+
+    fn idmapped_bind(
+        &self,
+        source: &Path,
+        target: &Path,
+        with: IdmapWith<'_>,
+        recursive: bool,
+    ) -> Result<()> {
+        use std::os::fd::AsFd;
+        let userns: std::os::fd::OwnedFd = match with {
+            IdmapWith::Pinned(path) => std::fs::File::open(path)
+                .map_err(|e| Error::io(format!("open {}", path.display()), e))?
+                .into(),
+            IdmapWith::Mappings(mappings) => crate::userns::open_with(mappings)?,
+        };
+        crate::userns::idmapped_bind(source, target, userns.as_fd(), recursive)
+    }
+
     fn pin_namespaces(&self, dir: &Path, setup: NamespaceSetup) -> Result<Vec<(Kind, PathBuf)>> {
         namespaces::create(dir, setup)
     }
@@ -178,8 +229,8 @@ impl Host for RealHost {
         Ok(self.cgroups.apply(path, resources)?)
     }
 
-    fn start_infra(&self, log: &Path) -> Result<ProcessIdentity> {
-        crate::sandbox::infra::start(&shim::shim_binary(), log)
+    fn start_infra(&self, log: &Path, userns: Option<&Path>) -> Result<ProcessIdentity> {
+        crate::sandbox::infra::start(&shim::shim_binary(), log, userns)
     }
 
     fn stop_infra(&self, infra: &ProcessIdentity) {

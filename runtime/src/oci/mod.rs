@@ -67,6 +67,7 @@ use oci_spec::runtime::{
     Process, Root, Spec,
 };
 
+pub(crate) use mounts::clean_container_path;
 pub use security::{DEFAULT_CAPS, DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, parse_capability};
 pub use user::resolve_user;
 
@@ -119,6 +120,14 @@ pub struct SandboxFiles {
     pub hostname: Option<PathBuf>,
 }
 
+/// The pod's user namespace, which the container joins.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserNamespaceInput {
+    /// The pinned namespace file.
+    pub path: PathBuf,
+    pub mappings: crate::userns::IdMappings,
+}
+
 /// Everything [`build_spec`] needs.
 #[derive(Debug)]
 pub struct SpecInput<'a> {
@@ -135,6 +144,8 @@ pub struct SpecInput<'a> {
     pub cgroups_path: String,
     /// berthd's own oom_score_adj: the container's is never lower.
     pub oom_score_adj_min: i32,
+    /// The pod's user namespace, when it has one.
+    pub user_namespace: Option<UserNamespaceInput>,
 }
 
 /// Facts about the host and berthd that shape a spec.
@@ -144,6 +155,10 @@ struct Host {
     caps: Vec<Capability>,
     /// RLIMIT_NOFILE for containers.
     nofile: u64,
+    /// RLIMIT_NOFILE for containers in a user namespace, where the limit
+    /// cannot be raised above berthd's own (CAP_SYS_RESOURCE there is not
+    /// the host's).
+    nofile_in_userns: u64,
     /// Swap is accounted (memory.memsw.* on v1, memory.swap.max on v2).
     swap: bool,
     /// The host's cgroups (on v1 the container's are bind mounts).
@@ -168,6 +183,7 @@ impl Host {
                 Host {
                     caps,
                     nofile,
+                    nofile_in_userns: own_nofile_hard().map_or(nofile, |h| h.min(nofile)),
                     swap: cgroups.swap_accounted(),
                     cgroups,
                     apparmor: std::fs::read_to_string("/sys/module/apparmor/parameters/enabled")
@@ -315,8 +331,61 @@ fn namespace(typ: LinuxNamespaceType, path: Option<&Path>) -> LinuxNamespace {
     ns
 }
 
-fn user_namespace_requested(mode: Option<i32>) -> bool {
-    mode == Some(NamespaceMode::Pod as i32)
+/// A container asks for the pod's user namespace or the host's; it must
+/// be what the pod has (kubelet sends the pod's options again).
+fn check_container_userns(config: &ContainerConfig, pod_has_userns: bool) -> Result<()> {
+    let mode = config
+        .linux
+        .as_ref()
+        .and_then(|l| l.security_context.as_ref())
+        .and_then(|s| s.namespace_options.as_ref())
+        .and_then(|o| o.userns_options.as_ref())
+        .map(|u| u.mode);
+    let wanted = match mode {
+        None => return Ok(()),
+        Some(m) if m == NamespaceMode::Pod as i32 => true,
+        Some(m) if m == NamespaceMode::Node as i32 => false,
+        Some(m) => {
+            return Err(Error::InvalidArgument(format!(
+                "container user namespace mode {m} is not supported (only POD and NODE)"
+            )));
+        }
+    };
+    if wanted != pod_has_userns {
+        return Err(Error::InvalidArgument(format!(
+            "the container asks for {} user namespace but its pod {}",
+            if wanted { "the pod's" } else { "the host's" },
+            if pod_has_userns {
+                "has one of its own"
+            } else {
+                "has none"
+            }
+        )));
+    }
+    Ok(())
+}
+
+/// Every id the process runs with must exist in the user namespace, or the
+/// container could not start (setuid fails on an unmapped id).
+fn check_user_mapped(
+    user: &oci_spec::runtime::User,
+    mappings: &crate::userns::IdMappings,
+) -> Result<()> {
+    if mappings.host_uid(user.uid()).is_none() {
+        return Err(Error::InvalidArgument(format!(
+            "uid {} is not mapped in the pod's user namespace",
+            user.uid()
+        )));
+    }
+    let gids = std::iter::once(user.gid()).chain(user.additional_gids().iter().flatten().copied());
+    for gid in gids {
+        if mappings.host_gid(gid).is_none() {
+            return Err(Error::InvalidArgument(format!(
+                "gid {gid} is not mapped in the pod's user namespace"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// The OCI runtime spec of a container.
@@ -335,15 +404,8 @@ fn build_spec_on(input: &SpecInput, host: &Host) -> Result<Spec> {
         .as_ref()
         .and_then(|l| l.security_context.as_ref());
 
-    let userns = |o: Option<&berth_cri::v1::NamespaceOption>| {
-        o.and_then(|o| o.userns_options.as_ref()).map(|u| u.mode)
-    };
-    if user_namespace_requested(userns(
-        sandbox_sc.and_then(|s| s.namespace_options.as_ref()),
-    )) || user_namespace_requested(userns(sc.and_then(|s| s.namespace_options.as_ref())))
-    {
-        return Err(Error::Unimplemented("user namespaces"));
-    }
+    let userns = input.user_namespace.as_ref();
+    check_container_userns(config, userns.is_some())?;
 
     let privileged = sc.is_some_and(|s| s.privileged);
     if privileged && !sandbox_sc.is_some_and(|s| s.privileged) {
@@ -373,17 +435,26 @@ fn build_spec_on(input: &SpecInput, host: &Host) -> Result<Spec> {
             )));
         }
     };
+    let nofile_limit = if userns.is_some() {
+        host.nofile_in_userns
+    } else {
+        host.nofile
+    };
     let nofile = PosixRlimitBuilder::default()
         .typ(PosixRlimitType::RlimitNofile)
-        .soft(host.nofile)
-        .hard(host.nofile)
+        .soft(nofile_limit)
+        .hard(nofile_limit)
         .build()
         .expect("every field is set");
 
     let mut process = Process::default();
     process.set_terminal(Some(config.tty));
     process.set_console_size(None);
-    process.set_user(resolve_user(input.rootfs, sc, &input.image.user)?);
+    let user = resolve_user(input.rootfs, sc, &input.image.user)?;
+    if let Some(u) = userns {
+        check_user_mapped(&user, &u.mappings)?;
+    }
+    process.set_user(user);
     process.set_args(Some(process_args(config, input.image)?));
     process.set_command_line(None);
     process.set_env(Some(process_env(config, input.image, env_hostname)?));
@@ -402,7 +473,12 @@ fn build_spec_on(input: &SpecInput, host: &Host) -> Result<Spec> {
     process.set_exec_cpu_affinity(None);
 
     // Linux.
-    let mut namespaces = Vec::with_capacity(6);
+    let mut namespaces = Vec::with_capacity(7);
+    // Joined first (libcontainer enters the user namespace before the
+    // others, which it owns); no mappings: the namespace has them.
+    if let Some(u) = userns {
+        namespaces.push(namespace(LinuxNamespaceType::User, Some(&u.path)));
+    }
     match &input.pid {
         PidMode::Container => namespaces.push(namespace(LinuxNamespaceType::Pid, None)),
         PidMode::Pod(path) => namespaces.push(namespace(LinuxNamespaceType::Pid, Some(path))),

@@ -183,9 +183,6 @@ pub(crate) fn build(
         if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
             return Err(Error::Unimplemented("image volume mounts"));
         }
-        if !m.uid_mappings.is_empty() || !m.gid_mappings.is_empty() {
-            return Err(Error::Unimplemented("idmapped mounts"));
-        }
         let dest = clean_container_path("mount container_path", &m.container_path)?;
         check_destination(&dest)?;
         if m.host_path.is_empty() {

@@ -19,6 +19,7 @@ fn host() -> Host {
     Host {
         caps: security::caps_from_mask(0x1fffeffffff), // everything but SYS_RESOURCE
         nofile: NOFILE_LIMIT,
+        nofile_in_userns: 4096,
         swap: true,
         cgroups: berth_cgroup::Cgroups::at(Path::new("/nonexistent"), berth_cgroup::Version::V2),
         apparmor: false,
@@ -47,6 +48,7 @@ struct Fixture {
     pid: PidMode,
     files: SandboxFiles,
     oom_min: i32,
+    user_namespace: Option<UserNamespaceInput>,
 }
 
 impl Fixture {
@@ -100,6 +102,7 @@ impl Fixture {
                 hostname: Some("/run/berth/sandboxes/s1/hostname".into()),
             },
             oom_min: 0,
+            user_namespace: None,
         }
     }
 
@@ -146,6 +149,7 @@ impl Fixture {
                 files: self.files.clone(),
                 cgroups_path: "/kubepods/pod1/c1".into(),
                 oom_score_adj_min: self.oom_min,
+                user_namespace: self.user_namespace.clone(),
             },
             host,
         )
@@ -704,17 +708,18 @@ fn seccomp_unconfined_default_localhost() {
     assert!(matches!(f.build(), Err(Error::InvalidArgument(_))));
 }
 
+fn ns_of(spec: &Spec) -> Vec<(String, Option<PathBuf>)> {
+    linux(spec)
+        .namespaces()
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|n| (n.typ().to_string(), n.path().clone()))
+        .collect()
+}
+
 #[test]
 fn namespaces_host_pod_and_container() {
-    let ns_of = |spec: &Spec| -> Vec<(String, Option<PathBuf>)> {
-        linux(spec)
-            .namespaces()
-            .as_ref()
-            .unwrap()
-            .iter()
-            .map(|n| (n.typ().to_string(), n.path().clone()))
-            .collect()
-    };
     let mut f = Fixture::new();
     let ns = ns_of(&f.build().unwrap());
     assert_eq!(
@@ -754,25 +759,90 @@ fn namespaces_host_pod_and_container() {
     assert_eq!(spec.hostname(), &None);
 }
 
+fn pod_userns() -> UserNamespaceInput {
+    UserNamespaceInput {
+        path: "/run/berth/sandboxes/s1/ns/user".into(),
+        mappings: crate::userns::IdMappings {
+            uids: vec![crate::userns::IdMap {
+                container_id: 0,
+                host_id: 100000,
+                length: 65536,
+            }],
+            gids: vec![crate::userns::IdMap {
+                container_id: 0,
+                host_id: 100000,
+                length: 65536,
+            }],
+        },
+    }
+}
+
+fn userns_option(mode: NamespaceMode) -> Option<NamespaceOption> {
+    Some(NamespaceOption {
+        userns_options: Some(UserNamespace {
+            mode: mode as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
 #[test]
-fn user_namespaces_are_not_supported_yet() {
+fn a_container_joins_its_pods_user_namespace_first() {
     let mut f = Fixture::new();
-    f.security().namespace_options = Some(NamespaceOption {
-        userns_options: Some(UserNamespace {
-            mode: NamespaceMode::Node as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    assert!(f.build().is_ok(), "NODE user namespace is the host's: fine");
-    f.security().namespace_options = Some(NamespaceOption {
-        userns_options: Some(UserNamespace {
-            mode: NamespaceMode::Pod as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
-    assert!(matches!(f.build(), Err(Error::Unimplemented(_))));
+    f.user_namespace = Some(pod_userns());
+    let spec = f.build().unwrap();
+    let ns = ns_of(&spec);
+    assert_eq!(
+        ns[0],
+        (
+            "user".to_string(),
+            Some("/run/berth/sandboxes/s1/ns/user".into())
+        )
+    );
+    let linux = spec.linux().as_ref().unwrap();
+    assert_eq!(linux.uid_mappings(), &None, "the joined namespace has them");
+    let nofile = process(&spec).rlimits().as_ref().unwrap()[0].hard();
+    assert_eq!(nofile, 4096, "never above berthd's own hard limit");
+
+    // kubelet repeats the pod's mode on the container.
+    f.security().namespace_options = userns_option(NamespaceMode::Pod);
+    assert!(f.build().is_ok());
+    f.security().namespace_options = userns_option(NamespaceMode::Node);
+    assert!(matches!(f.build(), Err(Error::InvalidArgument(_))));
+    f.security().namespace_options = userns_option(NamespaceMode::Container);
+    assert!(matches!(f.build(), Err(Error::InvalidArgument(_))));
+}
+
+#[test]
+fn without_a_pod_user_namespace_a_container_cannot_ask_for_one() {
+    let mut f = Fixture::new();
+    f.security().namespace_options = userns_option(NamespaceMode::Node);
+    let spec = f.build().unwrap();
+    assert!(ns_of(&spec).iter().all(|(k, _)| k != "user"));
+    f.security().namespace_options = userns_option(NamespaceMode::Pod);
+    assert!(matches!(f.build(), Err(Error::InvalidArgument(_))));
+}
+
+#[test]
+fn a_user_outside_the_pods_mapping_is_refused() {
+    let mut f = Fixture::new();
+    f.user_namespace = Some(pod_userns());
+    f.security().run_as_user = Some(Int64Value { value: 70000 });
+    let err = f.build().unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument(m) if m.contains("uid 70000")),
+        "{err}"
+    );
+    f.security().run_as_user = Some(Int64Value { value: 1000 });
+    f.security().supplemental_groups = vec![65536];
+    let err = f.build().unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument(m) if m.contains("gid 65536")),
+        "{err}"
+    );
+    f.security().supplemental_groups = vec![65535];
+    assert!(f.build().is_ok());
 }
 
 #[test]
@@ -888,6 +958,7 @@ fn build_spec_reads_the_real_host() {
         files: SandboxFiles::default(),
         cgroups_path: "/x".into(),
         oom_score_adj_min: 0,
+        user_namespace: None,
     })
     .unwrap();
     let nofile = process(&spec).rlimits().as_ref().unwrap()[0].hard();

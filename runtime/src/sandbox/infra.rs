@@ -4,24 +4,43 @@
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use crate::error::{Error, Result};
 use crate::process::ProcessIdentity;
 
-/// Starts the infra process in a new PID namespace; returns its identity.
+/// Starts the infra process in a new PID namespace (made inside the pod's
+/// pinned user namespace `userns`, when it has one, so that the namespace
+/// belongs to it); returns its identity.
 ///
 /// berthd is multi-threaded, so the forked child only makes raw syscalls
-/// until it execs: unshare, fork (the grandchild is PID 1 of the new
-/// namespace), report the pid through a pipe, exit.
-pub fn start(shim: &Path, log: &Path) -> Result<ProcessIdentity> {
+/// until it execs: setns into the user namespace, unshare, fork (the
+/// grandchild is PID 1 of the new namespace), report the pid through a
+/// pipe, exit. Its files are opened before the fork: inside a user
+/// namespace host root's files are no longer its own.
+pub fn start(shim: &Path, log: &Path, userns: Option<&Path>) -> Result<ProcessIdentity> {
+    use std::os::fd::AsRawFd;
     let prog = CString::new(shim.as_os_str().as_bytes())
         .map_err(|_| Error::InvalidArgument("shim path contains NUL".into()))?;
     let arg1 = CString::new("pause").unwrap();
     let argv = [prog.as_ptr(), arg1.as_ptr(), std::ptr::null()];
-    let devnull = CString::new("/dev/null").unwrap();
-    let log_c = CString::new(log.as_os_str().as_bytes())
-        .map_err(|_| Error::InvalidArgument("log path contains NUL".into()))?;
+    let null = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .map_err(|e| Error::io("open /dev/null", e))?;
+    let out = std::fs::File::options()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(log)
+        .map_err(|e| Error::io(format!("open {}", log.display()), e))?;
+    let userns = userns
+        .map(|p| std::fs::File::open(p).map_err(|e| Error::io(format!("open {}", p.display()), e)))
+        .transpose()?;
+    let userns_fd = userns.as_ref().map_or(-1, |f| f.as_raw_fd());
+    let (null_fd, out_fd) = (null.as_raw_fd(), out.as_raw_fd());
 
     let mut fds = [0i32; 2];
     // SAFETY: plain syscalls; the child below only calls async-signal-safe
@@ -45,6 +64,9 @@ pub fn start(shim: &Path, log: &Path) -> Result<ProcessIdentity> {
         }
         if child == 0 {
             libc::close(rd);
+            if userns_fd >= 0 && libc::setns(userns_fd, libc::CLONE_NEWUSER) != 0 {
+                libc::_exit(13);
+            }
             if libc::unshare(libc::CLONE_NEWPID) != 0 {
                 libc::_exit(10);
             }
@@ -58,19 +80,9 @@ pub fn start(shim: &Path, log: &Path) -> Result<ProcessIdentity> {
                 libc::_exit(0);
             }
             libc::setsid();
-            let null = libc::open(devnull.as_ptr(), libc::O_RDWR);
-            let out = libc::open(
-                log_c.as_ptr(),
-                libc::O_WRONLY | libc::O_CREAT | libc::O_APPEND,
-                0o600,
-            );
-            if null >= 0 {
-                libc::dup2(null, 0);
-            }
-            if out >= 0 {
-                libc::dup2(out, 1);
-                libc::dup2(out, 2);
-            }
+            libc::dup2(null_fd, 0);
+            libc::dup2(out_fd, 1);
+            libc::dup2(out_fd, 2);
             let _ = crate::process::no_inherited_fds();
             libc::execv(prog.as_ptr(), argv.as_ptr());
             libc::_exit(12);

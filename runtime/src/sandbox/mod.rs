@@ -47,6 +47,22 @@ impl SandboxContext {
             .then(|| PathBuf::from(format!("/proc/{}/ns/pid", self.record.infra.pid)))
     }
 
+    /// The pod's user namespace mappings (`None` without one), as checked
+    /// when the pod was made.
+    pub fn user_mappings(&self) -> Result<Option<crate::userns::IdMappings>> {
+        crate::userns::pod_mappings(&self.config)
+    }
+
+    /// The pod's user namespace as its containers join it.
+    pub fn user_namespace(&self) -> Result<Option<crate::oci::UserNamespaceInput>> {
+        Ok(self
+            .user_mappings()?
+            .map(|mappings| crate::oci::UserNamespaceInput {
+                path: self.dir.join("ns").join(Kind::User.name()),
+                mappings,
+            }))
+    }
+
     pub fn namespace_options(&self) -> NamespaceOptionsView {
         NamespaceOptionsView::of(&self.config)
     }
@@ -135,6 +151,7 @@ struct RunRequest {
     own_ipc: bool,
     shared_pid: bool,
     sysctls: Vec<(String, String)>,
+    user: Option<crate::userns::IdMappings>,
 }
 
 fn check_run(config: &PodSandboxConfig, runtime_handler: &str) -> Result<RunRequest> {
@@ -181,12 +198,14 @@ fn check_run(config: &PodSandboxConfig, runtime_handler: &str) -> Result<RunRequ
             config.log_directory
         )));
     }
+    let user = crate::userns::pod_mappings(config)?;
     Ok(RunRequest {
         meta,
         own_net,
         own_ipc,
         shared_pid: ns.pid == NamespaceMode::Pod,
         sysctls,
+        user,
     })
 }
 
@@ -204,6 +223,13 @@ fn event(kind: EventKind, id: &str) -> Event {
 /// reverse and nothing is left.
 pub fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &str) -> Result<String> {
     let request = check_run(&config, runtime_handler)?;
+    if request.user.is_some() && !daemon.user_namespaces {
+        return Err(Error::FailedPrecondition(format!(
+            "pods with a user namespace need idmapped mounts, which the filesystem of {} does \
+             not support",
+            daemon.config.root_dir.display()
+        )));
+    }
     let meta = &request.meta;
     let id = names::new_id();
     let reservation = daemon.names.reserve(
@@ -234,7 +260,11 @@ pub fn run(daemon: &Daemon, config: PodSandboxConfig, runtime_handler: &str) -> 
         phases.mark("files");
         let (cgroup_parent, created_cgroup) = make_cgroup(daemon, &id, &dir, &config, &mut undo)?;
         let infra = if request.shared_pid {
-            start_infra(daemon, &dir, &cgroup_parent, &mut undo)?
+            let userns = request
+                .user
+                .as_ref()
+                .map(|_| dir.join("ns").join(Kind::User.name()));
+            start_infra(daemon, &dir, &cgroup_parent, userns.as_deref(), &mut undo)?
         } else {
             ProcessIdentity::default()
         };
@@ -324,6 +354,7 @@ fn pin_namespaces(
             kinds,
             hostname: (!hostname.is_empty()).then(|| hostname.to_string()),
             sysctls: request.sysctls.clone(),
+            user: request.user.clone(),
         },
     )?;
     for (_, path) in pinned {
@@ -427,6 +458,7 @@ fn start_infra(
     daemon: &Daemon,
     dir: &Path,
     cgroup_parent: &str,
+    userns: Option<&Path>,
     undo: &mut Undo,
 ) -> Result<ProcessIdentity> {
     let cgroup = daemon.cgroups.infra_path(cgroup_parent);
@@ -445,7 +477,7 @@ fn start_infra(
             host.remove_cgroup(&path)
         });
     }
-    let infra = daemon.host.start_infra(&dir.join("infra.log"))?;
+    let infra = daemon.host.start_infra(&dir.join("infra.log"), userns)?;
     {
         let host = daemon.host.clone();
         undo.push(format!("stop infra process {}", infra.pid), move || {
@@ -542,6 +574,9 @@ pub fn broken(daemon: &Daemon, ctx: &SandboxContext) -> Option<String> {
     if ns.ipc != NamespaceMode::Node {
         kinds.push(Kind::Ipc);
     }
+    if ctx.user_mappings().ok().flatten().is_some() {
+        kinds.push(Kind::User);
+    }
     for kind in kinds {
         let path = ctx.dir.join("ns").join(kind.name());
         if !daemon.host.is_pinned(&path) {
@@ -620,7 +655,7 @@ pub fn remove(daemon: &Daemon, record: &SandboxRecord) -> Result<()> {
     }
     release(daemon, record)?;
     let dir = daemon.layout.sandbox(&record.id);
-    for kind in [Kind::Net, Kind::Ipc, Kind::Uts] {
+    for kind in Kind::ALL {
         daemon
             .host
             .unpin_namespace(&dir.join("ns").join(kind.name()))?;

@@ -15,14 +15,20 @@ pub enum Kind {
     Net,
     Ipc,
     Uts,
+    /// Pinned only for a pod with a user namespace, which owns the others.
+    User,
 }
 
 impl Kind {
+    /// Every kind a pod may pin, for removal and recovery.
+    pub const ALL: [Kind; 4] = [Kind::Net, Kind::Ipc, Kind::Uts, Kind::User];
+
     pub fn name(self) -> &'static str {
         match self {
             Kind::Net => "net",
             Kind::Ipc => "ipc",
             Kind::Uts => "uts",
+            Kind::User => "user",
         }
     }
 
@@ -31,6 +37,7 @@ impl Kind {
             Kind::Net => CloneFlags::CLONE_NEWNET,
             Kind::Ipc => CloneFlags::CLONE_NEWIPC,
             Kind::Uts => CloneFlags::CLONE_NEWUTS,
+            Kind::User => CloneFlags::CLONE_NEWUSER,
         }
     }
 }
@@ -42,15 +49,21 @@ pub struct NamespaceSetup {
     pub hostname: Option<String>,
     /// `(key, value)` sysctls, already validated against the namespaces.
     pub sysctls: Vec<(String, String)>,
+    /// A user namespace with these mappings, made first and pinned as
+    /// `<dir>/user`; the other kinds are made inside it.
+    pub user: Option<crate::userns::IdMappings>,
 }
 
 /// Creates the namespaces and pins them as `<dir>/<kind>`. On error nothing
 /// stays mounted.
 pub fn create(dir: &Path, setup: NamespaceSetup) -> Result<Vec<(Kind, PathBuf)>> {
-    if setup.kinds.is_empty() {
+    if setup.kinds.is_empty() && setup.user.is_none() {
         return Ok(Vec::new());
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+    if let Some(mappings) = &setup.user {
+        return create_in_user_namespace(dir, mappings, &setup);
+    }
     let dir = dir.to_path_buf();
     // A thread of its own: unsharing changes only this thread's namespaces,
     // and the thread is never reused for anything else.
@@ -62,16 +75,114 @@ pub fn create(dir: &Path, setup: NamespaceSetup) -> Result<Vec<(Kind, PathBuf)>>
         .map_err(|_| Error::Internal("namespace thread panicked".into()))?
 }
 
-fn create_in_thread(dir: &Path, setup: &NamespaceSetup) -> Result<Vec<(Kind, PathBuf)>> {
-    let flags = setup
-        .kinds
+fn flags(kinds: &[Kind]) -> CloneFlags {
+    kinds.iter().fold(CloneFlags::empty(), |f, k| f | k.flag())
+}
+
+/// A multi-threaded process cannot enter a new user namespace, so a forked
+/// holder makes it and the other namespaces inside it; they are pinned from
+/// its `/proc/PID/ns`, then set up from a thread that enters them.
+fn create_in_user_namespace(
+    dir: &Path,
+    mappings: &crate::userns::IdMappings,
+    setup: &NamespaceSetup,
+) -> Result<Vec<(Kind, PathBuf)>> {
+    let holder = crate::userns::Holder::spawn(mappings, flags(&setup.kinds).bits())?;
+    let mut pinned: Vec<(Kind, PathBuf)> = Vec::new();
+    for kind in std::iter::once(Kind::User).chain(setup.kinds.iter().copied()) {
+        match pin(&holder.ns_path(kind.name()), &dir.join(kind.name())) {
+            Ok(path) => pinned.push((kind, path)),
+            Err(e) => {
+                unpin_all(&pinned);
+                return Err(e);
+            }
+        }
+    }
+    drop(holder);
+    let to_enter: Vec<(Kind, PathBuf)> = pinned
         .iter()
-        .fold(CloneFlags::empty(), |f, k| f | k.flag());
-    unshare(flags).map_err(|source| Error::Kernel {
+        .filter(|(k, _)| *k != Kind::User)
+        .cloned()
+        .collect();
+    let setup = setup.clone();
+    let configured = std::thread::Builder::new()
+        .name("berth-netns".into())
+        .spawn(move || -> Result<()> {
+            for (kind, path) in &to_enter {
+                let file = std::fs::File::open(path)
+                    .map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+                nix::sched::setns(&file, kind.flag()).map_err(|source| Error::Kernel {
+                    op: "enter the pod namespace",
+                    path: path.clone(),
+                    source,
+                })?;
+            }
+            configure(&setup)
+        })
+        .map_err(|e| Error::io("spawn namespace thread", e))?
+        .join()
+        .map_err(|_| Error::Internal("namespace thread panicked".into()))
+        .and_then(|r| r);
+    if let Err(e) = configured {
+        unpin_all(&pinned);
+        return Err(e);
+    }
+    Ok(pinned)
+}
+
+fn unpin_all(pinned: &[(Kind, PathBuf)]) {
+    for (_, p) in pinned {
+        let _ = unpin(p);
+    }
+}
+
+/// Bind-mounts namespace file `source` at `target` (created), which keeps
+/// the namespace alive; on error nothing is left.
+fn pin(source: &str, target: &Path) -> Result<PathBuf> {
+    std::fs::File::create(target)
+        .map_err(|e| Error::io(format!("create {}", target.display()), e))?;
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .map_err(|source| {
+        let _ = std::fs::remove_file(target);
+        Error::Kernel {
+            op: "pin the namespace at",
+            path: target.to_path_buf(),
+            source,
+        }
+    })?;
+    Ok(target.to_path_buf())
+}
+
+fn create_in_thread(dir: &Path, setup: &NamespaceSetup) -> Result<Vec<(Kind, PathBuf)>> {
+    unshare(flags(&setup.kinds)).map_err(|source| Error::Kernel {
         op: "unshare the pod namespaces under",
         path: dir.to_path_buf(),
         source,
     })?;
+    configure(setup)?;
+    let mut pinned: Vec<(Kind, PathBuf)> = Vec::new();
+    for kind in &setup.kinds {
+        let source = format!("/proc/thread-self/ns/{}", kind.name());
+        match pin(&source, &dir.join(kind.name())) {
+            Ok(path) => pinned.push((*kind, path)),
+            Err(e) => {
+                unpin_all(&pinned);
+                return Err(e);
+            }
+        }
+    }
+    Ok(pinned)
+}
+
+/// Hostname, loopback and sysctls, on a thread that is in the pod's
+/// namespaces.
+fn configure(setup: &NamespaceSetup) -> Result<()> {
     if setup.kinds.contains(&Kind::Uts)
         && let Some(h) = &setup.hostname
     {
@@ -86,36 +197,7 @@ fn create_in_thread(dir: &Path, setup: &NamespaceSetup) -> Result<Vec<(Kind, Pat
         std::fs::write(&path, value)
             .map_err(|e| Error::InvalidArgument(format!("sysctl {key}={value}: {e}")))?;
     }
-    let mut pinned: Vec<(Kind, PathBuf)> = Vec::new();
-    for kind in &setup.kinds {
-        let target = dir.join(kind.name());
-        let result = std::fs::File::create(&target)
-            .map_err(|e| Error::io(format!("create {}", target.display()), e))
-            .and_then(|_| {
-                let source = format!("/proc/thread-self/ns/{}", kind.name());
-                mount(
-                    Some(source.as_str()),
-                    &target,
-                    None::<&str>,
-                    MsFlags::MS_BIND,
-                    None::<&str>,
-                )
-                .map_err(|source| Error::Kernel {
-                    op: "pin the namespace at",
-                    path: target.clone(),
-                    source,
-                })
-            });
-        if let Err(e) = result {
-            for (_, p) in &pinned {
-                let _ = unpin(p);
-            }
-            let _ = std::fs::remove_file(&target);
-            return Err(e);
-        }
-        pinned.push((*kind, target));
-    }
-    Ok(pinned)
+    Ok(())
 }
 
 /// Runs `f` on a short-lived thread that entered the network namespace

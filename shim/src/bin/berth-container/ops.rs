@@ -166,6 +166,19 @@ impl ContainerOps for Libcontainer {
         process.set_args(Some(opts.args.clone()));
         let tty = opts.console_socket.is_some();
         process.set_terminal(Some(tty));
+        // libcontainer 0.7's tenant joins every namespace of the container
+        // but its user namespace. The process is made as host root (the
+        // namespace's owner, so it may enter it) and the executor enters the
+        // namespace, then takes the container's user and capabilities.
+        let user_namespace = container_user_namespace(&container)?.map(|ns| {
+            let identity = UserNsIdentity {
+                namespace: std::sync::Arc::new(ns),
+                user: process.user().clone(),
+                capabilities: process.capabilities().clone(),
+            };
+            process.set_user(libcontainer::oci_spec::runtime::User::default());
+            identity
+        });
         // libcontainer 0.7 ignores consoleSize; the executor applies it.
         process.set_console_size(match opts.console_size {
             Some((h, w)) if tty => Some(
@@ -197,7 +210,10 @@ impl ContainerOps for Libcontainer {
         let pid = self
             .builder(opts.id)?
             .with_console_socket(opts.console_socket)
-            .with_executor(SeccompExecutor { seccomp })
+            .with_executor(SeccompExecutor {
+                seccomp,
+                user_namespace,
+            })
             .as_tenant()
             .with_process(Some(&process_path))
             .with_detach(true)
@@ -269,16 +285,91 @@ fn memfd_with(data: &[u8]) -> std::io::Result<OwnedFd> {
     Ok(file.into())
 }
 
+/// The user namespace of a container's init when it is not ours.
+fn container_user_namespace(container: &Container) -> OpResult<Option<std::fs::File>> {
+    use std::os::unix::fs::MetadataExt;
+    let pid = container
+        .pid()
+        .ok_or_else(|| OpError("the container has no init pid".into()))?;
+    let path = format!("/proc/{pid}/ns/user");
+    let theirs = std::fs::File::open(&path).map_err(|e| OpError::from_err(&path, &e))?;
+    let (a, b) = (
+        theirs
+            .metadata()
+            .map_err(|e| OpError::from_err(&path, &e))?,
+        std::fs::metadata("/proc/self/ns/user")
+            .map_err(|e| OpError::from_err("/proc/self/ns/user", &e))?,
+    );
+    Ok((a.ino() != b.ino() || a.dev() != b.dev()).then_some(theirs))
+}
+
+/// Who an exec'd process is inside its container's user namespace.
+#[derive(Clone)]
+struct UserNsIdentity {
+    /// Open from before the fork (closed by the final execve).
+    namespace: std::sync::Arc<std::fs::File>,
+    user: libcontainer::oci_spec::runtime::User,
+    capabilities: Option<libcontainer::oci_spec::runtime::LinuxCapabilities>,
+}
+
+impl UserNsIdentity {
+    /// Enters the namespace (which gives every capability in it), takes the
+    /// container's groups, gid and uid there, then its capabilities.
+    fn enter(&self) -> Result<(), ExecutorError> {
+        use libcontainer::syscall::syscall::create_syscall;
+        let other =
+            |what: &str, e: &dyn std::fmt::Display| ExecutorError::Other(format!("{what}: {e}"));
+        nix::sched::setns(
+            self.namespace.as_ref(),
+            nix::sched::CloneFlags::CLONE_NEWUSER,
+        )
+        .map_err(|e| other("enter the container's user namespace", &e))?;
+        let groups: Vec<libc::gid_t> = self
+            .user
+            .additional_gids()
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        let (uid, gid) = (self.user.uid(), self.user.gid());
+        // SAFETY: plain syscalls; this process has one thread (it is about
+        // to execve), so the ids change for the whole process.
+        unsafe {
+            if libc::prctl(libc::PR_SET_KEEPCAPS, 1, 0, 0, 0) != 0
+                || libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+            {
+                return Err(other(
+                    &format!("take uid {uid} gid {gid} groups {groups:?}"),
+                    &std::io::Error::last_os_error(),
+                ));
+            }
+        }
+        let syscall = create_syscall();
+        if let Some(caps) = &self.capabilities {
+            libcontainer::capabilities::drop_privileges(caps, syscall.as_ref())
+                .map_err(|e| other("set capabilities", &e))?;
+        }
+        Ok(())
+    }
+}
+
 /// Installs the container's seccomp filter right before the default
 /// executor's execve (capabilities are already dropped by then, so without
-/// CAP_SYS_ADMIN the filter needs no_new_privs, which is set first).
+/// CAP_SYS_ADMIN the filter needs no_new_privs, which is set first); for a
+/// container in a user namespace, enters it first.
 #[derive(Clone)]
 struct SeccompExecutor {
     seccomp: Option<LinuxSeccomp>,
+    user_namespace: Option<UserNsIdentity>,
 }
 
 impl Executor for SeccompExecutor {
     fn exec(&self, spec: &Spec) -> Result<(), ExecutorError> {
+        if let Some(identity) = &self.user_namespace {
+            identity.enter()?;
+        }
         // The initial size of an exec's terminal (stdin is the pty slave by
         // now), before seccomp could refuse the ioctl.
         if let Some(process) = spec.process()
