@@ -100,6 +100,8 @@ async fn a_pod_user_namespace_maps_root_and_idmaps_the_rootfs_and_volumes() {
 
     let pod = env.run_pod(&userns_pod(&env, "userns")).await;
     let mut config = sh_config("app", &env.busybox(), "sleep 1000");
+    // A working dir the image lacks: made for root in the pod.
+    config.working_dir = "/made/by/berth".into();
     config.mounts.push(Mount {
         container_path: "/data".into(),
         host_path: vol.display().to_string(),
@@ -143,7 +145,9 @@ async fn a_pod_user_namespace_maps_root_and_idmaps_the_rootfs_and_volumes() {
     let host_view = std::fs::metadata(format!("/proc/{pid}/root/bin/sh")).unwrap();
     assert_eq!((host_view.uid(), host_view.gid()), (HOST_BASE, HOST_BASE));
     // Root in the pod writes its rootfs; the file is the mapped id's.
-    env.sh(&id, "echo hi > /made-inside").await;
+    env.sh(&id, "echo hi > /made-inside && touch /made/by/berth/x")
+        .await;
+    assert_eq!(env.sh(&id, "stat -c %u /made/by/berth").await.trim(), "0");
     let made = std::fs::metadata(format!("/proc/{pid}/root/made-inside")).unwrap();
     assert_eq!(made.uid(), HOST_BASE);
 
@@ -366,9 +370,23 @@ async fn user_namespace_requests_that_cannot_work_are_refused() {
         ..Default::default()
     });
     let node_pod = env.run_pod(&node).await;
-    let id = env
-        .run(&node_pod, &sh_config("host", &env.busybox(), "sleep 1000"))
-        .await;
+    // A mount with id mappings of its own is idmapped with them: host
+    // root's file shows as 1000.
+    let vol = env.host_dir("userns-mapped");
+    std::fs::write(vol.join("roots"), "x").unwrap();
+    let mut host = sh_config("host", &env.busybox(), "sleep 1000");
+    host.mounts.push(Mount {
+        container_path: "/mapped".into(),
+        host_path: vol.display().to_string(),
+        uid_mappings: vec![mapping(0, 1000, 1)],
+        gid_mappings: vec![mapping(0, 2000, 1)],
+        ..Default::default()
+    });
+    let id = env.run(&node_pod, &host).await;
+    assert_eq!(
+        env.sh(&id, "stat -c '%u %g' /mapped/roots").await.trim(),
+        "1000 2000"
+    );
     let host_map = std::fs::read_to_string("/proc/self/uid_map").unwrap();
     assert_eq!(
         env.sh(&id, "cat /proc/self/uid_map")

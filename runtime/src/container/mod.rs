@@ -328,7 +328,14 @@ fn write_bundle(
         user_namespace: user_namespace.clone(),
     })?;
     // libcontainer fails on a missing working dir; runc creates it.
-    oci::ensure_cwd(&spec)?;
+    let cwd_owner = user_namespace.as_ref().and_then(|u| {
+        let user = spec.process().as_ref()?.user();
+        Some((
+            u.mappings.host_uid(user.uid())?,
+            u.mappings.host_gid(user.gid())?,
+        ))
+    });
+    oci::ensure_cwd(&spec, cwd_owner)?;
     idmap::mounts(
         daemon.host.as_ref(),
         &container_dir(daemon, id),

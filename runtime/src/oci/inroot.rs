@@ -48,8 +48,9 @@ pub(crate) fn read_file(root: &Path, path: &str, limit: u64) -> io::Result<Optio
 
 /// Creates the directory `path` inside `root` and any missing parent, like
 /// `mkdir -p` run in a chroot (new directories are 0755, owned by berthd's
-/// user). Existing symlinks on the way are followed inside the root.
-pub(crate) fn mkdir_all(root: &Path, path: &Path) -> io::Result<()> {
+/// user, or by `owner` (uid, gid) when set). Existing symlinks on the way
+/// are followed inside the root.
+pub(crate) fn mkdir_all(root: &Path, path: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
     let mut prefix = std::path::PathBuf::new();
     let mut parent = open(root, Path::new(""), OFlag::O_PATH | OFlag::O_DIRECTORY)?;
     for comp in path.components() {
@@ -64,7 +65,18 @@ pub(crate) fn mkdir_all(root: &Path, path: &Path) -> io::Result<()> {
             Ok(fd) => fd,
             Err(Errno::ENOENT) => {
                 match nix::sys::stat::mkdirat(&parent, name, Mode::from_bits_truncate(0o755)) {
-                    Ok(()) | Err(Errno::EEXIST) => {}
+                    Ok(()) => {
+                        if let Some((uid, gid)) = owner {
+                            nix::unistd::fchownat(
+                                &parent,
+                                name,
+                                Some(nix::unistd::Uid::from_raw(uid)),
+                                Some(nix::unistd::Gid::from_raw(gid)),
+                                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+                            )?;
+                        }
+                    }
+                    Err(Errno::EEXIST) => {}
                     Err(e) => return Err(e.into()),
                 }
                 open(root, &prefix, dir_flags)?
@@ -279,15 +291,15 @@ mod tests {
         // An absolute symlink resolves inside the root.
         std::fs::create_dir_all(root.join("data")).unwrap();
         symlink("/data", root.join("work")).unwrap();
-        mkdir_all(&root, Path::new("/work/a/b")).unwrap();
+        mkdir_all(&root, Path::new("/work/a/b"), None).unwrap();
         assert!(root.join("data/a/b").is_dir());
         // A symlink to a host directory dangles inside the root: refused,
         // and nothing is created on the host.
         symlink(&outside, root.join("escape")).unwrap();
-        assert!(mkdir_all(&root, Path::new("/escape/a")).is_err());
+        assert!(mkdir_all(&root, Path::new("/escape/a"), None).is_err());
         assert!(!outside.join("a").exists());
-        mkdir_all(&root, Path::new("/x/../y/./z")).unwrap();
+        mkdir_all(&root, Path::new("/x/../y/./z"), None).unwrap();
         assert!(root.join("y/z").is_dir());
-        mkdir_all(&root, Path::new("/")).unwrap();
+        mkdir_all(&root, Path::new("/"), None).unwrap();
     }
 }

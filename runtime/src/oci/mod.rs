@@ -591,8 +591,10 @@ pub fn write_spec(spec: &Spec, bundle_dir: &Path) -> Result<()> {
 
 /// Creates the spec's working directory in its rootfs when missing (as runc
 /// does; libcontainer does not), resolving every symlink inside the rootfs.
-/// Call it with the rootfs mounted, before the container starts.
-pub fn ensure_cwd(spec: &Spec) -> Result<()> {
+/// Call it with the rootfs mounted, before the container starts. In a user
+/// namespace the dirs it makes are given to the process's user there
+/// (`owner`: its host ids), or root in the container could not use them.
+pub fn ensure_cwd(spec: &Spec, owner: Option<(u32, u32)>) -> Result<()> {
     let root = spec
         .root()
         .as_ref()
@@ -606,7 +608,7 @@ pub fn ensure_cwd(spec: &Spec) -> Result<()> {
     if root.as_os_str().is_empty() || cwd.as_os_str().is_empty() || cwd == Path::new("/") {
         return Ok(());
     }
-    inroot::mkdir_all(&root, &cwd).context(|| {
+    inroot::mkdir_all(&root, &cwd, owner).context(|| {
         format!(
             "create working directory {} in {}",
             cwd.display(),

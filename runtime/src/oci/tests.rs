@@ -938,9 +938,9 @@ fn ensure_cwd_creates_inside_the_rootfs() {
     let mut f = Fixture::new();
     f.config.working_dir = "/app/data".into();
     let spec = f.build().unwrap();
-    ensure_cwd(&spec).unwrap();
+    ensure_cwd(&spec, None).unwrap();
     assert!(f.rootfs.path().join("app/data").is_dir());
-    ensure_cwd(&spec).unwrap(); // idempotent
+    ensure_cwd(&spec, None).unwrap(); // idempotent
 }
 
 #[test]
