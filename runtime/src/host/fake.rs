@@ -86,6 +86,17 @@ impl RecordingHost {
         out
     }
 
+    /// Logs a mount call `op` and records `target` as mounted.
+    fn mount(&self, op: &str, target: &Path) -> Result<()> {
+        self.call(op, target.display())?;
+        self.state
+            .lock()
+            .unwrap()
+            .mounted
+            .insert(target.to_path_buf());
+        Ok(())
+    }
+
     /// Logs a call; fails it when a failure was injected for `op`.
     fn call(&self, op: &str, arg: impl std::fmt::Display) -> Result<()> {
         let mut s = self.state.lock().unwrap();
@@ -129,13 +140,7 @@ impl Host for RecordingHost {
         _work: &Path,
         target: &Path,
     ) -> Result<()> {
-        self.call("mount_overlay", target.display())?;
-        self.state
-            .lock()
-            .unwrap()
-            .mounted
-            .insert(target.to_path_buf());
-        Ok(())
+        self.mount("mount_overlay", target)
     }
 
     fn unmount(&self, target: &Path) -> Result<()> {
@@ -151,13 +156,7 @@ impl Host for RecordingHost {
         _with: crate::host::IdmapWith<'_>,
         _recursive: bool,
     ) -> Result<()> {
-        self.call("idmapped_bind", target.display())?;
-        self.state
-            .lock()
-            .unwrap()
-            .mounted
-            .insert(target.to_path_buf());
-        Ok(())
+        self.mount("idmapped_bind", target)
     }
 
     fn supports_idmapped_mounts(&self, _dir: &Path) -> bool {
