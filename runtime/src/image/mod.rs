@@ -540,7 +540,8 @@ impl Images {
         Ok(Some(image))
     }
 
-    /// Deletes blobs and snapshots no image and no container references.
+    /// Deletes blobs and snapshots no image and no container references (as
+    /// its rootfs or as an image volume).
     pub async fn collect_garbage(&self) -> Result<()> {
         let _exclusive = self.gc_lock.write().await;
         let mut blobs = BTreeSet::new();
@@ -553,6 +554,9 @@ impl Images {
         }
         for container in self.store.list::<ContainerRecord>()? {
             chains.extend(container.snapshot_chain_ids.iter().cloned());
+            for volume in &container.image_volumes {
+                chains.extend(volume.chain_ids.iter().cloned());
+            }
         }
         let (mut blobs_removed, mut snapshots_removed) = (0, 0);
         for digest in self.content.list()? {

@@ -48,7 +48,7 @@
 //! libcontainer mounts the container's cgroup hierarchies read-write whatever
 //! the spec says.
 
-mod inroot;
+pub(crate) mod inroot;
 mod mounts;
 mod resources;
 mod seccomp;
@@ -67,6 +67,8 @@ use oci_spec::runtime::{
     Process, Root, Spec,
 };
 
+pub use mounts::ImageVolumeSource;
+pub(crate) use mounts::is_image_volume;
 pub use security::{DEFAULT_CAPS, DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, parse_capability};
 pub use user::resolve_user;
 
@@ -135,6 +137,9 @@ pub struct SpecInput<'a> {
     pub cgroups_path: String,
     /// berthd's own oom_score_adj: the container's is never lower.
     pub oom_score_adj_min: i32,
+    /// Where the images of the image volumes among `config.mounts` are
+    /// mounted.
+    pub image_volumes: &'a [ImageVolumeSource],
 }
 
 /// Facts about the host and berthd that shape a spec.
@@ -478,6 +483,7 @@ fn build_spec_on(input: &SpecInput, host: &Host) -> Result<Spec> {
         privileged,
         readonly_rootfs,
         &cgroup_binds,
+        input.image_volumes,
     )?));
     spec.set_process(Some(process));
     spec.set_hostname(

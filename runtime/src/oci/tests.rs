@@ -146,6 +146,7 @@ impl Fixture {
                 files: self.files.clone(),
                 cgroups_path: "/kubepods/pod1/c1".into(),
                 oom_score_adj_min: self.oom_min,
+                image_volumes: &[],
             },
             host,
         )
@@ -888,6 +889,7 @@ fn build_spec_reads_the_real_host() {
         files: SandboxFiles::default(),
         cgroups_path: "/x".into(),
         oom_score_adj_min: 0,
+        image_volumes: &[],
     })
     .unwrap();
     let nofile = process(&spec).rlimits().as_ref().unwrap()[0].hard();
