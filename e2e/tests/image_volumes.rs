@@ -2,9 +2,13 @@
 //! mounted read-only into a container, as kubelet asks for them, seen from
 //! inside the container through ExecSync.
 
+use std::io::Write;
+use std::time::Duration;
+
 use berth_cri::v1::*;
 use berth_e2e::images::{Entry, Image, ImageSettings, build_layer};
 use berth_e2e::pods::{PodEnv, mounts_under, sh_config};
+use berth_e2e::streaming::Crictl;
 
 /// A two-layer data image (`/data/hello.txt`, `/data/second.txt`, a
 /// subdirectory `/sub` with one file, and `/escape -> /` to try to leave
@@ -245,4 +249,73 @@ async fn bad_image_volumes_are_refused_and_leave_nothing() {
     assert_eq!(env.sh(&id, "ls -A /vol").await, "inner.txt\n");
     env.remove_everything().await.unwrap();
     assert_eq!(mounts_under(&env.d.root_dir()), Vec::<String>::new());
+}
+
+/// The real crictl sends the image volume of a container config file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crictl_creates_a_container_with_an_image_volume() {
+    berth_e2e::require_root();
+    let test = "crictl_creates_a_container_with_an_image_volume";
+    let mut env = PodEnv::start().await;
+    let Some(crictl) = Crictl::new(&env.d.socket, env.work.path()) else {
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED {test}: crictl not found (set $BERTH_CRICTL or put it in shared/tools beside the workspace)"
+        );
+        return;
+    };
+    let [(two, _), _] = data_images(&mut env).await;
+    let pod = env.run_pod(&env.pod_config("crictl-imgvol")).await;
+    let dir = env.work.path();
+    let container = serde_json::json!({
+        "metadata": {"name": "reader"},
+        "image": {"image": env.busybox()},
+        "command": ["sleep", "1000"],
+        "log_path": "reader.log",
+        "mounts": [{
+            "container_path": "/vol",
+            "image": {"image": two},
+            "image_sub_path": "data",
+        }],
+    });
+    // crictl wants the pod's config too; berthd uses its own record of it.
+    let pod_meta = env.pod(&pod).metadata.clone().unwrap();
+    let pod_json = serde_json::json!({
+        "metadata": {
+            "name": pod_meta.name,
+            "namespace": pod_meta.namespace,
+            "uid": pod_meta.uid,
+            "attempt": pod_meta.attempt,
+        },
+    });
+    std::fs::write(dir.join("reader.json"), container.to_string()).unwrap();
+    std::fs::write(dir.join("pod.json"), pod_json.to_string()).unwrap();
+    let ctr = dir.join("reader.json").display().to_string();
+    let podf = dir.join("pod.json").display().to_string();
+    let timeout = Duration::from_secs(30);
+    let run = crictl
+        .run(&["create", "--no-pull", &pod, &ctr, &podf], b"", timeout)
+        .await;
+    assert_eq!(run.code, Some(0), "crictl create: {run:?}");
+    let id = run.stdout.trim().to_string();
+    let run = crictl.run(&["start", &id], b"", timeout).await;
+    assert_eq!(run.code, Some(0), "crictl start: {run:?}");
+    let run = crictl
+        .run(&["exec", &id, "ls", "-A", "/vol"], b"", timeout)
+        .await;
+    assert_eq!(run.code, Some(0), "crictl exec: {run:?}");
+    assert_eq!(run.stdout, "hello.txt\nsecond.txt\n");
+    let run = crictl
+        .run(
+            &["exec", &id, "sh", "-c", "echo x > /vol/hello.txt"],
+            b"",
+            timeout,
+        )
+        .await;
+    assert_ne!(run.code, Some(0), "writing succeeded: {run:?}");
+    assert!(run.stderr.contains("Read-only file system"), "{run:?}");
+    let run = crictl.run(&["rm", "-f", &id], b"", timeout).await;
+    assert_eq!(run.code, Some(0), "crictl rm: {run:?}");
+    assert_eq!(mounts_under(&env.d.root_dir()), Vec::<String>::new());
+    env.remove_everything().await.unwrap();
 }
