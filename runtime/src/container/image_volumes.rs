@@ -129,16 +129,26 @@ pub(super) fn mount(
 /// resolved inside the image (never out of it).
 fn resolve_sub_path(root: &Path, sub: &Path, r: &Requested) -> Result<PathBuf> {
     oci::inroot::resolve(root, sub).map_err(|e| {
+        let image = r.image.repo_tags.first().unwrap_or(&r.image.id);
         let why = match e.raw_os_error() {
-            Some(libc::ENOENT) | Some(libc::ENOTDIR) => "does not exist in the image".to_string(),
-            Some(libc::ELOOP) => "is a symlink loop in the image".to_string(),
-            _ => format!("cannot be resolved in the image: {e}"),
+            Some(libc::ENOENT | libc::ENOTDIR) => "does not exist in the image",
+            Some(libc::ELOOP) => "is a symlink loop in the image",
+            // Not the request's fault.
+            _ => {
+                return Error::io(
+                    format!(
+                        "resolve image_sub_path {:?} in {} ({image})",
+                        sub.display(),
+                        root.display()
+                    ),
+                    e,
+                );
+            }
         };
         Error::InvalidArgument(format!(
-            "mount {}: image_sub_path {:?} {why} {}",
+            "mount {}: image_sub_path {:?} {why} {image}",
             r.container_path,
             sub.display(),
-            r.image.repo_tags.first().unwrap_or(&r.image.id)
         ))
     })
 }
