@@ -47,16 +47,18 @@ fn fixture_on(version: berth_cgroup::Version) -> Fixture {
     // recording host.
     let cgroups = berth_cgroup::Cgroups::at(&dir.path().join("cgroup"), version);
     let daemon = Daemon::with_host(config, Arc::new(cgroups), host.clone()).unwrap();
-    daemon
-        .store
-        .put(&ImageRecord {
-            id: "sha256:0123456789abcdef".into(),
-            repo_tags: vec![IMAGE.into()],
-            chain_ids: vec!["sha256:aaaa".into()],
-            config_json: r#"{"config":{"Cmd":["sh"]}}"#.into(),
-            ..Default::default()
-        })
-        .unwrap();
+    let image = ImageRecord {
+        id: "sha256:0123456789abcdef".into(),
+        repo_tags: vec![IMAGE.into()],
+        chain_ids: vec!["sha256:aaaa".into()],
+        config_json: r#"{"config":{"Cmd":["sh"]}}"#.into(),
+        ..Default::default()
+    };
+    daemon.store.put(&image).unwrap();
+    // Its snapshot, empty: a create holds it against garbage collection.
+    for dir in daemon.images.lower_dirs(&image) {
+        std::fs::create_dir_all(dir).unwrap();
+    }
     Fixture {
         _dir: dir,
         host,
@@ -754,4 +756,34 @@ fn container_records_without_image_volumes_still_decode() {
     let record: ContainerRecord = serde_json::from_str(old).unwrap();
     assert!(record.image_volumes.is_empty());
     assert_eq!(record.snapshot_chain_ids, ["sha256:a"]);
+}
+
+#[test]
+fn snapshots_held_by_a_create_outlive_garbage_collection_until_released() {
+    let f = fixture();
+    let image = f.add_data_image();
+    // What a create holds between resolving its images and storing its
+    // record, while a RemoveImage runs.
+    let hold = f
+        .daemon
+        .images
+        .hold_snapshots(image.chain_ids.clone())
+        .unwrap();
+    f.rt.block_on(f.daemon.images.remove(DATA_IMAGE)).unwrap();
+    for dir in f.daemon.images.lower_dirs(&image) {
+        assert!(dir.is_dir(), "{} was collected while held", dir.display());
+    }
+    drop(hold);
+    f.rt.block_on(f.daemon.images.collect_garbage()).unwrap();
+    for dir in f.daemon.images.lower_dirs(&image) {
+        assert!(!dir.exists(), "{} outlived its hold", dir.display());
+    }
+    // A create that resolved the image before it went finds out now.
+    let err = f
+        .daemon
+        .images
+        .hold_snapshots(image.chain_ids.clone())
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
 }

@@ -26,6 +26,11 @@ pub(super) struct Requested {
 }
 
 impl Requested {
+    /// The snapshots it mounts.
+    pub(super) fn chain_ids(&self) -> &[String] {
+        &self.image.chain_ids
+    }
+
     /// What the container record keeps of it.
     pub(super) fn record(&self) -> ImageVolume {
         ImageVolume {

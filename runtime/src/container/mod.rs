@@ -170,6 +170,17 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
         });
     }
     let request = check_create(daemon, &config)?;
+    // Until the record keeps them, garbage collection (a RemoveImage of
+    // one of these images meanwhile) must not delete its snapshots.
+    let _snapshots = daemon.images.hold_snapshots(
+        request
+            .image
+            .chain_ids
+            .iter()
+            .chain(request.image_volumes.iter().flat_map(|v| v.chain_ids()))
+            .cloned()
+            .collect(),
+    )?;
     // Limits this host cannot apply fail here, before anything exists.
     if let Some(r) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
         daemon
