@@ -787,3 +787,28 @@ fn snapshots_held_by_a_create_outlive_garbage_collection_until_released() {
         .unwrap();
     assert!(matches!(err, Error::NotFound(_)), "{err}");
 }
+
+#[test]
+fn recovery_unmounts_the_image_volumes_of_a_container_without_record() {
+    let f = fixture();
+    f.add_data_image();
+    let pod = f.run_pod("web").unwrap();
+    let c = f
+        .create(&pod, "app", with_image_volume("app", DATA_IMAGE, ""))
+        .unwrap();
+    // berthd died before the record was committed.
+    f.daemon.store.delete::<ContainerRecord>(&c).unwrap();
+    f.host.clear_calls();
+    recovery::recover(&f.daemon).unwrap();
+    let dir = f.daemon.layout.container(&c);
+    assert!(
+        f.host
+            .calls()
+            .contains(&format!("unmount_all_under {}", dir.display())),
+        "{:?}",
+        f.host.calls()
+    );
+    assert!(!dir.exists());
+    f.remove_pod(&pod);
+    f.assert_nothing_left();
+}
