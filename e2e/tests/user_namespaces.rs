@@ -107,6 +107,16 @@ async fn a_pod_user_namespace_maps_root_and_idmaps_the_rootfs_and_volumes() {
         host_path: vol.display().to_string(),
         ..Default::default()
     });
+    // An image volume: its layers are idmapped too.
+    config.mounts.push(Mount {
+        container_path: "/iv".into(),
+        image: Some(ImageSpec {
+            image: env.busybox(),
+            ..Default::default()
+        }),
+        readonly: true,
+        ..Default::default()
+    });
     let id = env.run(&pod, &config).await;
 
     // Inside: the requested mapping, and root.
@@ -136,10 +146,12 @@ async fn a_pod_user_namespace_maps_root_and_idmaps_the_rootfs_and_volumes() {
     );
 
     // The image's files: root's inside, the mapped id's seen from the host.
-    let inside = env.sh(&id, "stat -c '%u %g' /bin/sh /etc/hosts /").await;
+    let inside = env
+        .sh(&id, "stat -c '%u %g' /bin/sh /etc/hosts / /iv/bin/sh")
+        .await;
     assert_eq!(
         inside.lines().collect::<Vec<_>>(),
-        ["0 0", "0 0", "0 0"],
+        ["0 0", "0 0", "0 0", "0 0"],
         "{inside}"
     );
     let host_view = std::fs::metadata(format!("/proc/{pid}/root/bin/sh")).unwrap();

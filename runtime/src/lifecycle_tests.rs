@@ -47,16 +47,18 @@ fn fixture_on(version: berth_cgroup::Version) -> Fixture {
     // recording host.
     let cgroups = berth_cgroup::Cgroups::at(&dir.path().join("cgroup"), version);
     let daemon = Daemon::with_host(config, Arc::new(cgroups), host.clone()).unwrap();
-    daemon
-        .store
-        .put(&ImageRecord {
-            id: "sha256:0123456789abcdef".into(),
-            repo_tags: vec![IMAGE.into()],
-            chain_ids: vec!["sha256:aaaa".into()],
-            config_json: r#"{"config":{"Cmd":["sh"]}}"#.into(),
-            ..Default::default()
-        })
-        .unwrap();
+    let image = ImageRecord {
+        id: "sha256:0123456789abcdef".into(),
+        repo_tags: vec![IMAGE.into()],
+        chain_ids: vec!["sha256:aaaa".into()],
+        config_json: r#"{"config":{"Cmd":["sh"]}}"#.into(),
+        ..Default::default()
+    };
+    daemon.store.put(&image).unwrap();
+    // Its snapshot, empty: a create holds it against garbage collection.
+    for dir in daemon.images.lower_dirs(&image) {
+        std::fs::create_dir_all(dir).unwrap();
+    }
     Fixture {
         _dir: dir,
         host,
@@ -512,6 +514,301 @@ fn a_shim_that_dies_makes_the_container_unknown_and_stopped_once() {
         .map(|e| e.kind)
         .collect();
     assert_eq!(kinds, [EventKind::Stopped]);
+    f.remove_pod(&pod);
+    f.assert_nothing_left();
+}
+
+const DATA_IMAGE: &str = "example.com/data:1";
+const DATA_IMAGE_ID: &str =
+    "sha256:fedcba9876543210fedcba9876543210fedcba9876543210fedcba9876543210";
+
+impl Fixture {
+    /// A second image, of two layers, to mount as a volume; its snapshot
+    /// dirs exist (empty), so garbage collection sees them.
+    fn add_data_image(&self) -> ImageRecord {
+        let image = ImageRecord {
+            id: DATA_IMAGE_ID.into(),
+            repo_tags: vec![DATA_IMAGE.into()],
+            chain_ids: vec!["sha256:d1".into(), "sha256:d2".into()],
+            config_json: "{}".into(),
+            ..Default::default()
+        };
+        self.daemon.store.put(&image).unwrap();
+        for dir in self.daemon.images.lower_dirs(&image) {
+            std::fs::create_dir_all(dir).unwrap();
+        }
+        image
+    }
+}
+
+fn with_image_volume(name: &str, image: &str, sub_path: &str) -> ContainerConfig {
+    let mut c = container_config(name);
+    c.mounts.push(berth_cri::v1::Mount {
+        container_path: "/data".into(),
+        image: Some(ImageSpec {
+            image: image.into(),
+            ..Default::default()
+        }),
+        image_sub_path: sub_path.into(),
+        ..Default::default()
+    });
+    c
+}
+
+#[test]
+fn an_image_volume_is_mounted_under_the_container_dir_and_recorded() {
+    let f = fixture();
+    let image = f.add_data_image();
+    let pod = f.run_pod("web").unwrap();
+    f.host.clear_calls();
+    let id = f
+        .create(&pod, "app", with_image_volume("app", DATA_IMAGE, ""))
+        .unwrap();
+    let target = f.daemon.layout.container(&id).join("image-volumes/0");
+    let calls = f.host.calls();
+    let at = |op: &str| calls.iter().position(|c| c.starts_with(op)).unwrap();
+    assert!(
+        at("mount_overlay") < at("mount_readonly_layers"),
+        "{calls:?}"
+    );
+    assert!(at("mount_readonly_layers") < at("launch_shim"), "{calls:?}");
+    assert!(calls.contains(&format!("mount_readonly_layers {}", target.display())));
+    let record = f.daemon.store.get::<ContainerRecord>(&id).unwrap().unwrap();
+    assert_eq!(
+        record.image_volumes,
+        [crate::store::ImageVolume {
+            container_path: "/data".into(),
+            image_id: image.id.clone(),
+            chain_ids: image.chain_ids.clone(),
+        }]
+    );
+    // The spec bind-mounts it read-only although readonly was not asked.
+    let spec =
+        std::fs::read_to_string(f.daemon.layout.shim(&id).join("bundle/config.json")).unwrap();
+    let spec: serde_json::Value = serde_json::from_str(&spec).unwrap();
+    let mount = spec["mounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["destination"] == "/data")
+        .unwrap();
+    assert_eq!(mount["source"], target.display().to_string());
+    assert_eq!(
+        mount["options"],
+        serde_json::json!(["rbind", "rprivate", "ro"])
+    );
+    f.remove_pod(&pod);
+    f.assert_nothing_left();
+}
+
+#[test]
+fn image_ref_names_the_image_before_image() {
+    let f = fixture();
+    let image = f.add_data_image();
+    let pod = f.run_pod("web").unwrap();
+    let mut config = with_image_volume("app", "example.com/renamed:2", "");
+    config.image = Some(ImageSpec {
+        image: "example.com/renamed:2".into(),
+        // The fixture's busybox id is short: as a unique id prefix.
+        image_ref: "0123456789abcdef".into(),
+        ..Default::default()
+    });
+    config.mounts[0].image.as_mut().unwrap().image_ref = image.id.clone();
+    let id = f.create(&pod, "app", config).unwrap();
+    let record = f.daemon.store.get::<ContainerRecord>(&id).unwrap().unwrap();
+    assert_eq!(record.image_id, "sha256:0123456789abcdef");
+    assert_eq!(record.image_ref, "example.com/renamed:2");
+    assert_eq!(record.image_volumes[0].image_id, image.id);
+    // An image_ref that is not here is NotFound, whatever `image` says.
+    let mut config = with_image_volume("other", DATA_IMAGE, "");
+    config.mounts[0].image.as_mut().unwrap().image_ref = "sha256:99999999".into();
+    let err = f.create(&pod, "other", config).unwrap_err();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+    f.remove_pod(&pod);
+    f.assert_nothing_left();
+}
+
+#[test]
+fn a_bad_image_volume_is_refused_before_anything_is_made() {
+    let f = fixture();
+    f.add_data_image();
+    let pod = f.run_pod("web").unwrap();
+    for (image, sub_path, not_found) in [
+        ("example.com/absent:1", "", true),
+        ("Not A Reference", "", false),
+        (DATA_IMAGE, "../etc", false),
+        (DATA_IMAGE, "a/../../b", false),
+        (DATA_IMAGE, "/etc", false),
+    ] {
+        f.host.clear_calls();
+        let err = f
+            .create(&pod, "app", with_image_volume("app", image, sub_path))
+            .unwrap_err();
+        if not_found {
+            assert!(matches!(err, Error::NotFound(_)), "{image}: {err}");
+        } else {
+            assert!(
+                matches!(err, Error::InvalidArgument(_)),
+                "{image} {sub_path}: {err}"
+            );
+        }
+        assert!(err.to_string().contains("/data"), "{err}");
+        assert_eq!(f.host.calls(), Vec::<String>::new(), "{image} {sub_path}");
+    }
+    let mut config = with_image_volume("app", DATA_IMAGE, "");
+    config.mounts[0].host_path = "/etc".into();
+    assert!(matches!(
+        f.create(&pod, "app", config),
+        Err(Error::InvalidArgument(_))
+    ));
+    f.remove_pod(&pod);
+    f.assert_nothing_left();
+}
+
+#[test]
+fn a_failing_image_volume_step_undoes_every_earlier_one() {
+    let cases: [(&str, bool, &str, &[&str]); 3] = [
+        (
+            "mount_readonly_layers",
+            true,
+            "",
+            &["unmount", "unmount_all_under"],
+        ),
+        // The sub path is looked for in the mounted image: the fake's is
+        // empty.
+        (
+            "mount_readonly_layers",
+            false,
+            "missing/dir",
+            &["unmount", "unmount", "unmount_all_under"],
+        ),
+        (
+            "launch_shim",
+            true,
+            "",
+            &["unmount", "unmount", "unmount_all_under"],
+        ),
+    ];
+    for (step, inject, sub_path, undo) in cases {
+        let f = fixture();
+        f.add_data_image();
+        let pod = f.run_pod("web").unwrap();
+        f.host.clear_calls();
+        if inject {
+            f.host.fail_next(step);
+        }
+        let err = f
+            .create(&pod, "app", with_image_volume("app", DATA_IMAGE, sub_path))
+            .unwrap_err();
+        if !inject {
+            assert!(matches!(err, Error::InvalidArgument(_)), "{err}");
+            assert!(
+                err.to_string().contains("does not exist in the image"),
+                "{err}"
+            );
+        }
+        let calls = f.host.calls();
+        assert_eq!(ops(&after(&calls, step)), undo, "{step}: {calls:?}");
+        let layout = &f.daemon.layout;
+        assert_eq!(entries(&layout.containers()), Vec::<String>::new());
+        assert_eq!(entries(&layout.shims()), Vec::<String>::new());
+        assert!(f.daemon.store.list::<ContainerRecord>().unwrap().is_empty());
+        assert_eq!(
+            f.host
+                .leftovers()
+                .iter()
+                .filter(|l| l.starts_with("mount"))
+                .count(),
+            0
+        );
+        f.create(&pod, "app", with_image_volume("app", DATA_IMAGE, ""))
+            .unwrap();
+        f.remove_pod(&pod);
+        f.assert_nothing_left();
+    }
+}
+
+#[test]
+fn an_image_used_as_a_volume_keeps_its_snapshots_until_its_container_goes() {
+    let f = fixture();
+    let image = f.add_data_image();
+    let pod = f.run_pod("web").unwrap();
+    f.create(&pod, "app", with_image_volume("app", DATA_IMAGE, ""))
+        .unwrap();
+    // As for a container's own image: the record goes, the files stay.
+    let removed = f.rt.block_on(f.daemon.images.remove(DATA_IMAGE)).unwrap();
+    assert_eq!(removed.map(|i| i.id), Some(image.id.clone()));
+    assert!(f.daemon.images.resolve(DATA_IMAGE).unwrap().is_none());
+    for dir in f.daemon.images.lower_dirs(&image) {
+        assert!(dir.is_dir(), "{} was collected", dir.display());
+    }
+    f.remove_pod(&pod);
+    f.rt.block_on(f.daemon.images.collect_garbage()).unwrap();
+    for dir in f.daemon.images.lower_dirs(&image) {
+        assert!(!dir.exists(), "{} outlived its last user", dir.display());
+    }
+    f.assert_nothing_left();
+}
+
+#[test]
+fn container_records_without_image_volumes_still_decode() {
+    let old = r#"{"id":"c1","sandbox_id":"p1","snapshot_chain_ids":["sha256:a"]}"#;
+    let record: ContainerRecord = serde_json::from_str(old).unwrap();
+    assert!(record.image_volumes.is_empty());
+    assert_eq!(record.snapshot_chain_ids, ["sha256:a"]);
+}
+
+#[test]
+fn snapshots_held_by_a_create_outlive_garbage_collection_until_released() {
+    let f = fixture();
+    let image = f.add_data_image();
+    // What a create holds between resolving its images and storing its
+    // record, while a RemoveImage runs.
+    let hold = f
+        .daemon
+        .images
+        .hold_snapshots(image.chain_ids.clone())
+        .unwrap();
+    f.rt.block_on(f.daemon.images.remove(DATA_IMAGE)).unwrap();
+    for dir in f.daemon.images.lower_dirs(&image) {
+        assert!(dir.is_dir(), "{} was collected while held", dir.display());
+    }
+    drop(hold);
+    f.rt.block_on(f.daemon.images.collect_garbage()).unwrap();
+    for dir in f.daemon.images.lower_dirs(&image) {
+        assert!(!dir.exists(), "{} outlived its hold", dir.display());
+    }
+    // A create that resolved the image before it went finds out now.
+    let err = f
+        .daemon
+        .images
+        .hold_snapshots(image.chain_ids.clone())
+        .err()
+        .unwrap();
+    assert!(matches!(err, Error::NotFound(_)), "{err}");
+}
+
+#[test]
+fn recovery_unmounts_the_image_volumes_of_a_container_without_record() {
+    let f = fixture();
+    f.add_data_image();
+    let pod = f.run_pod("web").unwrap();
+    let c = f
+        .create(&pod, "app", with_image_volume("app", DATA_IMAGE, ""))
+        .unwrap();
+    // berthd died before the record was committed.
+    f.daemon.store.delete::<ContainerRecord>(&c).unwrap();
+    f.host.clear_calls();
+    recovery::recover(&f.daemon).unwrap();
+    let dir = f.daemon.layout.container(&c);
+    assert!(
+        f.host
+            .calls()
+            .contains(&format!("unmount_all_under {}", dir.display())),
+        "{:?}",
+        f.host.calls()
+    );
+    assert!(!dir.exists());
     f.remove_pod(&pod);
     f.assert_nothing_left();
 }

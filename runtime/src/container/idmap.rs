@@ -1,9 +1,11 @@
 //! A container in a pod's user namespace sees the image's and the volumes'
 //! files through idmapped mounts (nothing is chowned): each image layer is
-//! mounted idmapped under `<container dir>/lower/N` and the overlay is built
-//! on those; each bind mount's source is mounted idmapped under
-//! `<container dir>/mounts/N` and the spec points there. All of them sit in
-//! the container dir, so its removal unmounts them first.
+//! mounted idmapped under `<container dir>/lower/N` (an image volume's
+//! under `<container dir>/image-volumes/<index>-lower/N`) and the overlay
+//! is built on those (an overlay cannot be idmapped itself); each bind
+//! mount's source is mounted idmapped under `<container dir>/mounts/N` and
+//! the spec points there. All of them sit in the container dir, so its
+//! removal unmounts them first.
 
 use std::path::{Path, PathBuf};
 
@@ -16,11 +18,11 @@ use crate::oci::UserNamespaceInput;
 use crate::userns::IdMappings;
 
 /// The image's layer dirs (top first), mounted idmapped for the pod's user
-/// namespace; the overlay's upper dir is made the namespace's root's, so
-/// that root in the container owns `/`.
+/// namespace as `<under>/N`; what to build the overlay on.
 pub fn layers(
     host: &dyn Host,
     container_dir: &Path,
+    under: &Path,
     lower: &[PathBuf],
     userns: &UserNamespaceInput,
 ) -> Result<Vec<PathBuf>> {
@@ -31,14 +33,19 @@ pub fn layers(
     }
     let mut out = Vec::with_capacity(lower.len());
     for (i, layer) in lower.iter().enumerate() {
-        let target = container_dir.join("lower").join(i.to_string());
+        let target = under.join(i.to_string());
         std::fs::create_dir_all(&target).context(|| format!("create {}", target.display()))?;
         host.idmapped_bind(layer, &target, IdmapWith::Pinned(&userns.path), false)?;
         out.push(target);
     }
-    let (uid, gid) = root_of(&userns.mappings);
-    host.give_to(&container_dir.join("upper"), uid, gid)?;
     Ok(out)
+}
+
+/// Gives the overlay's upper dir to the namespace's root, so that root in
+/// the container owns `/`.
+pub fn give_upper(host: &dyn Host, upper: &Path, userns: &UserNamespaceInput) -> Result<()> {
+    let (uid, gid) = root_of(&userns.mappings);
+    host.give_to(upper, uid, gid)
 }
 
 /// The host ids of root in the namespace (checked to be mapped at RunPodSandbox).
@@ -77,7 +84,8 @@ fn check_reachable(dir: &Path) -> Result<()> {
 /// Points each bind mount of `spec` that needs it at an idmapped mount of
 /// its source: those of a container in a pod user namespace (the pod's
 /// mappings), and CRI mounts with mappings of their own (those). Cgroup,
-/// /dev, /proc and /sys binds are the kernel's and stay as they are.
+/// /dev, /proc and /sys binds are the kernel's and stay as they are, and
+/// image volumes (in the container dir) are idmapped already.
 pub fn mounts(
     host: &dyn Host,
     container_dir: &Path,
@@ -111,6 +119,7 @@ pub fn mounts(
         if ["/sys", "/proc", "/dev"]
             .iter()
             .any(|k| source.starts_with(k))
+            || source.starts_with(container_dir)
         {
             continue;
         }

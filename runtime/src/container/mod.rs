@@ -6,6 +6,7 @@
 pub mod exec_sync;
 pub mod exits;
 mod idmap;
+mod image_volumes;
 pub mod resources;
 pub mod shim;
 pub mod signal;
@@ -87,6 +88,42 @@ struct CreateRequest {
     attempt: u32,
     image_name: String,
     image: ImageRecord,
+    image_volumes: Vec<image_volumes::Requested>,
+}
+
+/// The present image an `ImageSpec` names: by `image_ref` (CRI 1.36: the
+/// id of the image kubelet pulled) when set, else by `image` (a name, an
+/// id or a digest). Absent: NotFound, as kubelet pulls first.
+fn resolve_image(
+    daemon: &Daemon,
+    spec: Option<&berth_cri::v1::ImageSpec>,
+    what: &str,
+) -> Result<ImageRecord> {
+    let reference = spec
+        .map(|s| {
+            if s.image_ref.is_empty() {
+                s.image.as_str()
+            } else {
+                s.image_ref.as_str()
+            }
+        })
+        .unwrap_or_default();
+    if reference.is_empty() {
+        return Err(Error::InvalidArgument(format!("{what}: image is required")));
+    }
+    match daemon.images.resolve(reference)? {
+        Some(image) => Ok(image),
+        None if crate::image::reference::as_image_id(reference).is_none()
+            && crate::image::reference::ImageName::parse(reference).is_err() =>
+        {
+            Err(Error::InvalidArgument(format!(
+                "{what}: image {reference:?} is not a valid image reference"
+            )))
+        }
+        None => Err(Error::NotFound(format!(
+            "{what}: image {reference:?} not found; pull it first"
+        ))),
+    }
 }
 
 fn check_create(daemon: &Daemon, config: &ContainerConfig) -> Result<CreateRequest> {
@@ -97,32 +134,26 @@ fn check_create(daemon: &Daemon, config: &ContainerConfig) -> Result<CreateReque
     names::check_name("container name", &meta.name)?;
     names::check_labels("container", &config.labels, &config.annotations)?;
     signal::from_cri(config.stop_signal)?;
+    let image = resolve_image(daemon, config.image.as_ref(), "container")?;
+    // The name it was asked by, for ContainerStatus.
     let image_name = config
         .image
         .as_ref()
-        .map(|i| i.image.clone())
+        .map(|i| {
+            if i.image.is_empty() {
+                &i.image_ref
+            } else {
+                &i.image
+            }
+        })
+        .cloned()
         .unwrap_or_default();
-    if image_name.is_empty() {
-        return Err(Error::InvalidArgument("container image is required".into()));
-    }
-    let image = match daemon.images.resolve(&image_name)? {
-        Some(image) => image,
-        None if crate::image::reference::ImageName::parse(&image_name).is_err() => {
-            return Err(Error::InvalidArgument(format!(
-                "image {image_name:?} is not a valid image reference"
-            )));
-        }
-        None => {
-            return Err(Error::NotFound(format!(
-                "image {image_name:?} not found; pull it first"
-            )));
-        }
-    };
     Ok(CreateRequest {
         name: meta.name,
         attempt: meta.attempt,
         image_name,
         image,
+        image_volumes: image_volumes::check(daemon, config)?,
     })
 }
 
@@ -140,6 +171,17 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
         });
     }
     let request = check_create(daemon, &config)?;
+    // Until the record keeps them, garbage collection (a RemoveImage of
+    // one of these images meanwhile) must not delete its snapshots.
+    let _snapshots = daemon.images.hold_snapshots(
+        request
+            .image
+            .chain_ids
+            .iter()
+            .chain(request.image_volumes.iter().flat_map(|v| v.chain_ids()))
+            .cloned()
+            .collect(),
+    )?;
     // Limits this host cannot apply fail here, before anything exists.
     if let Some(r) = config.linux.as_ref().and_then(|l| l.resources.as_ref()) {
         daemon
@@ -160,6 +202,19 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
     let result = (|| {
         let rootfs = prepare_rootfs(daemon, &id, &request.image, userns.as_ref(), &mut undo)?;
         phases.mark("rootfs");
+        let fs = Filesystems {
+            image_volumes: image_volumes::mount(
+                daemon,
+                &container_dir(daemon, &id),
+                &request.image_volumes,
+                userns.as_ref(),
+                &mut undo,
+            )?,
+            rootfs,
+        };
+        if !fs.image_volumes.is_empty() {
+            phases.mark("image-volumes");
+        }
         let Bundle {
             shim_config,
             cgroups_path,
@@ -171,7 +226,7 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
             &sandbox,
             &config,
             &request.image,
-            &rootfs,
+            &fs,
             &mut undo,
         )?;
         phases.mark("spec");
@@ -198,6 +253,11 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
             shim,
             user: Some(user),
             stop_signal: resolve_stop_signal(&config, &request.image),
+            image_volumes: request
+                .image_volumes
+                .iter()
+                .map(image_volumes::Requested::record)
+                .collect(),
             ..Default::default()
         };
         // The record is the commit point.
@@ -250,7 +310,14 @@ fn prepare_rootfs(
     }
     let mut lower = daemon.images.lower_dirs(image);
     if let Some(userns) = userns {
-        lower = idmap::layers(daemon.host.as_ref(), &dir, &lower, userns)?;
+        lower = idmap::layers(
+            daemon.host.as_ref(),
+            &dir,
+            &dir.join("lower"),
+            &lower,
+            userns,
+        )?;
+        idmap::give_upper(daemon.host.as_ref(), &dir.join("upper"), userns)?;
     }
     daemon
         .host
@@ -263,6 +330,12 @@ fn prepare_rootfs(
         });
     }
     Ok(rootfs)
+}
+
+/// What berthd mounted for a container: its rootfs and its image volumes.
+struct Filesystems {
+    rootfs: PathBuf,
+    image_volumes: Vec<oci::ImageVolumeSource>,
 }
 
 /// What [`write_bundle`] made.
@@ -281,7 +354,7 @@ fn write_bundle(
     sandbox: &SandboxContext,
     config: &ContainerConfig,
     image: &ImageRecord,
-    rootfs: &Path,
+    fs: &Filesystems,
     undo: &mut Undo,
 ) -> Result<Bundle> {
     let user_namespace = sandbox.user_namespace()?;
@@ -311,7 +384,7 @@ fn write_bundle(
         config,
         sandbox: &sandbox.config,
         image: &process,
-        rootfs,
+        rootfs: &fs.rootfs,
         namespaces: oci::NamespacePaths {
             network: sandbox.namespace_path(Kind::Net),
             ipc: sandbox.namespace_path(Kind::Ipc),
@@ -326,6 +399,7 @@ fn write_bundle(
         cgroups_path: cgroups_path.clone(),
         oom_score_adj_min: own_oom_score_adj(),
         user_namespace: user_namespace.clone(),
+        image_volumes: &fs.image_volumes,
     })?;
     // libcontainer fails on a missing working dir; runc creates it.
     let cwd_owner = user_namespace.as_ref().and_then(|u| {

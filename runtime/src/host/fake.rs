@@ -143,6 +143,16 @@ impl Host for RecordingHost {
         self.mount("mount_overlay", target)
     }
 
+    fn mount_readonly_layers(&self, _lower: &[PathBuf], target: &Path) -> Result<()> {
+        self.call("mount_readonly_layers", target.display())?;
+        self.state
+            .lock()
+            .unwrap()
+            .mounted
+            .insert(target.to_path_buf());
+        Ok(())
+    }
+
     fn unmount(&self, target: &Path) -> Result<()> {
         self.call("unmount", target.display())?;
         self.state.lock().unwrap().mounted.remove(target);

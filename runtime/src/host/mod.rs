@@ -27,6 +27,10 @@ pub trait Host: Send + Sync + 'static {
         work: &Path,
         target: &Path,
     ) -> Result<()>;
+    /// Mounts image layers (top first) read-only at `target`: an overlay
+    /// of lower dirs only, or a read-only bind of a single layer (overlayfs
+    /// without an upper dir needs two lower dirs).
+    fn mount_readonly_layers(&self, lower: &[PathBuf], target: &Path) -> Result<()>;
     /// Unmounts `target`; fine if nothing is mounted there.
     fn unmount(&self, target: &Path) -> Result<()>;
     /// Unmounts every mount at or below `dir`, deepest first, and fails if
@@ -144,6 +148,47 @@ impl Host for RealHost {
                 e.into(),
             )
         })
+    }
+
+    fn mount_readonly_layers(&self, lower: &[PathBuf], target: &Path) -> Result<()> {
+        let failed = |what: &str, e: nix::errno::Errno| {
+            Error::io(format!("{what} at {}", target.display()), e.into())
+        };
+        match lower {
+            [] => Err(Error::BadImage("image has no layers".into())),
+            [layer] => {
+                mount(
+                    Some(layer.as_path()),
+                    target,
+                    None::<&str>,
+                    MsFlags::MS_BIND,
+                    None::<&str>,
+                )
+                .map_err(|e| failed("bind-mount the image layer", e))?;
+                // A bind is made read-only only by a remount.
+                let ro = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+                if let Err(e) = mount(None::<&str>, target, None::<&str>, ro, None::<&str>) {
+                    let _ = self.unmount(target);
+                    return Err(failed("make the image layer read-only", e));
+                }
+                Ok(())
+            }
+            _ => {
+                let lowerdir = lower
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(":");
+                mount(
+                    Some("overlay"),
+                    target,
+                    Some("overlay"),
+                    MsFlags::MS_RDONLY,
+                    Some(format!("lowerdir={lowerdir}").as_str()),
+                )
+                .map_err(|e| failed("mount the image's read-only overlay", e))
+            }
+        }
     }
 
     fn unmount(&self, target: &Path) -> Result<()> {

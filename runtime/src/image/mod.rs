@@ -54,7 +54,29 @@ pub struct Images {
     gc_lock: tokio::sync::RwLock<()>,
     downloads: tokio::sync::Semaphore,
     records_lock: Mutex<()>,
+    /// Snapshots of containers being created, before their records exist
+    /// (one entry per create). Garbage collection keeps them, and deletes
+    /// only while holding this, so a create either sees its snapshots gone
+    /// or has them kept.
+    creating: Mutex<Vec<Vec<String>>>,
     metrics: Arc<crate::metrics::Metrics>,
+}
+
+/// Keeps snapshots from garbage collection until dropped: for a container
+/// create, from the moment its images are resolved until its record (which
+/// then keeps them) is stored.
+pub struct SnapshotHold<'a> {
+    images: &'a Images,
+    chains: Vec<String>,
+}
+
+impl Drop for SnapshotHold<'_> {
+    fn drop(&mut self) {
+        let mut creating = self.images.creating.lock().unwrap();
+        if let Some(i) = creating.iter().position(|c| *c == self.chains) {
+            creating.swap_remove(i);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -190,6 +212,7 @@ impl Images {
             gc_lock: tokio::sync::RwLock::new(()),
             downloads: tokio::sync::Semaphore::new(PARALLEL_LAYERS),
             records_lock: Mutex::new(()),
+            creating: Mutex::new(Vec::new()),
             metrics,
         })
     }
@@ -540,7 +563,25 @@ impl Images {
         Ok(Some(image))
     }
 
-    /// Deletes blobs and snapshots no image and no container references.
+    /// Keeps the snapshots `chains` from garbage collection until the hold
+    /// is dropped; NotFound if one is already gone (its image was removed
+    /// since it was resolved).
+    pub fn hold_snapshots(&self, chains: Vec<String>) -> Result<SnapshotHold<'_>> {
+        let mut creating = self.creating.lock().unwrap();
+        if let Some(gone) = chains.iter().find(|c| !self.snapshots.exists(c)) {
+            return Err(Error::NotFound(format!(
+                "snapshot {gone} was removed with its image; pull the image again"
+            )));
+        }
+        creating.push(chains.clone());
+        Ok(SnapshotHold {
+            images: self,
+            chains,
+        })
+    }
+
+    /// Deletes blobs and snapshots no image and no container references (as
+    /// its rootfs or as an image volume), nor a container being created.
     pub async fn collect_garbage(&self) -> Result<()> {
         let _exclusive = self.gc_lock.write().await;
         let mut blobs = BTreeSet::new();
@@ -551,20 +592,29 @@ impl Images {
             blobs.extend(image.manifest_digests.iter().cloned());
             chains.extend(image.chain_ids.iter().cloned());
         }
+        // Held from before the containers are listed until the snapshots
+        // are deleted: a create drops its hold only once its record is
+        // stored, so each is seen as a hold or as a record.
+        let creating = self.creating.lock().unwrap();
+        chains.extend(creating.iter().flatten().cloned());
         for container in self.store.list::<ContainerRecord>()? {
             chains.extend(container.snapshot_chain_ids.iter().cloned());
-        }
-        let (mut blobs_removed, mut snapshots_removed) = (0, 0);
-        for digest in self.content.list()? {
-            if !blobs.contains(&digest) {
-                self.content.delete(&digest)?;
-                blobs_removed += 1;
+            for volume in &container.image_volumes {
+                chains.extend(volume.chain_ids.iter().cloned());
             }
         }
+        let (mut blobs_removed, mut snapshots_removed) = (0, 0);
         for chain in self.snapshots.list()? {
             if !chains.contains(&chain) {
                 self.snapshots.remove(&chain)?;
                 snapshots_removed += 1;
+            }
+        }
+        drop(creating);
+        for digest in self.content.list()? {
+            if !blobs.contains(&digest) {
+                self.content.delete(&digest)?;
+                blobs_removed += 1;
             }
         }
         if blobs_removed + snapshots_removed > 0 {

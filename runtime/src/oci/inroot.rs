@@ -46,6 +46,28 @@ pub(crate) fn read_file(root: &Path, path: &str, limit: u64) -> io::Result<Optio
     Ok(Some(out))
 }
 
+/// The host path of what `path` names inside `root`, every symlink
+/// resolved inside `root`: a path below `root` (or `root` itself), for a
+/// caller that must hand a path, not a descriptor, to someone else (a bind
+/// mount source). Only for a tree that cannot change meanwhile (a
+/// read-only image mount): the path is not pinned once returned.
+pub(crate) fn resolve(root: &Path, path: &Path) -> io::Result<std::path::PathBuf> {
+    let fd = open(root, path, OFlag::O_PATH)?;
+    let real = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    let root = std::fs::canonicalize(root)?;
+    if !real.starts_with(&root) {
+        // RESOLVE_IN_ROOT and the walk never leave the root; a mount moved
+        // under us could.
+        return Err(io::Error::other(format!(
+            "{} resolved to {}, outside {}",
+            path.display(),
+            real.display(),
+            root.display()
+        )));
+    }
+    Ok(real)
+}
+
 /// Creates the directory `path` inside `root` and any missing parent, like
 /// `mkdir -p` run in a chroot (new directories are 0755, owned by berthd's
 /// user, or by `owner` (uid, gid) when set). Existing symlinks on the way
@@ -279,6 +301,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(read_file(dir.path(), "/etc/passwd", 100).unwrap(), None);
+    }
+
+    #[test]
+    fn resolve_names_a_path_inside_the_root() {
+        let dir = fixture();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        assert_eq!(
+            resolve(&root, Path::new("etc/abs")).unwrap(),
+            root.join("etc/passwd")
+        );
+        assert_eq!(
+            resolve(&root, Path::new("etclink/sub")).unwrap(),
+            root.join("etc/sub")
+        );
+        assert_eq!(resolve(&root, Path::new("")).unwrap(), root);
+        assert_eq!(
+            resolve(&root, Path::new("magic")).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
     }
 
     #[test]

@@ -48,7 +48,7 @@
 //! libcontainer mounts the container's cgroup hierarchies read-write whatever
 //! the spec says.
 
-mod inroot;
+pub(crate) mod inroot;
 mod mounts;
 mod resources;
 mod seccomp;
@@ -67,7 +67,9 @@ use oci_spec::runtime::{
     Process, Root, Spec,
 };
 
+pub use mounts::ImageVolumeSource;
 pub(crate) use mounts::clean_container_path;
+pub(crate) use mounts::is_image_volume;
 pub use security::{DEFAULT_CAPS, DEFAULT_MASKED_PATHS, DEFAULT_READONLY_PATHS, parse_capability};
 pub use user::resolve_user;
 
@@ -146,6 +148,9 @@ pub struct SpecInput<'a> {
     pub oom_score_adj_min: i32,
     /// The pod's user namespace, when it has one.
     pub user_namespace: Option<UserNamespaceInput>,
+    /// Where the images of the image volumes among `config.mounts` are
+    /// mounted.
+    pub image_volumes: &'a [ImageVolumeSource],
 }
 
 /// Facts about the host and berthd that shape a spec.
@@ -554,6 +559,7 @@ fn build_spec_on(input: &SpecInput, host: &Host) -> Result<Spec> {
         privileged,
         readonly_rootfs,
         &cgroup_binds,
+        input.image_volumes,
     )?));
     spec.set_process(Some(process));
     spec.set_hostname(

@@ -4,7 +4,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use berth_cri::v1::{ContainerConfig, MountPropagation};
+use berth_cri::v1::{ContainerConfig, Mount as CriMount, MountPropagation};
 use oci_spec::runtime::Mount;
 
 use super::SandboxFiles;
@@ -98,6 +98,22 @@ pub(crate) fn defaults(privileged: bool, cgroup_binds: &[(String, PathBuf)]) -> 
     mounts
 }
 
+/// Whether a CRI mount is an image volume (KEP-4639): an image, by name
+/// or by id, instead of a host path.
+pub(crate) fn is_image_volume(m: &CriMount) -> bool {
+    m.image
+        .as_ref()
+        .is_some_and(|i| !i.image.is_empty() || !i.image_ref.is_empty())
+}
+
+/// Where berthd mounted the image of an image volume: the source of the
+/// CRI mount at `index` of `ContainerConfig.mounts`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageVolumeSource {
+    pub index: usize,
+    pub source: PathBuf,
+}
+
 /// Checks a container-side path: absolute, without `..`. Returns it
 /// lexically cleaned (no `.`, no duplicate `/`).
 pub(crate) fn clean_container_path(what: &str, path: &str) -> Result<PathBuf> {
@@ -130,7 +146,13 @@ fn depth(p: &Path) -> usize {
 /// bidirectional mount, "slave" for host-to-container (libcontainer's
 /// spelling; it rejects runc's "rshared"/"rslave").
 pub(crate) fn rootfs_propagation(config: &ContainerConfig) -> Option<&'static str> {
-    let props: Vec<_> = config.mounts.iter().map(|m| m.propagation).collect();
+    // Image volumes are always private: they do not shape the rootfs.
+    let props: Vec<_> = config
+        .mounts
+        .iter()
+        .filter(|m| !is_image_volume(m))
+        .map(|m| m.propagation)
+        .collect();
     if props.contains(&(MountPropagation::PropagationBidirectional as i32)) {
         Some("shared")
     } else if props.contains(&(MountPropagation::PropagationHostToContainer as i32)) {
@@ -169,22 +191,45 @@ fn check_destination(dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Every mount of the container, in mount order.
+/// Every mount of the container, in mount order. `image_volumes`: where
+/// the images of the CRI mounts that are image volumes are mounted.
 pub(crate) fn build(
     config: &ContainerConfig,
     files: &SandboxFiles,
     privileged: bool,
     readonly_rootfs: bool,
     cgroup_binds: &[(String, PathBuf)],
+    image_volumes: &[ImageVolumeSource],
 ) -> Result<Vec<Mount>> {
     // The CRI mounts first, validated, so that they can override.
     let mut cri = Vec::with_capacity(config.mounts.len());
-    for m in &config.mounts {
-        if m.image.as_ref().is_some_and(|i| !i.image.is_empty()) {
-            return Err(Error::Unimplemented("image volume mounts"));
-        }
+    for (index, m) in config.mounts.iter().enumerate() {
         let dest = clean_container_path("mount container_path", &m.container_path)?;
         check_destination(&dest)?;
+        if is_image_volume(m) {
+            let source = image_volumes
+                .iter()
+                .find(|v| v.index == index)
+                .ok_or_else(|| {
+                    Error::Internal(format!(
+                        "the image of volume {} was not mounted",
+                        dest.display()
+                    ))
+                })?;
+            // Read-only whatever was asked: the image's files are shared by
+            // every container (and image) that uses its layers.
+            let mut options = vec!["rbind".to_string(), "rprivate".into(), "ro".into()];
+            if m.recursive_read_only {
+                options.push("rro".into());
+            }
+            let mut out = Mount::default();
+            out.set_destination(dest);
+            out.set_typ(Some("bind".to_string()));
+            out.set_source(Some(source.source.clone()));
+            out.set_options(Some(options));
+            cri.push(out);
+            continue;
+        }
         if m.host_path.is_empty() {
             return Err(Error::InvalidArgument(format!(
                 "mount {}: host_path is empty",
@@ -308,7 +353,7 @@ mod tests {
             resolv_conf: Some("/run/berth/s/resolv.conf".into()),
             hostname: None,
         };
-        let ms = build(&ContainerConfig::default(), &files, false, false, &[]).unwrap();
+        let ms = build(&ContainerConfig::default(), &files, false, false, &[], &[]).unwrap();
         let dests: Vec<_> = ms
             .iter()
             .map(|m| m.destination().display().to_string())
@@ -332,7 +377,7 @@ mod tests {
             opts(find(&ms, "/etc/hosts").unwrap()),
             ["rbind", "rprivate", "rw"]
         );
-        let ms = build(&ContainerConfig::default(), &files, true, true, &[]).unwrap();
+        let ms = build(&ContainerConfig::default(), &files, true, true, &[], &[]).unwrap();
         assert!(
             opts(find(&ms, "/sys").unwrap()).contains(&"rw".into()),
             "privileged: rw /sys"
@@ -367,7 +412,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let ms = build(&config, &SandboxFiles::default(), false, false, &[]).unwrap();
+        let ms = build(&config, &SandboxFiles::default(), false, false, &[], &[]).unwrap();
         let data = ms
             .iter()
             .position(|m| m.destination() == Path::new("/data"))
@@ -407,7 +452,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let ms = build(&config, &files, false, false, &[]).unwrap();
+        let ms = build(&config, &files, false, false, &[], &[]).unwrap();
         let shm: Vec<_> = ms
             .iter()
             .filter(|m| m.destination() == Path::new("/dev/shm"))
@@ -431,7 +476,7 @@ mod tests {
             )],
             ..Default::default()
         };
-        let ms = build(&config, &SandboxFiles::default(), false, false, &[]).unwrap();
+        let ms = build(&config, &SandboxFiles::default(), false, false, &[], &[]).unwrap();
         assert_eq!(
             ms.iter()
                 .filter(|m| m.destination().starts_with("/dev"))
@@ -465,7 +510,7 @@ mod tests {
                 )],
                 ..Default::default()
             };
-            let err = build(&config, &SandboxFiles::default(), false, false, &[]).unwrap_err();
+            let err = build(&config, &SandboxFiles::default(), false, false, &[], &[]).unwrap_err();
             assert!(
                 matches!(err, Error::InvalidArgument(_)),
                 "{container} {hostp}: {err}"
@@ -482,7 +527,7 @@ mod tests {
                 )],
                 ..Default::default()
             };
-            build(&config, &SandboxFiles::default(), false, false, &[]).unwrap();
+            build(&config, &SandboxFiles::default(), false, false, &[], &[]).unwrap();
         }
         // recursive read-only needs readonly and private propagation.
         for (ro, prop) in [
@@ -496,7 +541,7 @@ mod tests {
                 ..Default::default()
             };
             assert!(matches!(
-                build(&config, &SandboxFiles::default(), false, false, &[]),
+                build(&config, &SandboxFiles::default(), false, false, &[], &[]),
                 Err(Error::InvalidArgument(_))
             ));
         }
@@ -506,11 +551,66 @@ mod tests {
             mounts: vec![m],
             ..Default::default()
         };
-        let ms = build(&config, &SandboxFiles::default(), false, false, &[]).unwrap();
+        let ms = build(&config, &SandboxFiles::default(), false, false, &[], &[]).unwrap();
         assert_eq!(
             opts(find(&ms, "/x").unwrap()),
             ["rbind", "rprivate", "ro", "rro"]
         );
+    }
+
+    #[test]
+    fn image_volumes_are_read_only_binds_of_their_mounted_image() {
+        let image = |path: &str, readonly: bool| CriMount {
+            container_path: path.into(),
+            readonly,
+            propagation: MountPropagation::PropagationBidirectional as i32,
+            image: Some(berth_cri::v1::ImageSpec {
+                image: "example.com/data:1".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let config = ContainerConfig {
+            mounts: vec![image("/data", false), image("/ro", true)],
+            ..Default::default()
+        };
+        let sources = [
+            ImageVolumeSource {
+                index: 0,
+                source: "/var/lib/berth/containers/c1/image-volumes/0".into(),
+            },
+            ImageVolumeSource {
+                index: 1,
+                source: "/var/lib/berth/containers/c1/image-volumes/1/sub".into(),
+            },
+        ];
+        let ms = build(
+            &config,
+            &SandboxFiles::default(),
+            false,
+            false,
+            &[],
+            &sources,
+        )
+        .unwrap();
+        for (dest, source) in [("/data", &sources[0]), ("/ro", &sources[1])] {
+            let m = find(&ms, dest).unwrap();
+            assert_eq!(opts(m), ["rbind", "rprivate", "ro"], "{dest}");
+            assert_eq!(m.source().as_deref(), Some(source.source.as_path()));
+        }
+        // Their propagation does not make the rootfs shared.
+        assert_eq!(rootfs_propagation(&config), None);
+        // An image volume berthd did not mount is a bug, not a bind of "".
+        let err = build(
+            &config,
+            &SandboxFiles::default(),
+            false,
+            false,
+            &[],
+            &sources[..1],
+        )
+        .unwrap_err();
+        assert!(matches!(err, Error::Internal(_)), "{err}");
     }
 
     #[test]
@@ -527,7 +627,7 @@ mod tests {
             )],
             ..Default::default()
         };
-        let ms = build(&config, &SandboxFiles::default(), false, false, &[]).unwrap();
+        let ms = build(&config, &SandboxFiles::default(), false, false, &[], &[]).unwrap();
         let real = std::fs::canonicalize(dir.path().join("real")).unwrap();
         assert_eq!(
             find(&ms, "/v").unwrap().source().as_deref(),

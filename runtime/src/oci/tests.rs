@@ -150,6 +150,7 @@ impl Fixture {
                 cgroups_path: "/kubepods/pod1/c1".into(),
                 oom_score_adj_min: self.oom_min,
                 user_namespace: self.user_namespace.clone(),
+                image_volumes: &[],
             },
             host,
         )
@@ -959,6 +960,7 @@ fn build_spec_reads_the_real_host() {
         cgroups_path: "/x".into(),
         oom_score_adj_min: 0,
         user_namespace: None,
+        image_volumes: &[],
     })
     .unwrap();
     let nofile = process(&spec).rlimits().as_ref().unwrap()[0].hard();

@@ -39,8 +39,8 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::error::{Error, Result};
 
 pub use records::{
-    ContainerRecord, ContainerState, ImageRecord, KeyValue, ProcessUser, SandboxRecord,
-    SandboxState,
+    ContainerRecord, ContainerState, ImageRecord, ImageVolume, KeyValue, ProcessUser,
+    SandboxRecord, SandboxState,
 };
 
 /// A typed record kept in its own table, keyed by its id.

@@ -123,6 +123,21 @@ pub struct ContainerRecord {
     /// The signal StopContainer sends first, resolved at create (config,
     /// image, SIGTERM); 0 in records made before it was kept.
     pub stop_signal: i32,
+    /// The images mounted as volumes (CRI `Mount.image`); their snapshots
+    /// outlive their image records while the container exists.
+    #[serde(default)]
+    pub image_volumes: Vec<ImageVolume>,
+}
+
+/// An image a container mounts as a volume, as resolved at create.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct ImageVolume {
+    /// The CRI mount's container_path, as asked.
+    pub container_path: String,
+    pub image_id: String,
+    /// Chain ids of the image's snapshots, base first.
+    pub chain_ids: Vec<String>,
 }
 
 /// A process's uid, primary gid and supplementary groups.
