@@ -1786,6 +1786,15 @@ async fn bad_container_requests_are_refused() {
         .expect_err("a container of an image never pulled");
     assert_eq!(err.code(), Code::NotFound, "unknown image: {err:?}");
 
+    // CDI devices are refused, not ignored (the device would be missing).
+    let mut cdi = container_config("cdi", &bb, &["sleep", "1"]);
+    cdi.cdi_devices.push(CdiDevice {
+        name: "vendor.com/gpu=0".into(),
+    });
+    let err = env.try_create(&pod, &cdi).await.expect_err("CDI devices");
+    assert_eq!(err.code(), Code::Unimplemented, "CDI: {err:?}");
+    assert!(err.message().contains("CDI"), "{err:?}");
+
     // What a pod author may not ask for: a volume over what the runtime
     // sets up, an id that means "unchanged" to the kernel.
     let host_dir = env.host_dir("vol");

@@ -134,6 +134,13 @@ fn check_create(daemon: &Daemon, config: &ContainerConfig) -> Result<CreateReque
     names::check_name("container name", &meta.name)?;
     names::check_labels("container", &config.labels, &config.annotations)?;
     signal::from_cri(config.stop_signal)?;
+    if !config.cdi_devices.is_empty() {
+        // Refused rather than ignored: a pod that needs its device would
+        // otherwise run without it.
+        return Err(Error::Unimplemented(
+            "CDI devices (ContainerConfig.CDI_devices); devices come through ContainerConfig.devices",
+        ));
+    }
     let image = resolve_image(daemon, config.image.as_ref(), "container")?;
     // The name it was asked by, for ContainerStatus.
     let image_name = config
