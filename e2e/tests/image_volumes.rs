@@ -88,6 +88,16 @@ async fn a_container_reads_an_image_volume_it_cannot_write() {
         image_mount("/sub", &two, &two_id, "sub"),
     ];
     let id = env.run(&pod, &config).await;
+    // ContainerStatus names the image behind each volume by its id, also
+    // where kubelet gave only a name.
+    let refs: Vec<String> = env
+        .status(&id)
+        .await
+        .mounts
+        .iter()
+        .map(|m| m.image.as_ref().unwrap().image_ref.clone())
+        .collect();
+    assert_eq!(refs, [two_id.clone(), one_id.clone(), two_id.clone()]);
 
     // Both layers of the overlay, and the single layer, are there.
     assert_eq!(

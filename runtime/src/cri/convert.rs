@@ -161,7 +161,7 @@ pub fn container_status(
         message: r.message.clone(),
         labels: map(&r.labels),
         annotations: map(&r.annotations),
-        mounts: config.map(|c| c.mounts.clone()).unwrap_or_default(),
+        mounts: config.map(|c| mounts_status(r, c)).unwrap_or_default(),
         log_path: r.log_path.clone(),
         resources: config
             .and_then(|c| c.linux.as_ref())
@@ -188,6 +188,25 @@ pub fn container_status(
             }),
         }),
     }
+}
+
+/// The mounts as requested, each image volume's `image_ref` set to the id
+/// of the image it mounts (CRI 1.36: kubelet reports it in the pod status).
+fn mounts_status(r: &ContainerRecord, config: &cri::ContainerConfig) -> Vec<cri::Mount> {
+    let mut mounts = config.mounts.clone();
+    for m in &mut mounts {
+        let Some(image) = m.image.as_mut() else {
+            continue;
+        };
+        if let Some(v) = r
+            .image_volumes
+            .iter()
+            .find(|v| v.container_path == m.container_path)
+        {
+            image.image_ref = v.image_id.clone();
+        }
+    }
+    mounts
 }
 
 /// A container's status with the config stored in its record.
@@ -348,5 +367,42 @@ mod tests {
         assert!(!pod_stats_matches(&r, Some(&f("abd", &[]))));
         assert!(!pod_stats_matches(&r, Some(&f("", &[("app", "db")]))));
         assert!(!pod_stats_matches(&r, Some(&f("", &[("zone", "a")]))));
+    }
+
+    #[test]
+    fn an_image_volume_reports_the_id_of_its_image() {
+        let record = ContainerRecord {
+            image_volumes: vec![crate::store::ImageVolume {
+                container_path: "/iv".into(),
+                image_id: "sha256:feed".into(),
+                chain_ids: vec![],
+            }],
+            ..Default::default()
+        };
+        let config = cri::ContainerConfig {
+            mounts: vec![
+                cri::Mount {
+                    container_path: "/data".into(),
+                    host_path: "/srv/data".into(),
+                    ..Default::default()
+                },
+                cri::Mount {
+                    container_path: "/iv".into(),
+                    image: Some(cri::ImageSpec {
+                        image: "example.com/data:1".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        };
+        let mounts = container_status(&record, Some(&config)).mounts;
+        assert_eq!(mounts[0], config.mounts[0]);
+        let image = mounts[1].image.as_ref().unwrap();
+        assert_eq!(
+            (image.image.as_str(), image.image_ref.as_str()),
+            ("example.com/data:1", "sha256:feed")
+        );
     }
 }
