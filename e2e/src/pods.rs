@@ -81,19 +81,26 @@ impl PodEnv {
             cgroup_parents: Mutex::new(Vec::new()),
         };
         for image in [env.busybox(), env.config_image()] {
-            env.client
-                .image
-                .pull_image(PullImageRequest {
-                    image: Some(ImageSpec {
-                        image: image.clone(),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-                .await
-                .unwrap_or_else(|e| panic!("pull {image}: {e:?}"));
+            env.pull(&image).await;
         }
         env
+    }
+
+    /// PullImage of `reference`; the image's id (panics on failure).
+    pub async fn pull(&mut self, reference: &str) -> String {
+        self.client
+            .image
+            .pull_image(PullImageRequest {
+                image: Some(ImageSpec {
+                    image: reference.to_string(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("pull {reference}: {e:?}"))
+            .into_inner()
+            .image_ref
     }
 
     /// `berth-test/busybox` (Cmd `sh`).

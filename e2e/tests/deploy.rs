@@ -710,20 +710,7 @@ async fn node_image_installs_as_the_daemonset_pod_and_uninstalls() {
     );
     eprintln!("image built and pushed in {:?}", started.elapsed());
     // Pulled by Berth.
-    let pulled = env
-        .client
-        .image
-        .pull_image(PullImageRequest {
-            image: Some(ImageSpec {
-                image: reference.clone(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
-        .await
-        .unwrap_or_else(|e| panic!("Berth could not pull {reference}: {e:?}"))
-        .into_inner()
-        .image_ref;
+    let pulled = env.pull(&reference).await;
     eprintln!("pulled {pulled} after {:?}", started.elapsed());
 
     let host = tempfile::Builder::new()

@@ -41,20 +41,7 @@ async fn data_images(env: &mut PodEnv) -> [(String, String); 2] {
     .unwrap();
     let mut out = Vec::new();
     for reference in [two.reference, one.reference] {
-        let id = env
-            .client
-            .image
-            .pull_image(PullImageRequest {
-                image: Some(ImageSpec {
-                    image: reference.clone(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|e| panic!("pull {reference}: {e:?}"))
-            .into_inner()
-            .image_ref;
+        let id = env.pull(&reference).await;
         out.push((reference, id));
     }
     out.try_into().unwrap()

@@ -144,13 +144,7 @@ impl Host for RecordingHost {
     }
 
     fn mount_readonly_layers(&self, _lower: &[PathBuf], target: &Path) -> Result<()> {
-        self.call("mount_readonly_layers", target.display())?;
-        self.state
-            .lock()
-            .unwrap()
-            .mounted
-            .insert(target.to_path_buf());
-        Ok(())
+        self.mount("mount_readonly_layers", target)
     }
 
     fn unmount(&self, target: &Path) -> Result<()> {
