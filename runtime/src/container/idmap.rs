@@ -21,16 +21,10 @@ use crate::userns::IdMappings;
 /// namespace as `<under>/N`; what to build the overlay on.
 pub fn layers(
     host: &dyn Host,
-    container_dir: &Path,
     under: &Path,
     lower: &[PathBuf],
     userns: &UserNamespaceInput,
 ) -> Result<Vec<PathBuf>> {
-    check_reachable(container_dir)?;
-    // The pod's namespace files are opened by path too, from inside.
-    if let Some(ns_dir) = userns.path.parent() {
-        check_reachable(ns_dir)?;
-    }
     let mut out = Vec::with_capacity(lower.len());
     for (i, layer) in lower.iter().enumerate() {
         let target = under.join(i.to_string());
@@ -56,10 +50,20 @@ fn root_of(mappings: &IdMappings) -> (u32, u32) {
     )
 }
 
-/// Every directory from `/` down to `dir` must be searchable by others: the
-/// container's setup runs as the namespace's root, which is nobody to the
-/// host's files (libcontainer reaches the rootfs by path).
-fn check_reachable(dir: &Path) -> Result<()> {
+/// The container's setup runs as the namespace's root, which is nobody to
+/// the host's files, and reaches the rootfs, its mount sources (all in the
+/// container dir) and the pod's namespace files by path: every directory
+/// above them must be searchable by others.
+pub fn check_reachable(container_dir: &Path, userns: &UserNamespaceInput) -> Result<()> {
+    check_searchable(container_dir)?;
+    match userns.path.parent() {
+        Some(ns_dir) => check_searchable(ns_dir),
+        None => Ok(()),
+    }
+}
+
+/// Every directory from `/` down to `dir` is searchable by others.
+fn check_searchable(dir: &Path) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     for ancestor in dir.ancestors() {
         if ancestor.as_os_str().is_empty() {
@@ -136,9 +140,6 @@ pub fn mounts(
                  idmapped mount (a pod with a user namespace, or a mount with id mappings)",
                 m.destination().display()
             )));
-        }
-        if made == 0 {
-            check_reachable(container_dir)?;
         }
         let target = container_dir.join("mounts").join(made.to_string());
         made += 1;

@@ -114,8 +114,7 @@ pub(super) fn mount(
             let under = container_dir
                 .join("image-volumes")
                 .join(format!("{}-lower", r.index));
-            lower =
-                super::idmap::layers(daemon.host.as_ref(), container_dir, &under, &lower, userns)?;
+            lower = super::idmap::layers(daemon.host.as_ref(), &under, &lower, userns)?;
         }
         daemon.host.mount_readonly_layers(&lower, &target)?;
         {

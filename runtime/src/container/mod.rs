@@ -218,6 +218,7 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
                 &mut undo,
             )?,
             rootfs,
+            user_namespace: userns.clone(),
         };
         if !fs.image_volumes.is_empty() {
             phases.mark("image-volumes");
@@ -317,13 +318,8 @@ fn prepare_rootfs(
     }
     let mut lower = daemon.images.lower_dirs(image);
     if let Some(userns) = userns {
-        lower = idmap::layers(
-            daemon.host.as_ref(),
-            &dir,
-            &dir.join("lower"),
-            &lower,
-            userns,
-        )?;
+        idmap::check_reachable(&dir, userns)?;
+        lower = idmap::layers(daemon.host.as_ref(), &dir.join("lower"), &lower, userns)?;
         idmap::give_upper(daemon.host.as_ref(), &dir.join("upper"), userns)?;
     }
     daemon
@@ -339,10 +335,12 @@ fn prepare_rootfs(
     Ok(rootfs)
 }
 
-/// What berthd mounted for a container: its rootfs and its image volumes.
+/// What berthd mounted for a container: its rootfs and its image volumes,
+/// and the pod's user namespace they are idmapped for.
 struct Filesystems {
     rootfs: PathBuf,
     image_volumes: Vec<oci::ImageVolumeSource>,
+    user_namespace: Option<oci::UserNamespaceInput>,
 }
 
 /// What [`write_bundle`] made.
@@ -364,7 +362,7 @@ fn write_bundle(
     fs: &Filesystems,
     undo: &mut Undo,
 ) -> Result<Bundle> {
-    let user_namespace = sandbox.user_namespace()?;
+    let user_namespace = fs.user_namespace.as_ref();
     let sdir = shim_dir(daemon, id);
     let log = log_path(sandbox, &config.log_path)?;
     let ns = sandbox.namespace_options();
@@ -405,11 +403,11 @@ fn write_bundle(
         },
         cgroups_path: cgroups_path.clone(),
         oom_score_adj_min: own_oom_score_adj(),
-        user_namespace: user_namespace.clone(),
+        user_namespace: user_namespace.cloned(),
         image_volumes: &fs.image_volumes,
     })?;
     // libcontainer fails on a missing working dir; runc creates it.
-    let cwd_owner = user_namespace.as_ref().and_then(|u| {
+    let cwd_owner = user_namespace.and_then(|u| {
         let user = spec.process().as_ref()?.user();
         Some((
             u.mappings.host_uid(user.uid())?,
@@ -421,7 +419,7 @@ fn write_bundle(
         daemon.host.as_ref(),
         &container_dir(daemon, id),
         config,
-        user_namespace.as_ref(),
+        user_namespace,
         &mut spec,
     )?;
     let bundle = sdir.join("bundle");
