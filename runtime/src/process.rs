@@ -212,6 +212,20 @@ impl ProcessIdentity {
         self.signal_outcome(rc == 0, sig)
     }
 
+    /// A pidfd that polls readable once this process has exited; `None`
+    /// when it is not alive now (its pid free, or another process's).
+    pub fn exit_fd(&self) -> io::Result<Option<OwnedFd>> {
+        if !self.is_verifiable() {
+            return Ok(None);
+        }
+        let Some(fd) = self.pidfd()? else {
+            return Ok(None);
+        };
+        // Checked after the open, as for signals: the pidfd pins whichever
+        // process had the pid, and a matching start time proves it is ours.
+        Ok(self.is_alive().then_some(fd))
+    }
+
     /// Kernels without pidfds (< 5.3): check, then kill(2). This leaves the
     /// window between the two, which is all such a kernel allows.
     fn signal_by_pid(&self, sig: i32) -> Result<bool, ProcessError> {

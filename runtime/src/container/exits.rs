@@ -2,13 +2,15 @@
 //! event) happens within moments of the exit without anyone polling.
 //!
 //! The shim renames `exit.pb` into its directory when the container exits;
-//! an inotify watch per shim directory sees that rename. A sweep every few
-//! seconds catches what inotify cannot report: a shim that died without an
-//! exit record, or a watch that could not be added. Read paths that notice
-//! a change hand it here (`hint`) instead of writing themselves.
+//! an inotify watch per shim directory sees that rename. A pidfd per shim
+//! reports a shim that died without an exit record (SIGKILL, the OOM
+//! killer) as it dies. A sweep every few seconds catches what neither can
+//! report: a watch that could not be added. Read paths that notice a change
+//! hand it here (`hint`) instead of writing themselves; list calls answer
+//! from the store, which this keeps current.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
@@ -17,6 +19,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
+use crate::process::ProcessIdentity;
 use crate::store::{ContainerRecord, ContainerState};
 
 /// How often every created or running container is checked regardless of
@@ -29,6 +32,8 @@ pub struct ExitWatcher {
     inotify: Inotify,
     watches: Mutex<HashMap<WatchDescriptor, String>>,
     hints: Mutex<HashSet<String>>,
+    /// A pidfd per watched shim, with its container's id.
+    shims: Mutex<Vec<(OwnedFd, String)>>,
 }
 
 impl ExitWatcher {
@@ -39,12 +44,22 @@ impl ExitWatcher {
             inotify,
             watches: Mutex::new(HashMap::new()),
             hints: Mutex::new(HashSet::new()),
+            shims: Mutex::new(Vec::new()),
         })
     }
 
-    /// Watches the shim dir of container `id` for its exit record. A
-    /// failure is logged: the sweep still notices the exit, later.
-    pub fn watch(&self, shim_dir: &Path, id: &str) {
+    /// Watches the shim dir of container `id` for its exit record, and its
+    /// shim for its death. A failure is logged: the sweep still notices the
+    /// exit, later.
+    pub fn watch(&self, shim_dir: &Path, id: &str, shim: &ProcessIdentity) {
+        match shim.exit_fd() {
+            Ok(Some(fd)) => self.shims.lock().unwrap().push((fd, id.to_string())),
+            // Already gone.
+            Ok(None) => self.hint(id),
+            Err(e) => {
+                tracing::warn!(container_id = id, pid = shim.pid, error = %e, "cannot watch the container's shim; the periodic sweep will see it die")
+            }
+        }
         match self.inotify.add_watch(
             shim_dir,
             AddWatchFlags::IN_MOVED_TO | AddWatchFlags::IN_ONLYDIR,
@@ -68,9 +83,11 @@ impl ExitWatcher {
     pub fn start(daemon: &Arc<Daemon>) -> Result<()> {
         for record in daemon.store.list::<ContainerRecord>()? {
             if may_exit(&record) {
-                daemon
-                    .exits
-                    .watch(&super::shim_dir(daemon, &record.id), &record.id);
+                daemon.exits.watch(
+                    &super::shim_dir(daemon, &record.id),
+                    &record.id,
+                    &record.shim,
+                );
             }
         }
         sweep(daemon);
@@ -116,14 +133,44 @@ fn run(weak: Weak<Daemon>) {
             return;
         };
         let exits = &daemon.exits;
-        let mut fds = [libc::pollfd {
-            fd: exits.inotify.as_fd().as_raw_fd(),
+        let pollfd = |fd: i32| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
-        }];
-        // SAFETY: one valid pollfd, for the inotify fd the watcher owns.
-        unsafe { libc::poll(fds.as_mut_ptr(), 1, HINT_LATENCY.as_millis() as i32) };
+        };
+        let mut fds = vec![pollfd(exits.inotify.as_fd().as_raw_fd())];
+        fds.extend(
+            exits
+                .shims
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(fd, _)| pollfd(fd.as_raw_fd())),
+        );
+        // SAFETY: valid pollfds for fds the watcher owns; a shim's pidfd is
+        // closed only by this thread, below.
+        unsafe {
+            libc::poll(
+                fds.as_mut_ptr(),
+                fds.len() as libc::nfds_t,
+                HINT_LATENCY.as_millis() as i32,
+            )
+        };
         let mut changed = Vec::new();
+        let dead: HashSet<i32> = fds[1..]
+            .iter()
+            .filter(|p| p.revents != 0)
+            .map(|p| p.fd)
+            .collect();
+        if !dead.is_empty() {
+            exits.shims.lock().unwrap().retain(|(fd, id)| {
+                let gone = dead.contains(&fd.as_raw_fd());
+                if gone {
+                    changed.push(id.clone());
+                }
+                !gone
+            });
+        }
         if let Ok(events) = exits.inotify.read_events() {
             let mut watches = exits.watches.lock().unwrap();
             for event in events {

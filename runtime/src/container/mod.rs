@@ -283,7 +283,7 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
             reservation.keep();
             daemon
                 .exits
-                .watch(&shim_dir(daemon, &record.id), &record.id);
+                .watch(&shim_dir(daemon, &record.id), &record.id, &record.shim);
             tracing::info!(container_id = %record.id, name = %record.name, "container created");
             Ok(record.id)
         }
@@ -610,6 +610,24 @@ pub fn current(daemon: &Daemon, mut record: ContainerRecord) -> ContainerRecord 
         daemon.exits.hint(&record.id);
     }
     record
+}
+
+/// The container for ContainerStatus: [`current`], with a change it finds
+/// recorded before the answer, so that lists (which answer from the store)
+/// agree with it from then on. A failure to record is logged; the watcher
+/// retries.
+pub fn observed(daemon: &Daemon, record: ContainerRecord) -> ContainerRecord {
+    let now = current(daemon, record.clone());
+    if now.state == record.state {
+        return now;
+    }
+    if let Err(e) = observe_exit(daemon, &record.id) {
+        tracing::warn!(container_id = %record.id, error = %crate::error::chain(&e), "could not record the container's exit");
+    }
+    match daemon.store.get::<ContainerRecord>(&record.id) {
+        Ok(Some(stored)) => current(daemon, stored),
+        _ => now,
+    }
 }
 
 /// The one place a stored container changes after its creation: `change`
@@ -987,9 +1005,7 @@ pub fn list_stats(
         .store
         .list::<ContainerRecord>()?
         .into_iter()
-        .filter(|r| wanted(r))
-        .map(|r| current(daemon, r))
-        .filter(|r| r.state == ContainerState::Running)
+        .filter(|r| wanted(r) && r.state == ContainerState::Running)
         .collect();
     let read = stats::read_many(running, |r| {
         let s = stats(daemon, &r);

@@ -226,7 +226,6 @@ cri_service! {
                     .list::<crate::store::ContainerRecord>()?
                     .into_iter()
                     .filter(|r| filter.as_ref().is_none_or(|f| convert::container_matches(r, &f.id, &f.pod_sandbox_id, &f.label_selector)))
-                    .map(|r| container::current(d, r))
                     .filter(|r| {
                         filter.as_ref().and_then(|f| f.state.as_ref()).is_none_or(|s| s.state == convert::container_state(r.state) as i32)
                     })
@@ -239,7 +238,7 @@ cri_service! {
 
         async fn container_status(&self, request: Request<ContainerStatusRequest>) -> Result<Response<ContainerStatusResponse>, Status> {
             let request = request.into_inner();
-            let record = self.daemon.run(move |d| Ok(container::current(d, container::find(d, &request.container_id)?))).await?;
+            let record = self.daemon.run(move |d| Ok(container::observed(d, container::find(d, &request.container_id)?))).await?;
             tracing::Span::current().record("container_id", record.id.as_str());
             let config: Option<ContainerConfig> = serde_json::from_str(&record.config_json).ok();
             let status = convert::container_status(&record, config.as_ref());

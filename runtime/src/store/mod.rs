@@ -24,9 +24,16 @@
 //! `Error::NoSpace` until the reserve can be allocated again, so they do not
 //! eat what was released for deletes. The released space is free for any
 //! process: one writing non-stop in the same filesystem can take it first.
+//!
+//! Reads: every table's records are also kept decoded in memory, as last
+//! committed, so gets and lists (ListContainers, the stats lists, a scrape)
+//! neither open a transaction nor decode JSON. Writers update that copy after
+//! their commit, one writer at a time, so it follows commit order.
 
 mod records;
 
+use std::any::Any;
+use std::collections::{BTreeMap, HashMap};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -44,7 +51,7 @@ pub use records::{
 };
 
 /// A typed record kept in its own table, keyed by its id.
-pub trait Record: Serialize + DeserializeOwned {
+pub trait Record: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     const TABLE: &'static str;
     /// Bumped whenever the stored shape changes incompatibly.
     const VERSION: u32;
@@ -90,6 +97,20 @@ pub struct Store {
     reserve: Reserve,
     /// Where write latency goes; `None` for stores outside a daemon.
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    cache: Cache,
+}
+
+/// The decoded records of each table read so far, as last committed.
+#[derive(Default)]
+struct Cache {
+    /// `BTreeMap<String, R>` by `R::TABLE` (key order, as redb lists them).
+    tables: RwLock<HashMap<&'static str, Box<dyn Any + Send + Sync>>>,
+    /// Bumped under `tables`' write lock by every change a writer makes, so
+    /// a table loaded from a snapshot older than a change is loaded again.
+    changes: AtomicU64,
+    /// Held by a writer from its transaction until its change is in
+    /// `tables`, so that changes reach it in commit order.
+    writing: Mutex<()>,
 }
 
 /// Which writes a call makes, for the space check.
@@ -192,6 +213,7 @@ impl Store {
                 held: Mutex::new(false),
             },
             metrics,
+            cache: Cache::default(),
         };
         if let Err(e) = store.reserve.ensure() {
             tracing::warn!(path = %store.reserve.path.display(), error = %e, "metadata store: cannot allocate the reserve file");
@@ -365,6 +387,7 @@ impl Store {
     pub fn put<R: Record>(&self, record: &R) -> Result<()> {
         let key = record.key();
         let bytes = encode(record)?;
+        let _writing = self.writing();
         self.run(
             Access::Grow,
             || format!("put {} {key}", R::TABLE),
@@ -375,13 +398,16 @@ impl Store {
                 txn.commit()?;
                 Ok(())
             },
-        )
+        )?;
+        self.remember(key, Some(record.clone()));
+        Ok(())
     }
 
     /// Inserts a record that must not exist yet (`Error::AlreadyExists`).
     pub fn insert_new<R: Record>(&self, record: &R) -> Result<()> {
         let key = record.key();
         let bytes = encode(record)?;
+        let _writing = self.writing();
         self.run(
             Access::Grow,
             || format!("insert {} {key}", R::TABLE),
@@ -401,7 +427,9 @@ impl Store {
                 txn.commit()?;
                 Ok(())
             },
-        )
+        )?;
+        self.remember(key, Some(record.clone()));
+        Ok(())
     }
 
     /// Reads, changes and writes back one record in one transaction, and
@@ -409,7 +437,8 @@ impl Store {
     /// update cannot resurrect a removed object); when `f` fails nothing is
     /// written.
     pub fn update<R: Record>(&self, key: &str, f: impl FnOnce(&mut R) -> Result<()>) -> Result<R> {
-        self.run(
+        let _writing = self.writing();
+        let record = self.run(
             Access::Grow,
             || format!("update {} {key}", R::TABLE),
             |db| {
@@ -438,38 +467,24 @@ impl Store {
                 txn.commit()?;
                 Ok(record)
             },
-        )
+        )?;
+        self.remember(key, Some(record.clone()));
+        Ok(record)
     }
 
     pub fn get<R: Record>(&self, key: &str) -> Result<Option<R>> {
-        self.run(
-            Access::Read,
-            || format!("get {} {key}", R::TABLE),
-            |db| {
-                let txn = db.begin_read()?;
-                let t = txn.open_table(table::<R>())?;
-                let value = t.get(key)?;
-                Ok(value.map(|v| decode::<R>(key, v.value())).transpose()?)
-            },
-        )
+        self.cached(|t: &BTreeMap<String, R>| t.get(key).cloned())
     }
 
-    /// Whether record `key` exists, without decoding it.
+    /// Whether record `key` exists.
     pub fn contains<R: Record>(&self, key: &str) -> Result<bool> {
-        self.run(
-            Access::Read,
-            || format!("look up {} {key}", R::TABLE),
-            |db| {
-                let txn = db.begin_read()?;
-                let t = txn.open_table(table::<R>())?;
-                Ok(t.get(key)?.is_some())
-            },
-        )
+        self.cached(|t: &BTreeMap<String, R>| t.contains_key(key))
     }
 
     /// Removes a record; returns whether it existed. Works while the
     /// filesystem is full, as long as the reserve lasts (see the module doc).
     pub fn delete<R: Record>(&self, key: &str) -> Result<bool> {
+        let _writing = self.writing();
         let attempt = || {
             self.run(
                 Access::Shrink,
@@ -482,7 +497,7 @@ impl Store {
                 },
             )
         };
-        match attempt() {
+        let result = match attempt() {
             // run() has reopened the database; the retry commits into the
             // space the reserve held.
             Err(Error::NoSpace { .. }) if self.reserve.release() => {
@@ -492,10 +507,88 @@ impl Store {
                 attempt()
             }
             result => result,
+        };
+        if result.is_ok() {
+            self.remember::<R>(key, None);
         }
+        result
     }
 
     pub fn list<R: Record>(&self) -> Result<Vec<R>> {
+        self.cached(|t: &BTreeMap<String, R>| t.values().cloned().collect())
+    }
+
+    /// Serializes writers until their change is in the cache.
+    fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.cache
+            .writing
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Records a committed change of `key` (`None`: deleted) in the cache,
+    /// if the table is loaded.
+    fn remember<R: Record>(&self, key: &str, record: Option<R>) {
+        let mut tables = self
+            .cache
+            .tables
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.cache.changes.fetch_add(1, Ordering::SeqCst);
+        if let Some(t) = tables
+            .get_mut(R::TABLE)
+            .and_then(|t| t.downcast_mut::<BTreeMap<String, R>>())
+        {
+            match record {
+                Some(r) => {
+                    t.insert(key.to_string(), r);
+                }
+                None => {
+                    t.remove(key);
+                }
+            }
+        }
+    }
+
+    /// `f` over table `R` as last committed, loading it on first use.
+    fn cached<R: Record, T>(&self, f: impl Fn(&BTreeMap<String, R>) -> T) -> Result<T> {
+        loop {
+            let changes = {
+                let tables = self
+                    .cache
+                    .tables
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if let Some(t) = tables
+                    .get(R::TABLE)
+                    .and_then(|t| t.downcast_ref::<BTreeMap<String, R>>())
+                {
+                    return Ok(f(t));
+                }
+                self.cache.changes.load(Ordering::SeqCst)
+            };
+            let loaded: BTreeMap<String, R> = self
+                .read_all::<R>()?
+                .into_iter()
+                .map(|r| (r.key().to_string(), r))
+                .collect();
+            let mut tables = self
+                .cache
+                .tables
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            // A change committed after the snapshot but remembered before
+            // this point is missing from it: load again.
+            if self.cache.changes.load(Ordering::SeqCst) == changes {
+                let out = f(&loaded);
+                tables.entry(R::TABLE).or_insert_with(|| Box::new(loaded));
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Every record of table `R`, decoded from the database.
+    fn read_all<R: Record>(&self) -> Result<Vec<R>> {
         self.run(
             Access::Read,
             || format!("list {}", R::TABLE),
@@ -658,6 +751,95 @@ mod tests {
             labels: vec![KeyValue::new("app", "web")],
             ..Default::default()
         }
+    }
+
+    /// Gets and lists answer from the decoded copy, which every kind of
+    /// write keeps equal to what is committed (a reopened store decodes the
+    /// file itself).
+    #[test]
+    fn reads_follow_every_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta.redb");
+        let committed = |store: &Store| store.read_all::<SandboxRecord>().unwrap();
+        {
+            let store = Store::open(&path).unwrap();
+            store.put(&sandbox("a")).unwrap();
+            assert_eq!(store.list::<SandboxRecord>().unwrap(), vec![sandbox("a")]);
+            store.insert_new(&sandbox("c")).unwrap();
+            store.put(&sandbox("b")).unwrap();
+            assert!(store.insert_new(&sandbox("b")).is_err());
+            store
+                .update::<SandboxRecord>("a", |r| {
+                    r.attempt = 7;
+                    Ok(())
+                })
+                .unwrap();
+            // A failed update changes nothing, in memory either.
+            assert!(
+                store
+                    .update::<SandboxRecord>("c", |r| {
+                        r.attempt = 9;
+                        Err(Error::Internal("no".into()))
+                    })
+                    .is_err()
+            );
+            assert!(store.delete::<SandboxRecord>("b").unwrap());
+            let listed = store.list::<SandboxRecord>().unwrap();
+            assert_eq!(listed, committed(&store));
+            assert_eq!(
+                listed
+                    .iter()
+                    .map(|r| (r.id.as_str(), r.attempt))
+                    .collect::<Vec<_>>(),
+                vec![("a", 7), ("c", 0)]
+            );
+            assert_eq!(store.get::<SandboxRecord>("a").unwrap().unwrap().attempt, 7);
+            assert!(store.get::<SandboxRecord>("b").unwrap().is_none());
+            assert!(!store.contains::<SandboxRecord>("b").unwrap());
+            assert!(store.contains::<SandboxRecord>("c").unwrap());
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            store.list::<SandboxRecord>().unwrap(),
+            committed(&store),
+            "after a reopen"
+        );
+    }
+
+    /// Loads racing writes: every list sees each finished write.
+    #[test]
+    fn concurrent_writes_reach_the_copy_in_commit_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("meta.redb")).unwrap();
+        store.put(&sandbox("x")).unwrap();
+        std::thread::scope(|scope| {
+            for t in 0..4u32 {
+                let store = &store;
+                scope.spawn(move || {
+                    for i in 0..25u32 {
+                        store
+                            .update::<SandboxRecord>("x", |r| {
+                                r.attempt += 1;
+                                Ok(())
+                            })
+                            .unwrap();
+                        let mut r = sandbox(&format!("t{t}-{i}"));
+                        r.attempt = i;
+                        store.put(&r).unwrap();
+                        assert_eq!(store.get::<SandboxRecord>(&r.id).unwrap(), Some(r));
+                    }
+                });
+            }
+        });
+        assert_eq!(
+            store.get::<SandboxRecord>("x").unwrap().unwrap().attempt,
+            100
+        );
+        assert_eq!(
+            store.list::<SandboxRecord>().unwrap(),
+            store.read_all().unwrap()
+        );
+        assert_eq!(store.list::<SandboxRecord>().unwrap().len(), 101);
     }
 
     #[test]
