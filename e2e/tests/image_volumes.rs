@@ -162,12 +162,15 @@ async fn a_container_reads_an_image_volume_it_cannot_write() {
     );
     env.stop_container(&id, 0).await.unwrap();
     env.remove_container(&id).await.unwrap();
+    // RemoveContainer unmounts and deletes after its answer.
+    let gone =
+        berth_e2e::pods::eventually(Duration::from_secs(10), || !container_dir.exists()).await;
     assert_eq!(
         mounts_under(&env.d.root_dir()),
         Vec::<String>::new(),
         "nothing stays mounted under berthd's root after RemoveContainer"
     );
-    assert!(!container_dir.exists());
+    assert!(gone, "{} is left", container_dir.display());
     env.remove_everything().await.unwrap();
 }
 
@@ -313,6 +316,9 @@ async fn crictl_creates_a_container_with_an_image_volume() {
     assert!(run.stderr.contains("Read-only file system"), "{run:?}");
     let run = crictl.run(&["rm", "-f", &id], b"", timeout).await;
     assert_eq!(run.code, Some(0), "crictl rm: {run:?}");
-    assert_eq!(mounts_under(&env.d.root_dir()), Vec::<String>::new());
+    // RemoveContainer unmounts after its answer.
+    let root = env.d.root_dir();
+    berth_e2e::pods::eventually(timeout, || mounts_under(&root).is_empty()).await;
+    assert_eq!(mounts_under(&root), Vec::<String>::new());
     env.remove_everything().await.unwrap();
 }

@@ -1641,12 +1641,15 @@ async fn a_killed_shim_is_never_reported_running_and_remove_cleans_up() {
         "the container process {pid} ({:?}) outlived RemoveContainer",
         cmdline(pid)
     );
+    // RemoveContainer deletes what is left on disk after its answer.
+    let shim_dir = state.join("shims").join(&id);
+    let container_dir = env.d.root_dir().join("containers").join(&id);
     assert!(
-        !state.join("shims").join(&id).exists(),
+        eventually(Duration::from_secs(10), || !shim_dir.exists()).await,
         "the shim dir is left"
     );
     assert!(
-        !env.d.root_dir().join("containers").join(&id).exists(),
+        eventually(Duration::from_secs(10), || !container_dir.exists()).await,
         "the container dir is left"
     );
     let mounts = mounts_under(env.d.dir.path());
@@ -1703,6 +1706,16 @@ async fn fifty_container_cycles_leave_nothing_behind() {
     assert_eq!(shims.len(), 50, "every created container had a shim.pid");
 
     assert!(env.list_containers(None).await.is_empty());
+    // RemoveContainer deletes what is left on disk after its answer.
+    let dirs_left = |dir: std::path::PathBuf| {
+        std::fs::read_dir(dir)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+            .unwrap_or_default()
+    };
+    eventually(Duration::from_secs(10), || {
+        dirs_left(state.join("shims")).is_empty() && dirs_left(root.join("containers")).is_empty()
+    })
+    .await;
     let mounts: Vec<String> = mounts_under(&root)
         .into_iter()
         .chain(mounts_under(&state.join("shims")))

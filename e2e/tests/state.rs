@@ -873,6 +873,11 @@ async fn full_disk_gives_resource_exhausted_and_removal_still_works() {
     )
     .await
     .unwrap_or_else(|e| panic!("RemoveContainer of the filler on a full disk: {e:?}"));
+    // Its writable layer is deleted after the answer.
+    eventually(Duration::from_secs(10), || {
+        free_bytes(&root) > free_at_start / 2
+    })
+    .await;
     assert!(
         free_bytes(&root) > free_at_start / 2,
         "removing the filler freed no space: {} bytes free",
@@ -922,6 +927,85 @@ async fn full_disk_gives_resource_exhausted_and_removal_still_works() {
 }
 
 // ---- races on one object ----
+
+/// RemoveContainer answers once the record is gone and deletes the rest
+/// (shim, cgroup, rootfs mount, dirs) afterwards. berthd killed with SIGKILL
+/// while those deletions run, at a different moment in every round, leaves
+/// remains without a record, which its next start deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_deferred_removals_is_finished_by_the_next_start() {
+    const ROUNDS: u64 = 6;
+    const CONTAINERS: usize = 4;
+    let mut env = PodEnv::start().await;
+    let bb = env.busybox();
+    let pod = env.run_pod(&env.pod_config("deferred")).await;
+    let parent = env.cgroup_parent(&pod);
+    for round in 0..ROUNDS {
+        let mut ids = Vec::new();
+        for i in 0..CONTAINERS {
+            let config = container_config(&format!("r{round}-{i}"), &bb, &["sleep", "3600"]);
+            let id = within("CreateContainer", env.create(&pod, &config)).await;
+            if i % 2 == 0 {
+                within("StartContainer", env.start_container(&id)).await;
+            }
+            ids.push(id);
+        }
+        let kept = ids.pop().expect("one container stays");
+        let mut c = own_client(&env).await;
+        let removals = tokio::spawn(async move {
+            for id in ids {
+                if c.runtime
+                    .remove_container(RemoveContainerRequest { container_id: id })
+                    .await
+                    .is_err()
+                {
+                    // berthd is gone.
+                    return;
+                }
+            }
+        });
+        // From right after the first answer to after the last one.
+        tokio::time::sleep(Duration::from_millis(2 + round * 4)).await;
+        env.d.kill9();
+        let _ = removals.await;
+        within("restart berthd", env.d.restart())
+            .await
+            .expect("restart berthd");
+        env.reconnect().await;
+        let records = settled_container_parts(&mut env, &parent, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|(records, problems)| {
+                panic!("round {round}: after the restart: {problems:#?} (records {records:?})")
+            });
+        assert!(
+            records.contains_key(&kept),
+            "round {round}: the container that was not removed is gone: {records:?}"
+        );
+        for id in records.keys() {
+            within("RemoveContainer", env.remove_container(id))
+                .await
+                .expect("RemoveContainer");
+        }
+        settled_container_parts(&mut env, &parent, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|(records, problems)| {
+                panic!("round {round}: after removing the rest: {problems:#?} ({records:?})")
+            });
+    }
+    within("RemovePodSandbox", env.remove_everything())
+        .await
+        .expect("remove the pod");
+    let finished = env
+        .d
+        .log()
+        .matches("removing the remains of a container without a record")
+        .count();
+    eprintln!("remains of removed containers finished by a restart: {finished}");
+    assert!(
+        finished > 0,
+        "no SIGKILL hit a removal's deferred cleanup in {ROUNDS} rounds"
+    );
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn start_racing_remove_leaves_nothing() {

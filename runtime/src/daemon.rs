@@ -48,6 +48,8 @@ pub struct Daemon {
     transitions: Mutex<()>,
     /// Containers whose exit is being watched (exit records, dead shims).
     pub exits: crate::container::exits::ExitWatcher,
+    /// Removed containers' remains being deleted after RemoveContainer.
+    pub cleanups: crate::container::cleanup::Cleanups,
     /// What `/metrics` serves; recorded into from every module.
     pub metrics: Arc<Metrics>,
     /// Pods may have user namespaces: the root dir's filesystem takes
@@ -148,6 +150,7 @@ impl Daemon {
             events: EventHub::new(metrics.clone()),
             transitions: Mutex::new(()),
             exits: crate::container::exits::ExitWatcher::new()?,
+            cleanups: Default::default(),
             metrics,
         }))
     }

@@ -1,6 +1,7 @@
 //! Start-up recovery: berthd may have been killed at any moment. Records are
-//! written last, so whatever exists on disk without a record is the remains
-//! of a create that never finished: undo it. Whatever has a record is
+//! written last and deleted first, so whatever exists on disk without a
+//! record is the remains of a create that never finished or of a removal
+//! whose deferred cleanup did not: finish it. Whatever has a record is
 //! checked against the kernel before it is trusted: a READY sandbox whose
 //! namespaces, network or infra process are gone is marked NOTREADY with
 //! the reason, never left READY.
@@ -58,7 +59,7 @@ fn discard_unrecorded_containers(daemon: &Daemon) -> Result<()> {
     ids.dedup();
     for id in ids {
         if daemon.store.get::<ContainerRecord>(&id)?.is_none() {
-            tracing::warn!(container_id = %id, "removing the remains of an unfinished container create");
+            tracing::warn!(container_id = %id, "removing the remains of a container without a record (an unfinished create or removal)");
             logged(
                 "discard an unrecorded container",
                 &id,

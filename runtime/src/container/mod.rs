@@ -3,6 +3,7 @@
 //! berth-shim, which owns the container from then on. berthd's record is a
 //! cache of the truth the shim keeps; the shim's exit record wins.
 
+pub mod cleanup;
 pub mod exec_sync;
 pub mod exits;
 mod idmap;
@@ -847,17 +848,26 @@ fn kill(daemon: &Daemon, dir: &Path, record: &ContainerRecord, signal: i32) -> R
 /// and state; keeps the log file.
 pub fn remove(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
     match daemon.store.get::<ContainerRecord>(&guard.container_id)? {
-        Some(record) => remove_record(daemon, record),
+        Some(record) => remove_record(daemon, record, Cleanup::Later),
         // Removed while this call waited its turn.
         None => Ok(()),
     }
 }
 
+/// When a removal deletes the container's remains.
+#[derive(Clone, Copy)]
+enum Cleanup {
+    /// After the record is gone, in the background (RemoveContainer).
+    Later,
+    /// Before the record goes, so that a failure keeps it for a retry
+    /// (RemovePodSandbox, whose own cgroup and dirs come next).
+    Now,
+}
+
 /// RemoveContainer's work, for a caller that holds the container (or its
 /// whole pod).
-fn remove_record(daemon: &Daemon, record: ContainerRecord) -> Result<()> {
+fn remove_record(daemon: &Daemon, record: ContainerRecord, cleanup: Cleanup) -> Result<()> {
     tracing::Span::current().record("container_id", record.id.as_str());
-    let dir = shim_dir(daemon, &record.id);
     let mut phases = crate::timing::Phases::start("RemoveContainer");
     let record = current(daemon, record);
     if matches!(
@@ -874,30 +884,34 @@ fn remove_record(daemon: &Daemon, record: ContainerRecord) -> Result<()> {
         }
     }
     phases.mark("stop");
-    if shim_alive(daemon, &record) {
-        daemon.host.call_shim(
-            &dir,
-            shim_request::Request::Shutdown(Default::default()),
-            SHIM_TIMEOUT,
-        )?;
-    } else if runtime_root(daemon).join(&record.id).exists() {
-        daemon
-            .host
-            .delete_container(&runtime_root(daemon), &record.id)?;
-    }
-    phases.mark("shim-shutdown");
-    remove_mounted_dir(daemon.host.as_ref(), &container_dir(daemon, &record.id))?;
-    remove_dir_all(&dir)?;
-    phases.mark("rootfs+dirs");
+    let discard = discard_job(daemon, &record.id);
+    let later = match cleanup {
+        Cleanup::Now => {
+            discard()?;
+            phases.mark("shim+rootfs+dirs");
+            None
+        }
+        Cleanup::Later => Some(discard),
+    };
+    // The commit point: from here on what is left on disk is the remains of
+    // a container without a record, which start-up recovery discards.
     daemon.publish_with(|| {
         daemon.store.delete::<ContainerRecord>(&record.id)?;
         Ok(((), vec![event(EventKind::Deleted, &record)]))
     })?;
     phases.mark("store");
-    phases.log();
     daemon.names.release(&record.id);
     daemon.cpu_samples.forget(&record.id);
     daemon.layer_usage.forget(&record.id);
+    if let Some(discard) = later {
+        // Image garbage collection may now delete the snapshots under the
+        // rootfs: the container is dead, and its overlay keeps what it has
+        // open until the unmount.
+        daemon
+            .cleanups
+            .spawn(&record.id, &record.sandbox_id, discard);
+    }
+    phases.log();
     tracing::info!(container_id = %record.id, "container removed");
     Ok(())
 }
@@ -914,22 +928,32 @@ pub fn stop_all(daemon: &Daemon, sandbox_id: &str) -> Result<()> {
 /// pod).
 pub fn remove_all(daemon: &Daemon, sandbox_id: &str) -> Result<()> {
     for c in of_sandbox(daemon, sandbox_id)? {
-        remove_record(daemon, c)?;
+        remove_record(daemon, c, Cleanup::Now)?;
     }
+    daemon.cleanups.wait_for_sandbox(sandbox_id);
     Ok(())
 }
 
 /// Removes what an unfinished create of `id` left: its shim (asked to
 /// delete the container), the libcontainer state, the rootfs mount, dirs.
 pub fn discard_unrecorded(daemon: &Daemon, id: &str) -> Result<()> {
-    discard_shim(
-        daemon.host.as_ref(),
-        &shim_dir(daemon, id),
-        &runtime_root(daemon),
-        id,
-    )?;
-    remove_mounted_dir(daemon.host.as_ref(), &container_dir(daemon, id))?;
-    remove_dir_all(&shim_dir(daemon, id))
+    discard_job(daemon, id)()
+}
+
+/// Deletes container `id` from disk, as a job that needs no daemon: its
+/// shim (asked to delete the container, or libcontainer's state deleted
+/// without it), the rootfs and idmapped mounts, the container and shim dirs.
+fn discard_job(daemon: &Daemon, id: &str) -> impl FnOnce() -> Result<()> + Send + 'static {
+    let host = daemon.host.clone();
+    let sdir = shim_dir(daemon, id);
+    let runtime_root = runtime_root(daemon);
+    let cdir = container_dir(daemon, id);
+    let id = id.to_string();
+    move || {
+        discard_shim(host.as_ref(), &sdir, &runtime_root, &id)?;
+        remove_mounted_dir(host.as_ref(), &cdir)?;
+        remove_dir_all(&sdir)
+    }
 }
 
 /// UpdateContainerResources: the new limits go into the cgroup and into the
