@@ -110,6 +110,30 @@ fn run(plugin: Plugin, req: &Request) -> std::result::Result<Vec<u8>, ErrorResul
 /// plugins in a CNI bin dir and run their code in-process instead.
 pub const PLUGIN_MARKER: &str = "berth-cni-plugin-binary/v1";
 
+/// Whether the file at `path` is one of Berth's plugin binaries (it carries
+/// [`PLUGIN_MARKER`]), whose code may then run in-process instead of it.
+/// The answer is remembered per path, size and mtime.
+pub fn is_berth_plugin(path: &std::path::Path) -> bool {
+    type Seen = std::collections::HashMap<std::path::PathBuf, (std::time::SystemTime, u64, bool)>;
+    static SEEN: std::sync::Mutex<Option<Seen>> = std::sync::Mutex::new(None);
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    let key = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
+    if let Some((mtime, len, ours)) = SEEN.lock().unwrap().get_or_insert_default().get(path)
+        && (*mtime, *len) == key
+    {
+        return *ours;
+    }
+    let ours = std::fs::read(path)
+        .is_ok_and(|bytes| memchr::memmem::find(&bytes, PLUGIN_MARKER.as_bytes()).is_some());
+    SEEN.lock()
+        .unwrap()
+        .get_or_insert_default()
+        .insert(path.to_path_buf(), (key.0, key.1, ours));
+    ours
+}
+
 pub fn plugin_main(plugin: Plugin) -> ! {
     use std::io::{Read, Write};
     // Keeps the marker in the binary.

@@ -191,8 +191,8 @@ pub fn add(req: &Request) -> Result<CniResult> {
 
     let nl = Netlink::new()?;
     let br = ensure_bridge(&nl, &conf)?;
-    let mut veth = create_veth(&nl, conf.mtu)?;
-    let cont = move_peer_into_netns(&nl, &ns, &veth.peer_name, &req.ifname, conf.mtu)?;
+    let mut veth = create_veth(&nl, &ns, &req.ifname, conf.mtu)?;
+    let cont = bring_up_peer(&ns, &req.ifname)?;
     attach_host_end(&nl, &conf, &veth.host, &br)?;
 
     let (mut result, mut ipam_guard) = delegate_ipam(&conf, req)?;
@@ -230,21 +230,27 @@ fn ensure_ifname_free(ns: &File, ifname: &str) -> Result<()> {
     Ok(())
 }
 
-/// A veth pair `add` made: the host end, the peer's temporary name, and the
-/// guard that deletes the pair unless `add` gets to the end.
+/// A veth pair `add` made: the host end and the guard that deletes the pair
+/// unless `add` gets to the end.
 struct Veth<'a> {
     host: Link,
-    peer_name: String,
     guard: VethGuard<'a>,
 }
 
-/// The veth pair, created in the host namespace under free random names.
-fn create_veth(nl: &Netlink, mtu: Option<u32>) -> Result<Veth<'_>> {
-    let (host_name, peer_name) = loop {
+/// The veth pair: the host end under a free random name, the peer made in
+/// the container's namespace as `ifname` (checked free before).
+fn create_veth<'a>(nl: &'a Netlink, ns: &File, ifname: &str, mtu: Option<u32>) -> Result<Veth<'a>> {
+    let mut tries = 0;
+    let host_name = loop {
         let h = format!("veth{}", random_hex());
-        let p = format!("vpeer{}", random_hex());
-        if nl.create_veth(&h, &p, mtu)? {
-            break (h, p);
+        if nl.create_veth(&h, ifname, ns, mtu)? {
+            break h;
+        }
+        tries += 1;
+        if tries == 8 {
+            return Err(Error::internal(format!(
+                "cannot create a veth pair: {ifname:?} is taken in the container"
+            )));
         }
     };
     let host = nl
@@ -254,35 +260,16 @@ fn create_veth(nl: &Netlink, mtu: Option<u32>) -> Result<Veth<'_>> {
         nl,
         index: Some(host.index),
     };
-    Ok(Veth {
-        host,
-        peer_name,
-        guard,
-    })
+    Ok(Veth { host, guard })
 }
 
-/// Moves the peer into the container's netns and makes it `ifname`, up;
-/// returns it as it is there.
-fn move_peer_into_netns(
-    nl: &Netlink,
-    ns: &File,
-    peer_name: &str,
-    ifname: &str,
-    mtu: Option<u32>,
-) -> Result<Link> {
-    let peer = nl
-        .link(peer_name)?
-        .ok_or_else(|| Error::internal(format!("veth peer {peer_name} vanished")))?;
-    nl.move_to_netns(peer.index, ns)?;
+/// Sets the container's end up; returns it as it is there.
+fn bring_up_peer(ns: &File, ifname: &str) -> Result<Link> {
     in_netns(ns, || {
         let nl = Netlink::new()?;
         let l = nl
-            .link(peer_name)?
-            .ok_or_else(|| Error::internal(format!("veth peer {peer_name} is not in the netns")))?;
-        nl.rename(l.index, ifname)?;
-        if let Some(m) = mtu {
-            nl.set_mtu(l.index, m)?;
-        }
+            .link(ifname)?
+            .ok_or_else(|| Error::internal(format!("veth peer {ifname} is not in the netns")))?;
         nl.set_up(l.index)?;
         nl.link_by_index(l.index)?
             .ok_or_else(|| Error::internal(format!("{ifname} vanished")))

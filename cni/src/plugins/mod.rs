@@ -28,16 +28,20 @@ pub fn find_plugin(plugin: &str, req: &Request) -> Option<PathBuf> {
 /// same environment and config as `req`, as the spec's delegation describes.
 /// Returns the parsed result for ADD, `None` otherwise.
 ///
-/// When `plugin` is not in `CNI_PATH` and is one of Berth's own
-/// (`host-local`), it runs in-process instead, with identical results.
+/// When `plugin` is one of Berth's own (`host-local`) and `CNI_PATH` has
+/// no binary of that name or Berth's own binary, it runs in-process
+/// instead, with identical results and without a process per call.
 pub fn delegate(plugin: &str, req: &Request, command: Command) -> Result<Option<CniResult>> {
-    let Some(path) = find_plugin(plugin, req) else {
-        if let Some(p) = crate::Plugin::from_name(plugin) {
-            let mut sub = req.clone();
-            sub.command = command;
-            let out = crate::invoke(p, &sub).map_err(Error::from)?;
-            return parse_output(plugin, command, &out);
-        }
+    let path = find_plugin(plugin, req);
+    if let Some(own) = crate::Plugin::from_name(plugin)
+        && path.as_deref().is_none_or(crate::is_berth_plugin)
+    {
+        let mut sub = req.clone();
+        sub.command = command;
+        let out = crate::invoke(own, &sub).map_err(Error::from)?;
+        return parse_output(plugin, command, &out);
+    }
+    let Some(path) = path else {
         return Err(Error::internal(format!(
             "failed to find plugin {plugin:?} in path {:?}",
             req.path

@@ -83,9 +83,6 @@ pub struct Cni {
     pub timeout: Duration,
     pub ifname: String,
     pub in_process: bool,
-    /// Plugin binaries checked for Berth's marker: path → (mtime, size, is ours).
-    pub own_plugins:
-        std::sync::Mutex<std::collections::HashMap<PathBuf, (std::time::SystemTime, u64, bool)>>,
     pub metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
@@ -273,27 +270,6 @@ impl Cni {
         conf
     }
 
-    /// Whether `binary` is one of Berth's own plugins (it carries the marker).
-    fn is_own_plugin(&self, binary: &Path) -> bool {
-        let Ok(meta) = std::fs::metadata(binary) else {
-            return false;
-        };
-        let key = (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len());
-        if let Some((mtime, len, ours)) = self.own_plugins.lock().unwrap().get(binary)
-            && (*mtime, *len) == key
-        {
-            return *ours;
-        }
-        let marker = berth_cni::PLUGIN_MARKER.as_bytes();
-        let ours = std::fs::read(binary)
-            .is_ok_and(|bytes| bytes.windows(marker.len()).any(|w| w == marker));
-        self.own_plugins
-            .lock()
-            .unwrap()
-            .insert(binary.to_path_buf(), (key.0, key.1, ours));
-        ours
-    }
-
     /// Runs one plugin for `command`: Berth's own in-process when allowed,
     /// any other as its binary. The result for ADD, `Null` otherwise.
     async fn invoke(
@@ -354,7 +330,7 @@ impl Cni {
             return None;
         }
         let own = berth_cni::Plugin::from_name(&call.kind)?;
-        self.is_own_plugin(&call.binary).then_some(own)
+        berth_cni::is_berth_plugin(&call.binary).then_some(own)
     }
 
     /// Runs Berth's own plugin code on a blocking thread, with the request
@@ -701,7 +677,6 @@ mod tests {
             timeout,
             ifname: "eth0".into(),
             in_process: true,
-            own_plugins: Default::default(),
             metrics: Default::default(),
         };
         (dir, cni)
@@ -755,7 +730,7 @@ mod tests {
         assert_eq!(r["conf"]["name"], "net");
         assert_eq!(r["conf"]["type"], "fake");
         // Not ours (no marker), so never in-process.
-        assert!(!cni.is_own_plugin(&cni.bin_dirs[0].join("fake")));
+        assert!(!berth_cni::is_berth_plugin(&cni.bin_dirs[0].join("fake")));
     }
 
     #[tokio::test]

@@ -38,7 +38,6 @@ impl Network {
                 timeout: Duration::from_secs(config.cni.plugin_timeout_secs.max(1)),
                 ifname: POD_INTERFACE.into(),
                 in_process: config.cni.in_process,
-                own_plugins: Default::default(),
                 metrics,
             },
         }
