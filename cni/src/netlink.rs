@@ -268,13 +268,6 @@ impl Netlink {
         )
     }
 
-    pub fn set_mtu(&self, index: u32, mtu: u32) -> Result<()> {
-        self.set(
-            format!("failed to set mtu {mtu} on link #{index}"),
-            LinkUnspec::new_with_index(index).mtu(mtu).build(),
-        )
-    }
-
     pub fn set_promisc(&self, index: u32, on: bool) -> Result<()> {
         self.set(
             format!("failed to set promiscuous mode on link #{index}"),
@@ -286,25 +279,6 @@ impl Netlink {
         self.set(
             format!("failed to attach link #{index} to #{master}"),
             LinkUnspec::new_with_index(index).controller(master).build(),
-        )
-    }
-
-    pub fn rename(&self, index: u32, name: &str) -> Result<()> {
-        self.set(
-            format!("failed to rename link #{index} to {name}"),
-            LinkUnspec::new_with_index(index)
-                .name(name.to_string())
-                .build(),
-        )
-    }
-
-    /// Moves a link into the network namespace behind `netns`.
-    pub fn move_to_netns(&self, index: u32, netns: &File) -> Result<()> {
-        self.set(
-            format!("failed to move link #{index} to another netns"),
-            LinkUnspec::new_with_index(index)
-                .setns_by_fd(netns.as_raw_fd())
-                .build(),
         )
     }
 

@@ -844,8 +844,9 @@ fn kill(daemon: &Daemon, dir: &Path, record: &ContainerRecord, signal: i32) -> R
     }
 }
 
-/// RemoveContainer: stops it, has the shim delete it, removes the rootfs
-/// and state; keeps the log file.
+/// RemoveContainer: stops it and deletes its record; the shim's delete,
+/// the rootfs and the dirs follow in the background (`cleanup`). Keeps the
+/// log file.
 pub fn remove(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
     match daemon.store.get::<ContainerRecord>(&guard.container_id)? {
         Some(record) => remove_record(daemon, record, Cleanup::Later),
