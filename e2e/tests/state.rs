@@ -217,8 +217,19 @@ async fn container_parts(
 ) -> (BTreeMap<String, String>, Vec<String>) {
     let state = env.d.state_dir();
     let root = env.d.root_dir();
-    let records: BTreeMap<String, String> = within("ListContainers", env.list_containers(None))
-        .await
+    let listed = within("ListContainers", env.list_containers(None)).await;
+    // A container's shim comes with StartContainer: one never started
+    // (created, or stopped before its start) has none.
+    let mut unstarted = BTreeSet::new();
+    for c in &listed {
+        let never_started = c.state == ContainerState::ContainerCreated as i32
+            || (c.state == ContainerState::ContainerExited as i32
+                && env.try_status(&c.id).await.is_ok_and(|s| s.started_at == 0));
+        if never_started {
+            unstarted.insert(c.id.clone());
+        }
+    }
+    let records: BTreeMap<String, String> = listed
         .into_iter()
         .map(|c| (c.id, c.metadata.map(|m| m.name).unwrap_or_default()))
         .collect();
@@ -234,6 +245,10 @@ async fn container_parts(
     let mut record_shims = BTreeSet::new();
     for id in &ids {
         match shim_pid(&state, id) {
+            Some(pid) if unstarted.contains(id) => problems.push(format!(
+                "container {id}: never started, but it has a shim.pid ({pid})"
+            )),
+            None if unstarted.contains(id) => {}
             Some(pid) if pid_alive(pid) => {
                 record_shims.insert(pid);
             }
@@ -278,11 +293,11 @@ async fn container_parts(
         .iter()
         .filter(|(pid, _)| !record_shims.contains(pid))
         .collect();
-    if shims.len() != ids.len() || !stray_shims.is_empty() {
+    if shims.len() != record_shims.len() || !stray_shims.is_empty() {
         problems.push(format!(
-            "{} shim processes for {} records; not a record's: {}",
+            "{} shim processes for {} started records; not a record's: {}",
             shims.len(),
-            ids.len(),
+            record_shims.len(),
             few(stray_shims)
         ));
     }
@@ -1004,6 +1019,108 @@ async fn sigkill_during_deferred_removals_is_finished_by_the_next_start() {
     assert!(
         finished > 0,
         "no SIGKILL hit a removal's deferred cleanup in {ROUNDS} rounds"
+    );
+}
+
+/// StartContainer launches the container's shim and records it last.
+/// berthd killed with SIGKILL while starts run, at a different moment in
+/// every round: after the restart each container is RUNNING with its shim,
+/// or CREATED without one (a launch that was not recorded is discarded),
+/// and a CREATED one starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_start_container_leaves_it_created_or_running() {
+    const ROUNDS: u64 = 6;
+    const CONTAINERS: usize = 3;
+    let mut env = PodEnv::start().await;
+    let bb = env.busybox();
+    let pod = env.run_pod(&env.pod_config("kill-start")).await;
+    let parent = env.cgroup_parent(&pod);
+    let mut left_created = 0;
+    for round in 0..ROUNDS {
+        let mut ids = Vec::new();
+        for i in 0..CONTAINERS {
+            let config = container_config(&format!("s{round}-{i}"), &bb, &["sleep", "3600"]);
+            ids.push(within("CreateContainer", env.create(&pod, &config)).await);
+        }
+        let mut c = own_client(&env).await;
+        let starts = {
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                for id in ids {
+                    if c.runtime
+                        .start_container(StartContainerRequest { container_id: id })
+                        .await
+                        .is_err()
+                    {
+                        // berthd is gone.
+                        return;
+                    }
+                }
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(5 + round * 9)).await;
+        env.d.kill9();
+        let _ = starts.await;
+        within("restart berthd", env.d.restart())
+            .await
+            .expect("restart berthd");
+        env.reconnect().await;
+        settled_container_parts(&mut env, &parent, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|(records, problems)| {
+                panic!("round {round}: after the restart: {problems:#?} (records {records:?})")
+            });
+        for id in &ids {
+            let s = env.status(id).await;
+            if s.state == ContainerState::ContainerCreated as i32 {
+                left_created += 1;
+                within("StartContainer", env.start_container(id)).await;
+            }
+            let s = env.status(id).await;
+            assert_eq!(
+                s.state,
+                ContainerState::ContainerRunning as i32,
+                "round {round}: {s:?}"
+            );
+            let pid = env.pid(id).await;
+            assert!(
+                eventually(Duration::from_secs(5), || cmdline(pid).as_deref()
+                    == Some("sleep 3600"))
+                .await,
+                "round {round}: {id} runs {:?}",
+                cmdline(pid)
+            );
+        }
+        settled_container_parts(&mut env, &parent, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|(records, problems)| {
+                panic!("round {round}: after the starts: {problems:#?} ({records:?})")
+            });
+        for id in &ids {
+            within("RemoveContainer", env.remove_container(id))
+                .await
+                .expect("RemoveContainer");
+        }
+        settled_container_parts(&mut env, &parent, Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|(records, problems)| {
+                panic!("round {round}: after removing them: {problems:#?} ({records:?})")
+            });
+    }
+    within("RemovePodSandbox", env.remove_everything())
+        .await
+        .expect("remove the pod");
+    let discarded = env
+        .d
+        .log()
+        .matches("discarding the shim of a StartContainer that did not finish")
+        .count();
+    eprintln!(
+        "containers CREATED after a restart: {left_created}; launches discarded: {discarded}"
+    );
+    assert!(
+        discarded > 0,
+        "no SIGKILL hit a StartContainer's launch in {ROUNDS} rounds"
     );
 }
 

@@ -156,6 +156,19 @@ impl Fixture {
         container::start(&self.daemon, &guard).unwrap();
     }
 
+    fn try_start(&self, pod: &str, id: &str) -> crate::error::Result<()> {
+        let guard = self.rt.block_on(self.daemon.locks.container(pod, id));
+        container::start(&self.daemon, &guard)
+    }
+
+    fn container(&self, id: &str) -> ContainerRecord {
+        self.daemon
+            .store
+            .get::<ContainerRecord>(id)
+            .unwrap()
+            .unwrap()
+    }
+
     fn remove_pod(&self, pod: &str) {
         let guard = self.rt.block_on(self.daemon.locks.sandbox(pod));
         crate::pod::remove(&self.daemon, &guard).unwrap();
@@ -304,9 +317,8 @@ fn a_failing_create_container_step_undoes_every_earlier_one() {
         c.log_path = "../escape.log".into();
         c
     };
-    let cases: [(&str, Option<ContainerConfig>, &[&str]); 3] = [
+    let cases: [(&str, Option<ContainerConfig>, &[&str]); 2] = [
         ("mount_overlay", None, &["unmount_all_under"]),
-        ("launch_shim", None, &["unmount", "unmount_all_under"]),
         // A bad request found after the rootfs was mounted.
         (
             "mount_overlay",
@@ -394,6 +406,7 @@ fn recovery_discards_what_has_no_record() {
     let f = fixture();
     let pod = f.run_pod("web").unwrap();
     let c = f.create(&pod, "app", container_config("app")).unwrap();
+    f.start(&pod, &c);
     // berthd died before either record was committed.
     f.daemon.store.delete::<ContainerRecord>(&c).unwrap();
     f.daemon.store.delete::<SandboxRecord>(&pod).unwrap();
@@ -571,7 +584,10 @@ fn an_image_volume_is_mounted_under_the_container_dir_and_recorded() {
         at("mount_overlay") < at("mount_readonly_layers"),
         "{calls:?}"
     );
-    assert!(at("mount_readonly_layers") < at("launch_shim"), "{calls:?}");
+    assert!(
+        !calls.iter().any(|c| c.starts_with("launch_shim")),
+        "{calls:?}"
+    );
     assert!(calls.contains(&format!("mount_readonly_layers {}", target.display())));
     let record = f.daemon.store.get::<ContainerRecord>(&id).unwrap().unwrap();
     assert_eq!(
@@ -667,7 +683,7 @@ fn a_bad_image_volume_is_refused_before_anything_is_made() {
 
 #[test]
 fn a_failing_image_volume_step_undoes_every_earlier_one() {
-    let cases: [(&str, bool, &str, &[&str]); 3] = [
+    let cases: [(&str, bool, &str, &[&str]); 2] = [
         (
             "mount_readonly_layers",
             true,
@@ -680,12 +696,6 @@ fn a_failing_image_volume_step_undoes_every_earlier_one() {
             "mount_readonly_layers",
             false,
             "missing/dir",
-            &["unmount", "unmount", "unmount_all_under"],
-        ),
-        (
-            "launch_shim",
-            true,
-            "",
             &["unmount", "unmount", "unmount_all_under"],
         ),
     ];
@@ -932,4 +942,171 @@ fn a_failing_idmapped_step_undoes_the_create() {
         f.remove_pod(&pod);
         f.assert_nothing_left();
     }
+}
+
+#[test]
+fn create_launches_nothing_and_start_launches_the_shim() {
+    let f = fixture();
+    let pod = f.run_pod("web").unwrap();
+    f.host.clear_calls();
+    let c = f.create(&pod, "app", container_config("app")).unwrap();
+    let calls = f.host.calls();
+    assert!(
+        !calls.iter().any(|c| c.starts_with("launch_shim")),
+        "{calls:?}"
+    );
+    let record = f.container(&c);
+    assert!(!record.has_shim(), "{record:?}");
+    // A created container without a shim is created, not lost.
+    assert_eq!(
+        container::current(&f.daemon, record.clone()).state,
+        crate::store::ContainerState::Created
+    );
+    assert!(f.daemon.layout.shim(&c).join("config.pb").exists());
+    assert!(f.daemon.layout.shim(&c).join("bundle/config.json").exists());
+
+    f.host.clear_calls();
+    f.start(&pod, &c);
+    assert_eq!(
+        ops(&f.host.calls()),
+        ["launch_shim", "call_shim", "call_shim"]
+    );
+    let record = f.container(&c);
+    assert!(record.has_shim(), "{record:?}");
+    assert_eq!(record.state, crate::store::ContainerState::Running);
+    f.remove_pod(&pod);
+    f.assert_nothing_left();
+}
+
+#[test]
+fn a_failing_start_discards_its_launch_and_records_a_start_error() {
+    for step in ["launch_shim", "call_shim"] {
+        let f = fixture();
+        let pod = f.run_pod("web").unwrap();
+        let c = f.create(&pod, "app", container_config("app")).unwrap();
+        let mut events = f.daemon.events.subscribe("test", "test");
+        while events.try_recv().is_ok() {}
+        f.host.fail_next(step);
+        let err = f.try_start(&pod, &c).unwrap_err();
+        assert!(
+            err.to_string().contains("injected failure"),
+            "{step}: {err}"
+        );
+        let record = f.container(&c);
+        assert_eq!(record.state, crate::store::ContainerState::Exited, "{step}");
+        assert_eq!(record.exit_code, 128, "{step}");
+        assert_eq!(record.reason, "StartError", "{step}");
+        assert!(
+            record.message.contains("injected failure"),
+            "{step}: {record:?}"
+        );
+        let kinds: Vec<EventKind> = std::iter::from_fn(|| events.try_recv().ok())
+            .map(|e| e.kind)
+            .collect();
+        assert_eq!(kinds, [EventKind::Stopped], "{step}");
+        // No shim is left running: only the pod's infra process.
+        assert!(
+            f.host
+                .leftovers()
+                .iter()
+                .filter(|l| l.starts_with("process"))
+                .count()
+                <= 1,
+            "{step}: {:?}",
+            f.host.leftovers()
+        );
+        assert!(f.try_start(&pod, &c).is_err(), "{step}: started again");
+        f.remove_pod(&pod);
+        f.assert_nothing_left();
+    }
+}
+
+#[test]
+fn stopping_an_unstarted_container_records_its_end_without_a_shim() {
+    let f = fixture();
+    let pod = f.run_pod("web").unwrap();
+    let c = f.create(&pod, "app", container_config("app")).unwrap();
+    f.host.clear_calls();
+    let guard = f.rt.block_on(f.daemon.locks.container(&pod, &c));
+    container::stop(&f.daemon, &guard, 10).unwrap();
+    drop(guard);
+    assert_eq!(f.host.calls(), Vec::<String>::new());
+    let record = f.container(&c);
+    assert_eq!(record.state, crate::store::ContainerState::Exited);
+    assert_eq!(record.exit_code, 137);
+    assert!(f.try_start(&pod, &c).is_err());
+    f.remove_pod(&pod);
+    f.assert_nothing_left();
+}
+
+#[test]
+fn resources_updated_before_the_start_go_into_the_spec() {
+    let f = fixture();
+    let pod = f.run_pod("web").unwrap();
+    let c = f.create(&pod, "app", container_config("app")).unwrap();
+    f.host.clear_calls();
+    let guard = f.rt.block_on(f.daemon.locks.container(&pod, &c));
+    container::update_resources(
+        &f.daemon,
+        &guard,
+        berth_cri::v1::LinuxContainerResources {
+            memory_limit_in_bytes: 64 << 20,
+            cpu_shares: 512,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    drop(guard);
+    assert!(
+        !f.host
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("apply_resources")),
+        "{:?}",
+        f.host.calls()
+    );
+    let spec: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(f.daemon.layout.shim(&c).join("bundle/config.json")).unwrap(),
+    )
+    .unwrap();
+    let resources = &spec["linux"]["resources"];
+    assert_eq!(resources["memory"]["limit"], 64 << 20, "{resources}");
+    assert_eq!(resources["cpu"]["shares"], 512, "{resources}");
+    assert!(
+        resources["devices"]
+            .as_array()
+            .is_some_and(|d| !d.is_empty()),
+        "{resources}"
+    );
+    f.remove_pod(&pod);
+    f.assert_nothing_left();
+}
+
+#[test]
+fn recovery_discards_the_shim_of_an_unfinished_start() {
+    let f = fixture();
+    let pod = f.run_pod("web").unwrap();
+    let c = f.create(&pod, "app", container_config("app")).unwrap();
+    // berthd died after StartContainer launched the shim, before the record
+    // named it.
+    let dir = f.daemon.layout.shim(&c);
+    f.host.launch_shim(&dir, &c).unwrap();
+    f.host.clear_calls();
+    recovery::recover(&f.daemon).unwrap();
+    assert!(
+        f.host
+            .calls()
+            .iter()
+            .any(|c| c.starts_with("call_shim shutdown")),
+        "{:?}",
+        f.host.calls()
+    );
+    let record = f.container(&c);
+    assert_eq!(record.state, crate::store::ContainerState::Created);
+    assert!(!record.has_shim());
+    // It starts anew.
+    f.start(&pod, &c);
+    assert_eq!(f.container(&c).state, crate::store::ContainerState::Running);
+    f.remove_pod(&pod);
+    f.assert_nothing_left();
 }

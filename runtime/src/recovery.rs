@@ -37,6 +37,7 @@ fn logged(what: &str, id: &str, result: Result<()>) {
 pub fn recover(daemon: &Daemon) -> Result<()> {
     discard_unrecorded_containers(daemon)?;
     discard_unrecorded_sandboxes(daemon)?;
+    discard_unfinished_starts(daemon)?;
     adopt_identities(daemon)?;
     verify_sandboxes(daemon)?;
     let tmp = daemon.layout.cni_cache().join("tmp");
@@ -65,6 +66,25 @@ fn discard_unrecorded_containers(daemon: &Daemon) -> Result<()> {
                 &id,
                 container::discard_unrecorded(daemon, &id),
             );
+        }
+    }
+    Ok(())
+}
+
+/// How long a shim launch berthd did not see finish may still take.
+const LAUNCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A shim launched by a StartContainer that did not record it: the
+/// container is CREATED again, to be started anew.
+fn discard_unfinished_starts(daemon: &Daemon) -> Result<()> {
+    for c in daemon.store.list::<ContainerRecord>()? {
+        if c.state == ContainerState::Created && !c.has_shim() {
+            let dir = daemon.layout.shim(&c.id);
+            container::shim::wait_for_launch(&dir, LAUNCH_TIMEOUT);
+            if daemon.host.shim_answers(&dir) {
+                tracing::warn!(container_id = %c.id, "discarding the shim of a StartContainer that did not finish; the container is created again");
+            }
+            container::discard_launch(daemon, &c.id);
         }
     }
     Ok(())
@@ -138,6 +158,7 @@ fn discard_unrecorded_sandboxes(daemon: &Daemon) -> Result<()> {
 fn adopt_identities(daemon: &Daemon) -> Result<()> {
     for c in daemon.store.list::<ContainerRecord>()? {
         if c.shim.start_time != 0
+            || !c.has_shim()
             || !matches!(c.state, ContainerState::Created | ContainerState::Running)
         {
             continue;

@@ -2,8 +2,10 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use berth_proto::shim::{ExitRecord, ShimConfig};
 use prost::Message;
@@ -14,6 +16,10 @@ pub const PID: &str = "shim.pid";
 pub const EXIT: &str = "exit.pb";
 pub const LOG: &str = "shim.log";
 pub const CONSOLE_SOCKET: &str = "console.sock";
+/// Locked (flock) by the shim for as long as it lives in the dir, from
+/// before it creates the container: berthd's recovery tells a launch still
+/// under way by it.
+pub const LOCK: &str = "shim.lock";
 
 pub fn read_config(dir: &Path) -> Result<ShimConfig, String> {
     let path = dir.join(CONFIG);
@@ -63,6 +69,31 @@ pub fn write_atomic(dir: &Path, name: &str, data: &[u8], durable: bool) -> io::R
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// Takes the dir's lock; waits a little for a shim there that is exiting.
+/// The lock lasts as long as the returned file is open in any process.
+pub fn lock_dir(dir: &Path) -> io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(dir.join(LOCK))?;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        // SAFETY: flock on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) || Instant::now() >= deadline {
+            return Err(e);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 pub fn write_exit_record(dir: &Path, rec: &ExitRecord) -> io::Result<()> {

@@ -43,6 +43,20 @@ pub fn run(dir: &Path) -> ExitCode {
             ));
         }
     };
+    // Held by this process and the monitor it forks (one open file), so
+    // until the monitor exits.
+    let _lock = match files::lock_dir(&dir) {
+        Ok(l) => l,
+        Err(e) => {
+            return print(&error(
+                Code::FailedPrecondition,
+                format!(
+                    "lock {}: {e} (another shim lives in this dir)",
+                    dir.join(files::LOCK).display()
+                ),
+            ));
+        }
+    };
     let (status_r, status_w) = match sys::pipe() {
         Ok(p) => p,
         Err(e) => {

@@ -20,7 +20,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify, WatchDescriptor};
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
 use crate::process::ProcessIdentity;
-use crate::store::{ContainerRecord, ContainerState};
+use crate::store::ContainerRecord;
 
 /// How often every created or running container is checked regardless of
 /// inotify.
@@ -82,7 +82,7 @@ impl ExitWatcher {
     /// happened while berthd was down, and starts the watcher thread.
     pub fn start(daemon: &Arc<Daemon>) -> Result<()> {
         for record in daemon.store.list::<ContainerRecord>()? {
-            if may_exit(&record) {
+            if super::may_exit(&record) {
                 daemon.exits.watch(
                     &super::shim_dir(daemon, &record.id),
                     &record.id,
@@ -100,13 +100,6 @@ impl ExitWatcher {
     }
 }
 
-fn may_exit(record: &ContainerRecord) -> bool {
-    matches!(
-        record.state,
-        ContainerState::Created | ContainerState::Running
-    )
-}
-
 fn observe(daemon: &Daemon, id: &str) {
     if let Err(e) = super::observe_exit(daemon, id) {
         tracing::warn!(container_id = id, error = %crate::error::chain(&e), "could not record the container's exit");
@@ -116,7 +109,7 @@ fn observe(daemon: &Daemon, id: &str) {
 fn sweep(daemon: &Daemon) {
     match daemon.store.list::<ContainerRecord>() {
         Ok(records) => {
-            for record in records.iter().filter(|r| may_exit(r)) {
+            for record in records.iter().filter(|r| super::may_exit(r)) {
                 observe(daemon, &record.id);
             }
         }

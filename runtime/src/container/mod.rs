@@ -238,9 +238,11 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
             &fs,
             &mut undo,
         )?;
+        // The shim, and with it the container's processes and cgroup,
+        // comes at StartContainer (as with containerd): CreateContainer
+        // only prepares what it will run.
+        shim::write_config(&shim_dir(daemon, &id), &shim_config)?;
         phases.mark("spec");
-        let shim = launch_shim(daemon, &id, &shim_config, &mut undo)?;
-        phases.mark("shim");
         let record = ContainerRecord {
             id: id.clone(),
             sandbox_id: sandbox.record.id.clone(),
@@ -259,7 +261,6 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
                 source,
             })?,
             cgroups_path,
-            shim,
             user: Some(user),
             stop_signal: resolve_stop_signal(&config, &request.image),
             image_volumes: request
@@ -282,9 +283,6 @@ pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> 
         Ok(record) => {
             undo.forget();
             reservation.keep();
-            daemon
-                .exits
-                .watch(&shim_dir(daemon, &record.id), &record.id, &record.shim);
             tracing::info!(container_id = %record.id, name = %record.name, "container created");
             Ok(record.id)
         }
@@ -463,25 +461,25 @@ fn write_bundle(
     })
 }
 
-/// Starts the container's shim. Its undo is registered first: a shim that
-/// failed half way may have left a container or a monitor behind.
-fn launch_shim(
-    daemon: &Daemon,
-    id: &str,
-    config: &ShimConfig,
-    undo: &mut Undo,
-) -> Result<crate::process::ProcessIdentity> {
+/// Launches the shim of a created container, which creates the container
+/// (its processes wait for the start). A shim that failed half way may
+/// have left a container or a monitor behind: they are discarded.
+fn launch_shim(daemon: &Daemon, id: &str) -> Result<crate::process::ProcessIdentity> {
     let sdir = shim_dir(daemon, id);
-    {
-        let sdir = sdir.clone();
-        let runtime_root = runtime_root(daemon);
-        let id = id.to_string();
-        let host = daemon.host.clone();
-        undo.push(format!("shut down the shim of {id}"), move || {
-            discard_shim(host.as_ref(), &sdir, &runtime_root, &id)
-        });
+    daemon.host.launch_shim(&sdir, id).inspect_err(|_| {
+        discard_launch(daemon, id);
+    })
+}
+
+/// Deletes what a launch of the shim of `id` made (its monitor and
+/// container), keeping the bundle for another launch.
+pub fn discard_launch(daemon: &Daemon, id: &str) {
+    let sdir = shim_dir(daemon, id);
+    let discarded = discard_shim(daemon.host.as_ref(), &sdir, &runtime_root(daemon), id)
+        .and_then(|()| shim::remove_monitor_files(&sdir));
+    if let Err(e) = discarded {
+        tracing::warn!(container_id = %id, error = %crate::error::chain(&e), "could not discard the shim of a failed start");
     }
-    daemon.host.launch_shim(&sdir, config)
 }
 
 fn runtime_root(daemon: &Daemon) -> PathBuf {
@@ -575,6 +573,15 @@ fn shim_alive(daemon: &Daemon, record: &ContainerRecord) -> bool {
     daemon.host.is_alive(&record.shim)
 }
 
+/// Whether the container has a shim that may record an exit or die: it
+/// is created or running, and its shim was launched.
+pub fn may_exit(record: &ContainerRecord) -> bool {
+    matches!(
+        record.state,
+        ContainerState::Created | ContainerState::Running
+    ) && record.has_shim()
+}
+
 fn apply_exit(record: &mut ContainerRecord, exit: &ExitRecord) {
     record.state = ContainerState::Exited;
     record.exit_code = exit.exit_code;
@@ -596,10 +603,7 @@ fn apply_lost_shim(record: &mut ContainerRecord) {
 /// or the shim's death laid over it. Never writes: a change it finds is
 /// handed to the exit watcher, which records it.
 pub fn current(daemon: &Daemon, mut record: ContainerRecord) -> ContainerRecord {
-    if !matches!(
-        record.state,
-        ContainerState::Created | ContainerState::Running
-    ) {
+    if !may_exit(&record) {
         return record;
     }
     let dir = shim_dir(daemon, &record.id);
@@ -657,10 +661,7 @@ pub fn observe_exit(daemon: &Daemon, id: &str) -> Result<()> {
     let Some(record) = daemon.store.get::<ContainerRecord>(id)? else {
         return Ok(());
     };
-    if !matches!(
-        record.state,
-        ContainerState::Created | ContainerState::Running
-    ) {
+    if !may_exit(&record) {
         return Ok(());
     }
     let dir = shim_dir(daemon, id);
@@ -692,7 +693,9 @@ pub fn observe_exit(daemon: &Daemon, id: &str) -> Result<()> {
     Ok(())
 }
 
-/// StartContainer: only from CREATED.
+/// StartContainer: only from CREATED. Launches the shim, which creates
+/// the container, then lets its process go. A failure leaves the container
+/// EXITED with reason StartError (as containerd does) and no shim.
 pub fn start(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
     let record = current(daemon, get(daemon, &guard.container_id)?);
     tracing::Span::current().record("container_id", record.id.as_str());
@@ -704,12 +707,37 @@ pub fn start(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
             wanted: "only a created container can be started",
         });
     }
+    let launched = if record.has_shim() {
+        // A record from before shims were launched at start.
+        None
+    } else {
+        let pod = sandbox::get(daemon, &record.sandbox_id)?;
+        if pod.state != SandboxState::Ready {
+            return Err(Error::WrongState {
+                kind: "pod sandbox",
+                id: pod.id,
+                state: "not ready".into(),
+                wanted: "containers are started only in a ready pod",
+            });
+        }
+        let mut phases = crate::timing::Phases::start("StartContainer");
+        let shim = launch_shim(daemon, &record.id).or_else(|e| start_failed(daemon, &record, e))?;
+        phases.mark("shim");
+        phases.log();
+        Some(shim)
+    };
     let dir = shim_dir(daemon, &record.id);
-    daemon.host.call_shim(
+    if let Err(e) = daemon.host.call_shim(
         &dir,
         shim_request::Request::Start(Default::default()),
         SHIM_TIMEOUT,
-    )?;
+    ) {
+        if launched.is_none() {
+            return Err(e);
+        }
+        discard_launch(daemon, &record.id);
+        return start_failed(daemon, &record, e);
+    }
     let (started_at_ns, pid) = match daemon.host.call_shim(
         &dir,
         shim_request::Request::State(Default::default()),
@@ -718,7 +746,12 @@ pub fn start(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
         Ok(shim_response::Response::State(s)) => (s.started_at_ns, s.pid),
         _ => (0, 0),
     };
-    transition(daemon, &record.id, |r| {
+    // The commit point of a launch: until the record names the shim, a
+    // restart discards it (recovery) and the container is CREATED again.
+    let record = transition(daemon, &record.id, |r| {
+        if let Some(shim) = &launched {
+            r.shim = *shim;
+        }
         if r.state != ContainerState::Created {
             // The exit watcher recorded a fast exit (and its events) first.
             return Vec::new();
@@ -732,9 +765,40 @@ pub fn start(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
         r.pid = pid;
         vec![EventKind::Started]
     })?;
+    if launched.is_some() {
+        daemon.exits.watch(&dir, &record.id, &record.shim);
+    }
     // It may have exited already (a command that finishes at once).
     observe_exit(daemon, &record.id)
 }
+
+/// Records a start that failed (its launch discarded) and returns its error.
+fn start_failed<T>(daemon: &Daemon, record: &ContainerRecord, error: Error) -> Result<T> {
+    let message = crate::error::chain(&error);
+    let recorded = transition(daemon, &record.id, |r| {
+        if r.state != ContainerState::Created {
+            return Vec::new();
+        }
+        r.state = ContainerState::Exited;
+        r.exit_code = START_ERROR_EXIT_CODE;
+        r.finished_at_ns = crate::timing::now_ns();
+        r.reason = "StartError".into();
+        r.message = message;
+        vec![EventKind::Stopped]
+    });
+    if let Err(e) = recorded {
+        tracing::warn!(container_id = %record.id, error = %crate::error::chain(&e), "could not record the failed start");
+    }
+    Err(error)
+}
+
+/// The exit code of a container that failed to start (containerd's).
+const START_ERROR_EXIT_CODE: i32 = 128;
+
+/// The exit code of a container stopped before it was started: what the
+/// SIGKILL of its waiting process would give (CRI-O's, and Berth's when the
+/// shim was launched at create).
+const STOPPED_UNSTARTED_EXIT_CODE: i32 = 128 + libc::SIGKILL;
 
 /// The signal that stops a container: the one its CRI config names (known
 /// valid: `check_create` checked it), else its image's StopSignal, else
@@ -794,6 +858,21 @@ pub fn stop(daemon: &Daemon, guard: &ContainerGuard, timeout_secs: i64) -> Resul
 /// whole pod).
 fn stop_record(daemon: &Daemon, record: ContainerRecord, timeout_secs: i64) -> Result<()> {
     let record = current(daemon, record);
+    if record.state == ContainerState::Created && !record.has_shim() {
+        // Nothing runs yet: it just never will.
+        transition(daemon, &record.id, |r| {
+            if r.state != ContainerState::Created {
+                return Vec::new();
+            }
+            r.state = ContainerState::Exited;
+            r.exit_code = STOPPED_UNSTARTED_EXIT_CODE;
+            r.finished_at_ns = crate::timing::now_ns();
+            r.reason = "Error".into();
+            r.message = "stopped before it was started".into();
+            vec![EventKind::Stopped]
+        })?;
+        return Ok(());
+    }
     let dir = shim_dir(daemon, &record.id);
     match record.state {
         ContainerState::Exited => return observe_exit(daemon, &record.id),
@@ -979,7 +1058,12 @@ pub fn update_resources(
     }
     let limits = resources::from_cri(&new)?;
     daemon.cgroups.check(&record.cgroups_path, &limits)?;
-    daemon.host.apply_resources(&record.cgroups_path, &limits)?;
+    if record.has_shim() {
+        daemon.host.apply_resources(&record.cgroups_path, &limits)?;
+    } else {
+        // No cgroup yet: the spec the launch creates it from gets them.
+        oci::update_resources(&shim_dir(daemon, &record.id).join("bundle"), &new)?;
+    }
     let mut config: ContainerConfig =
         serde_json::from_str(&record.config_json).map_err(|source| Error::Json {
             what: format!("decode the stored config of container {}", record.id),

@@ -43,13 +43,59 @@ fn binary(env: &str, name: &str) -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(name))
 }
 
-/// Writes the shim's config and runs `berth-shim start`, which returns once
-/// the container exists (or failed to be created); returns the identity of
-/// the monitor process it left running.
-pub fn launch(dir: &Path, config: &ShimConfig) -> Result<ProcessIdentity> {
+/// Writes the shim's config into `dir`, for a later [`launch`]
+/// (CreateContainer writes it, StartContainer launches).
+pub fn write_config(dir: &Path, config: &ShimConfig) -> Result<()> {
     std::fs::create_dir_all(dir).context(|| format!("create {}", dir.display()))?;
     std::fs::write(dir.join("config.pb"), config.encode_to_vec())
-        .context(|| format!("write {}/config.pb", dir.display()))?;
+        .context(|| format!("write {}/config.pb", dir.display()))
+}
+
+/// The files a monitor leaves in its dir, which a new monitor there must
+/// not be taken for (an earlier launch that was discarded).
+const MONITOR_FILES: [&str; 4] = ["exit.pb", "shim.pid", "shim.sock", "console.sock"];
+
+/// Removes what a monitor left in `dir`; its config and bundle stay.
+pub fn remove_monitor_files(dir: &Path) -> Result<()> {
+    for name in MONITOR_FILES {
+        match std::fs::remove_file(dir.join(name)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(Error::io(format!("remove {}/{name}", dir.display()), e));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether a shim process lives in `dir` (launching or serving): it holds
+/// the dir's lock.
+fn lives_in(dir: &Path) -> bool {
+    let Ok(file) = std::fs::File::open(dir.join("shim.lock")) else {
+        return false;
+    };
+    // SAFETY: flock on a descriptor this function owns.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) } == 0 {
+        return false;
+    }
+    std::io::Error::last_os_error().raw_os_error() == Some(libc::EWOULDBLOCK)
+}
+
+/// Waits, up to `timeout`, until a shim whose launch is under way in `dir`
+/// (berthd died during it) answers or is gone, so that what it makes can
+/// be discarded.
+pub fn wait_for_launch(dir: &Path, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while lives_in(dir) && !answers(dir) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Runs `berth-shim start` on the config in `dir`, which returns once the
+/// container exists (or failed to be created); returns the identity of the
+/// monitor process it left running.
+pub fn launch(dir: &Path, id: &str) -> Result<ProcessIdentity> {
+    remove_monitor_files(dir)?;
     let output = std::process::Command::new(shim_binary())
         .no_inherited_fds()
         .arg("start")
@@ -64,8 +110,7 @@ pub fn launch(dir: &Path, config: &ShimConfig) -> Result<ProcessIdentity> {
         Ok(resp) => into_result(&dir.join("shim.sock"), resp)?,
         Err(_) => {
             return Err(Error::Internal(format!(
-                "shim for {} failed to start ({}): {}",
-                config.id,
+                "shim for {id} failed to start ({}): {}",
                 output.status,
                 String::from_utf8_lossy(&output.stderr).trim()
             )));
@@ -73,10 +118,9 @@ pub fn launch(dir: &Path, config: &ShimConfig) -> Result<ProcessIdentity> {
     };
     // The monitor wrote its pid before answering and is alive now, so the
     // identity read here is the monitor's own.
-    let pid = read_pid(dir)
-        .ok_or_else(|| Error::Internal(format!("shim for {} left no pid file", config.id)))?;
-    ProcessIdentity::of(pid)
-        .map_err(|e| Error::io(format!("identity of shim {pid} for {}", config.id), e))
+    let pid =
+        read_pid(dir).ok_or_else(|| Error::Internal(format!("shim for {id} left no pid file")))?;
+    ProcessIdentity::of(pid).map_err(|e| Error::io(format!("identity of shim {pid} for {id}"), e))
 }
 
 fn read_pid(dir: &Path) -> Option<i32> {

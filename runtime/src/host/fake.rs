@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use berth_cri::v1::PodSandboxConfig;
-use berth_proto::shim::{ContainerState, ExitRecord, ShimConfig, shim_request, shim_response};
+use berth_proto::shim::{ContainerState, ExitRecord, shim_request, shim_response};
 use prost::Message;
 
 use super::Host;
@@ -242,8 +242,8 @@ impl Host for RecordingHost {
         process.start_time == 1 && self.state.lock().unwrap().alive.contains(&process.pid)
     }
 
-    fn launch_shim(&self, dir: &Path, config: &ShimConfig) -> Result<ProcessIdentity> {
-        self.call("launch_shim", &config.id)?;
+    fn launch_shim(&self, dir: &Path, id: &str) -> Result<ProcessIdentity> {
+        self.call("launch_shim", id)?;
         let shim = self.spawn();
         self.state
             .lock()

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use berth_cri::v1::PodSandboxConfig;
-use berth_proto::shim::{ShimConfig, shim_request, shim_response};
+use berth_proto::shim::{shim_request, shim_response};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
 
 use crate::container::shim;
@@ -72,8 +72,9 @@ pub trait Host: Send + Sync + 'static {
     fn stop_infra(&self, infra: &ProcessIdentity);
     fn is_alive(&self, process: &ProcessIdentity) -> bool;
 
-    /// Starts a shim in `dir`; returns its monitor's identity.
-    fn launch_shim(&self, dir: &Path, config: &ShimConfig) -> Result<ProcessIdentity>;
+    /// Starts the shim whose config is in `dir` (it creates container
+    /// `id`); returns its monitor's identity.
+    fn launch_shim(&self, dir: &Path, id: &str) -> Result<ProcessIdentity>;
     fn call_shim(
         &self,
         dir: &Path,
@@ -286,8 +287,8 @@ impl Host for RealHost {
         process.is_alive()
     }
 
-    fn launch_shim(&self, dir: &Path, config: &ShimConfig) -> Result<ProcessIdentity> {
-        shim::launch(dir, config)
+    fn launch_shim(&self, dir: &Path, id: &str) -> Result<ProcessIdentity> {
+        shim::launch(dir, id)
     }
 
     fn call_shim(

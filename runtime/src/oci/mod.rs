@@ -595,6 +595,31 @@ pub fn write_spec(spec: &Spec, bundle_dir: &Path) -> Result<()> {
         .context(|| format!("rename {} to {}", tmp.display(), path.display()))
 }
 
+/// Replaces the resources in `<bundle_dir>/config.json` with `new` (its
+/// device rules stay), for a container whose cgroup is made from it later.
+pub fn update_resources(
+    bundle_dir: &Path,
+    new: &berth_cri::v1::LinuxContainerResources,
+) -> Result<()> {
+    let path = bundle_dir.join("config.json");
+    let json = std::fs::read(&path).context(|| format!("read {}", path.display()))?;
+    let mut spec: Spec = serde_json::from_slice(&json)
+        .map_err(|e| Error::Internal(format!("parse {}: {e}", path.display())))?;
+    let mut linux = spec.linux().clone().unwrap_or_default();
+    let devices = linux
+        .resources()
+        .as_ref()
+        .and_then(|r| r.devices().clone())
+        .unwrap_or_default();
+    linux.set_resources(Some(resources::build(
+        Some(new),
+        devices,
+        Host::detect().swap,
+    )?));
+    spec.set_linux(Some(linux));
+    write_spec(&spec, bundle_dir)
+}
+
 /// Creates the spec's working directory in its rootfs when missing (as runc
 /// does; libcontainer does not), resolving every symlink inside the rootfs.
 /// Call it with the rootfs mounted, before the container starts. In a user

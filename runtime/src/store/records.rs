@@ -113,7 +113,8 @@ pub struct ContainerRecord {
     pub cgroups_path: String,
     /// The container's init as seen from the host, once started.
     pub pid: i32,
-    /// The container's shim (monitor) process.
+    /// The container's shim (monitor) process; none (pid 0) until
+    /// StartContainer launches it.
     pub shim: ProcessIdentity,
     /// The CRI `ContainerConfig` as JSON.
     pub config_json: String,
@@ -127,6 +128,14 @@ pub struct ContainerRecord {
     /// outlive their image records while the container exists.
     #[serde(default)]
     pub image_volumes: Vec<ImageVolume>,
+}
+
+impl ContainerRecord {
+    /// Whether its shim was launched (by StartContainer): until then the
+    /// container has no process, cgroup or monitor to look at.
+    pub fn has_shim(&self) -> bool {
+        self.shim.pid > 0
+    }
 }
 
 /// An image a container mounts as a volume, as resolved at create.
