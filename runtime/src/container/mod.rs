@@ -635,6 +635,17 @@ pub fn observed(daemon: &Daemon, record: ContainerRecord) -> ContainerRecord {
     }
 }
 
+/// ContainerStatus's container when it shows no change to record: only
+/// memory, a file that is not there and `/proc` are read, so it is called
+/// on the RPC's own thread. `None` when [`observed`] must record a change
+/// first.
+pub fn unchanged(daemon: &Daemon, id: &str) -> Result<Option<ContainerRecord>> {
+    let record = find(daemon, id)?;
+    let recorded = record.state;
+    let now = current(daemon, record);
+    Ok((now.state == recorded).then_some(now))
+}
+
 /// The one place a stored container changes after its creation: `change`
 /// edits the record inside one store transaction (a removed container is
 /// never written back) and names the events it makes, which are published

@@ -238,7 +238,13 @@ cri_service! {
 
         async fn container_status(&self, request: Request<ContainerStatusRequest>) -> Result<Response<ContainerStatusResponse>, Status> {
             let request = request.into_inner();
-            let record = self.daemon.run(move |d| Ok(container::observed(d, container::find(d, &request.container_id)?))).await?;
+            let record = match container::unchanged(&self.daemon, &request.container_id)? {
+                Some(record) => record,
+                None => {
+                    let id = request.container_id.clone();
+                    self.daemon.run(move |d| Ok(container::observed(d, container::find(d, &id)?))).await?
+                }
+            };
             tracing::Span::current().record("container_id", record.id.as_str());
             let config: Option<ContainerConfig> = serde_json::from_str(&record.config_json).ok();
             let status = convert::container_status(&record, config.as_ref());
