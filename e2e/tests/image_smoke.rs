@@ -118,15 +118,73 @@ async fn pull_list_status_remove_round_trip() {
             .images
             .is_empty()
     );
+    // Its files go after the answer.
     let root = d.root_dir();
-    assert_eq!(
-        std::fs::read_dir(root.join("snapshots")).unwrap().count(),
-        0
+    let left = || {
+        std::fs::read_dir(root.join("snapshots")).unwrap().count()
+            + std::fs::read_dir(root.join("content/sha256"))
+                .unwrap()
+                .count()
+    };
+    assert!(
+        berth_e2e::pods::eventually(std::time::Duration::from_secs(10), || left() == 0).await,
+        "{} snapshots and blobs left after RemoveImage",
+        left()
     );
-    assert_eq!(
-        std::fs::read_dir(root.join("content/sha256"))
+}
+
+/// RemoveImage deletes the image's files after its answer. berthd killed
+/// with SIGKILL right after the answer, at a different moment in every
+/// round, leaves files without a record, which its next start deletes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_after_remove_image_leaves_no_files_after_the_restart() {
+    require_root();
+    let registry = Registry::start().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let images = TestImages::push_all(&registry, work.path()).unwrap();
+    let mut d = Berthd::start(BerthdOptions::default()).await.unwrap();
+    let root = d.root_dir();
+    let files = || {
+        std::fs::read_dir(root.join("snapshots"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+            + std::fs::read_dir(root.join("content/sha256"))
+                .map(|d| d.count())
+                .unwrap_or(0)
+    };
+    for round in 0..4u64 {
+        let mut c = d.client().await.unwrap();
+        c.image
+            .pull_image(PullImageRequest {
+                image: spec(&images.config.reference),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(files() > 0, "round {round}: the pull left no files");
+        c.image
+            .remove_image(RemoveImageRequest {
+                image: spec(&images.config.reference),
+            })
+            .await
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_micros(round * 700));
+        d.kill9();
+        d.restart().await.unwrap();
+        let mut c = d.client().await.unwrap();
+        let listed = c
+            .image
+            .list_images(ListImagesRequest::default())
+            .await
             .unwrap()
-            .count(),
-        0
-    );
+            .into_inner()
+            .images;
+        assert!(listed.is_empty(), "round {round}: {listed:?}");
+        assert!(
+            berth_e2e::pods::eventually(std::time::Duration::from_secs(10), || files() == 0).await,
+            "round {round}: {} snapshots and blobs left after the restart",
+            files()
+        );
+    }
+    d.stop();
 }

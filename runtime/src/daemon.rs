@@ -182,6 +182,24 @@ impl Daemon {
             .map_err(|_| Error::Internal("operation panicked".into()))?
     }
 
+    /// Deletes the blobs and snapshots nothing uses any more, in the
+    /// background (after RemoveImage answered). What a crash leaves undone
+    /// the collection at start-up finishes.
+    pub fn collect_garbage_soon(self: &Arc<Self>) {
+        if !self.images.queue_garbage_collection() {
+            return;
+        }
+        let daemon = self.clone();
+        // On a blocking thread: it deletes files.
+        tokio::task::spawn_blocking(move || {
+            let collected =
+                tokio::runtime::Handle::current().block_on(daemon.images.collect_garbage());
+            if let Err(e) = collected {
+                tracing::warn!(error = %crate::error::chain(&e), "image garbage collection failed; the next one retries");
+            }
+        });
+    }
+
     /// Runs `op` on container `id` (full id or unique prefix) while holding
     /// the container's lock and its sandbox's shared lock.
     pub async fn on_container<T: Send + 'static>(

@@ -69,6 +69,9 @@ pub const METRICS_SCRAPE: &str = "metrics_scrape_many";
 /// ListContainerStats and ListPodSandboxStats once a second.
 pub const STATS_CPU: &str = "daemon_cpu_listing_stats";
 pub const PULL: &str = "pull_throughput";
+/// RemoveImage of the image the pull scenario pulled, while no container
+/// uses it: the answer, not the deletion of its files after it.
+pub const REMOVE_IMAGE: &str = "remove_image_big";
 pub const STATUS_DURING_REMOVALS: &str = "container_status_p99_during_removals";
 pub const EXIT_TO_EVENT: &str = "exit_to_stopped_event";
 /// CRI Exec, then the SPDY session to its URL until stdout and the v4
@@ -190,6 +193,15 @@ pub fn catalogue(plan: &Plan) -> Vec<MetricDef> {
         ),
         "MB/s",
         Higher,
+    ));
+    v.push(def(
+        REMOVE_IMAGE,
+        format!(
+            "RemoveImage of that image ({} MiB, {} layers, unused)",
+            plan.image_mib, plan.image_layers
+        ),
+        "ms",
+        Lower,
     ));
     v
 }

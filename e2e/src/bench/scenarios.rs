@@ -865,17 +865,21 @@ async fn stats_cpu(t: &mut Target, plan: &Plan) -> Cell {
 /// start: the image removed, its blobs gone, the page cache dropped.
 pub async fn pull_throughput(t: &mut Target, big: &BigImage, plan: &Plan, res: &mut RuntimeResult) {
     let mut col = Collector::default();
+    let mut removals = Collector::default();
     // Unpacked layers held before the image is first pulled (those of the
     // busybox and pause images): a removed image must leave no more.
     let base_snapshots = t.snapshot_count();
     for run in 0..plan.pull_runs {
         progress(t, &format!("pull {}/{}", run + 1, plan.pull_runs));
         // Before the first run the image is normally absent (NotFound).
-        if let Err(e) = target::remove_image(&mut t.client, &big.reference).await
-            && run > 0
-        {
-            col.fail(format!("RemoveImage: {e}"));
-            break;
+        let started = Instant::now();
+        match target::remove_image(&mut t.client, &big.reference).await {
+            Err(e) if run > 0 => {
+                col.fail(format!("RemoveImage: {e}"));
+                break;
+            }
+            Ok(()) if run > 0 => removals.push(started.elapsed().as_secs_f64() * 1e3),
+            _ => {}
         }
         // A pull that finds its layers still in the content store is no
         // measure of download + unpack.
@@ -903,8 +907,15 @@ pub async fn pull_throughput(t: &mut Target, big: &BigImage, plan: &Plan, res: &
             }
         }
     }
-    let _ = target::remove_image(&mut t.client, &big.reference).await;
+    let started = Instant::now();
+    if target::remove_image(&mut t.client, &big.reference)
+        .await
+        .is_ok()
+    {
+        removals.push(started.elapsed().as_secs_f64() * 1e3);
+    }
     res.set(report::PULL, col.cell("not measured"));
+    res.set(report::REMOVE_IMAGE, removals.cell("not measured"));
 }
 
 async fn host_wait(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {

@@ -168,11 +168,10 @@ cri_service! {
         async fn remove_image(&self, request: Request<RemoveImageRequest>) -> Result<Response<RemoveImageResponse>, Status> {
             let request = request.into_inner();
             let reference = image_ref(request.image.as_ref())?.to_string();
-            // On a blocking thread (garbage collection deletes files), to
-            // its end even if the client goes away.
-            self.daemon
-                .run(move |d| tokio::runtime::Handle::current().block_on(d.images.remove(&reference)))
-                .await?;
+            // The record goes before the answer, the files after it.
+            if self.daemon.run(move |d| d.images.forget(&reference)).await?.is_some() {
+                self.daemon.collect_garbage_soon();
+            }
             Ok(Response::new(RemoveImageResponse {}))
         }
 

@@ -52,6 +52,8 @@ pub struct Images {
     /// Pulls hold it shared; garbage collection exclusively, so it never
     /// deletes what a pull has written but not yet recorded.
     gc_lock: tokio::sync::RwLock<()>,
+    /// A garbage collection is queued and has not begun.
+    gc_queued: std::sync::atomic::AtomicBool,
     downloads: tokio::sync::Semaphore,
     records_lock: Mutex<()>,
     /// Snapshots of containers being created, before their records exist
@@ -210,6 +212,7 @@ impl Images {
             containers_dir,
             locks: KeyedLocks::default(),
             gc_lock: tokio::sync::RwLock::new(()),
+            gc_queued: std::sync::atomic::AtomicBool::new(false),
             downloads: tokio::sync::Semaphore::new(PARALLEL_LAYERS),
             records_lock: Mutex::new(()),
             creating: Mutex::new(Vec::new()),
@@ -548,9 +551,10 @@ impl Images {
         self.store.list::<ImageRecord>()
     }
 
-    /// Removes the image (all its tags) and collects what it alone used.
-    /// Removing an unknown image succeeds.
-    pub async fn remove(&self, reference: &str) -> Result<Option<ImageRecord>> {
+    /// Removes the image's record (all its tags); what it alone used goes
+    /// with the next garbage collection. Removing an unknown image
+    /// succeeds.
+    pub fn forget(&self, reference: &str) -> Result<Option<ImageRecord>> {
         let Some(image) = self.resolve(reference)? else {
             return Ok(None);
         };
@@ -559,8 +563,24 @@ impl Images {
             self.store.delete::<ImageRecord>(&image.id)?;
         }
         tracing::info!(id = %image.id, tags = ?image.repo_tags, "image removed");
-        self.collect_garbage().await?;
         Ok(Some(image))
+    }
+
+    /// [`Images::forget`], then the garbage collection.
+    pub async fn remove(&self, reference: &str) -> Result<Option<ImageRecord>> {
+        let image = self.forget(reference)?;
+        if image.is_some() {
+            self.collect_garbage().await?;
+        }
+        Ok(image)
+    }
+
+    /// Whether a garbage collection should be queued: not while one queued
+    /// earlier has not begun (it sees every change made before it begins).
+    pub fn queue_garbage_collection(&self) -> bool {
+        !self
+            .gc_queued
+            .swap(true, std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Keeps the snapshots `chains` from garbage collection until the hold
@@ -584,6 +604,9 @@ impl Images {
     /// its rootfs or as an image volume), nor a container being created.
     pub async fn collect_garbage(&self) -> Result<()> {
         let _exclusive = self.gc_lock.write().await;
+        // From here on every removal is seen: a later one queues another.
+        self.gc_queued
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let mut blobs = BTreeSet::new();
         let mut chains = BTreeSet::new();
         for image in self.store.list::<ImageRecord>()? {
