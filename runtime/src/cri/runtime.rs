@@ -169,24 +169,15 @@ cri_service! {
 
         async fn list_pod_sandbox(&self, request: Request<ListPodSandboxRequest>) -> Result<Response<ListPodSandboxResponse>, Status> {
             let filter = request.into_inner().filter;
-            let records = self.daemon.run(|d| d.store.list::<crate::store::SandboxRecord>()).await?;
-            let mut items = Vec::new();
-            for r in records {
-                if let Some(f) = &filter {
-                    if !f.id.is_empty() && !r.id.starts_with(&f.id) {
-                        continue;
-                    }
-                    if let Some(s) = &f.state
-                        && s.state != convert::sandbox_state(r.state) as i32
-                    {
-                        continue;
-                    }
-                    if !convert::labels_match(&r.labels, &f.label_selector) {
-                        continue;
-                    }
-                }
-                items.push(convert::pod_sandbox(&r));
-            }
+            // From the store's in-memory copy, on this thread.
+            let mut items = self.daemon.store.list_map(|r: &crate::store::SandboxRecord| {
+                let wanted = filter.as_ref().is_none_or(|f| {
+                    (f.id.is_empty() || r.id.starts_with(&f.id))
+                        && f.state.as_ref().is_none_or(|s| s.state == convert::sandbox_state(r.state) as i32)
+                        && convert::labels_match(&r.labels, &f.label_selector)
+                });
+                wanted.then(|| convert::pod_sandbox(r))
+            })?;
             items.sort_by_key(|s| s.created_at);
             Ok(Response::new(ListPodSandboxResponse { items }))
         }
@@ -221,17 +212,14 @@ cri_service! {
 
         async fn list_containers(&self, request: Request<ListContainersRequest>) -> Result<Response<ListContainersResponse>, Status> {
             let filter = request.into_inner().filter;
-            let records = self.daemon.run(move |d| {
-                Ok(d.store
-                    .list::<crate::store::ContainerRecord>()?
-                    .into_iter()
-                    .filter(|r| filter.as_ref().is_none_or(|f| convert::container_matches(r, &f.id, &f.pod_sandbox_id, &f.label_selector)))
-                    .filter(|r| {
-                        filter.as_ref().and_then(|f| f.state.as_ref()).is_none_or(|s| s.state == convert::container_state(r.state) as i32)
-                    })
-                    .collect::<Vec<_>>())
-            }).await?;
-            let mut containers: Vec<Container> = records.iter().map(convert::container).collect();
+            // From the store's in-memory copy, on this thread.
+            let mut containers = self.daemon.store.list_map(|r: &crate::store::ContainerRecord| {
+                let wanted = filter.as_ref().is_none_or(|f| {
+                    convert::container_matches(r, &f.id, &f.pod_sandbox_id, &f.label_selector)
+                        && f.state.as_ref().is_none_or(|s| s.state == convert::container_state(r.state) as i32)
+                });
+                wanted.then(|| convert::container(r))
+            })?;
             containers.sort_by_key(|c| c.created_at);
             Ok(Response::new(ListContainersResponse { containers }))
         }

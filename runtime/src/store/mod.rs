@@ -518,6 +518,13 @@ impl Store {
         self.cached(|t: &BTreeMap<String, R>| t.values().cloned().collect())
     }
 
+    /// What `f` makes of each record, in key order, leaving out the ones it
+    /// maps to `None`. `f` sees the in-memory copy: nothing is cloned that
+    /// it does not take.
+    pub fn list_map<R: Record, T>(&self, f: impl Fn(&R) -> Option<T>) -> Result<Vec<T>> {
+        self.cached(|t: &BTreeMap<String, R>| t.values().filter_map(&f).collect())
+    }
+
     /// Serializes writers until their change is in the cache.
     fn writing(&self) -> std::sync::MutexGuard<'_, ()> {
         self.cache
