@@ -52,6 +52,7 @@ async fn quick_bench_against_berth_has_every_row() {
         "port-forward pod → client, 64 MiB over one SPDY connection",
         "port-forward client → pod, 64 MiB over one SPDY connection",
         "pull+unpack 20 MiB incompressible, 5 layers (cold cache)",
+        "RemoveImage of that image (20 MiB, 5 layers, unused)",
     ];
     let lines: Vec<&str> = table.lines().collect();
     assert!(

@@ -312,6 +312,23 @@ async fn container_parts(
     (records, problems)
 }
 
+/// Runs `calls` (on a client of their own), kills berthd with SIGKILL
+/// `after` they began, then restarts it and reconnects.
+async fn sigkill_during(
+    env: &mut PodEnv,
+    after: Duration,
+    calls: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let calls = tokio::spawn(calls);
+    tokio::time::sleep(after).await;
+    env.d.kill9();
+    let _ = calls.await;
+    within("restart berthd", env.d.restart())
+        .await
+        .expect("restart berthd");
+    env.reconnect().await;
+}
+
 /// Polls [`container_parts`] until it finds no problem (or `timeout`).
 async fn settled_container_parts(
     env: &mut PodEnv,
@@ -967,7 +984,7 @@ async fn sigkill_during_deferred_removals_is_finished_by_the_next_start() {
         }
         let kept = ids.pop().expect("one container stays");
         let mut c = own_client(&env).await;
-        let removals = tokio::spawn(async move {
+        let removals = async move {
             for id in ids {
                 if c.runtime
                     .remove_container(RemoveContainerRequest { container_id: id })
@@ -978,15 +995,9 @@ async fn sigkill_during_deferred_removals_is_finished_by_the_next_start() {
                     return;
                 }
             }
-        });
+        };
         // From right after the first answer to after the last one.
-        tokio::time::sleep(Duration::from_millis(2 + round * 4)).await;
-        env.d.kill9();
-        let _ = removals.await;
-        within("restart berthd", env.d.restart())
-            .await
-            .expect("restart berthd");
-        env.reconnect().await;
+        sigkill_during(&mut env, Duration::from_millis(2 + round * 4), removals).await;
         let records = settled_container_parts(&mut env, &parent, Duration::from_secs(20))
             .await
             .unwrap_or_else(|(records, problems)| {
@@ -1045,7 +1056,7 @@ async fn sigkill_during_start_container_leaves_it_created_or_running() {
         let mut c = own_client(&env).await;
         let starts = {
             let ids = ids.clone();
-            tokio::spawn(async move {
+            async move {
                 for id in ids {
                     if c.runtime
                         .start_container(StartContainerRequest { container_id: id })
@@ -1056,15 +1067,9 @@ async fn sigkill_during_start_container_leaves_it_created_or_running() {
                         return;
                     }
                 }
-            })
+            }
         };
-        tokio::time::sleep(Duration::from_millis(5 + round * 9)).await;
-        env.d.kill9();
-        let _ = starts.await;
-        within("restart berthd", env.d.restart())
-            .await
-            .expect("restart berthd");
-        env.reconnect().await;
+        sigkill_during(&mut env, Duration::from_millis(5 + round * 9), starts).await;
         settled_container_parts(&mut env, &parent, Duration::from_secs(20))
             .await
             .unwrap_or_else(|(records, problems)| {

@@ -786,21 +786,39 @@ pub fn start(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
 /// Records a start that failed (its launch discarded) and returns its error.
 fn start_failed<T>(daemon: &Daemon, record: &ContainerRecord, error: Error) -> Result<T> {
     let message = crate::error::chain(&error);
-    let recorded = transition(daemon, &record.id, |r| {
-        if r.state != ContainerState::Created {
-            return Vec::new();
-        }
-        r.state = ContainerState::Exited;
-        r.exit_code = START_ERROR_EXIT_CODE;
-        r.finished_at_ns = crate::timing::now_ns();
-        r.reason = "StartError".into();
-        r.message = message;
-        vec![EventKind::Stopped]
-    });
+    let recorded = end_unstarted(
+        daemon,
+        &record.id,
+        START_ERROR_EXIT_CODE,
+        "StartError",
+        message,
+    );
     if let Err(e) = recorded {
         tracing::warn!(container_id = %record.id, error = %crate::error::chain(&e), "could not record the failed start");
     }
     Err(error)
+}
+
+/// Records a CREATED container that never ran as EXITED, with the end the
+/// caller names; a container no longer CREATED is left as it is.
+fn end_unstarted(
+    daemon: &Daemon,
+    id: &str,
+    exit_code: i32,
+    reason: &str,
+    message: String,
+) -> Result<ContainerRecord> {
+    transition(daemon, id, |r| {
+        if r.state != ContainerState::Created {
+            return Vec::new();
+        }
+        r.state = ContainerState::Exited;
+        r.exit_code = exit_code;
+        r.finished_at_ns = crate::timing::now_ns();
+        r.reason = reason.into();
+        r.message = message;
+        vec![EventKind::Stopped]
+    })
 }
 
 /// The exit code of a container that failed to start (containerd's).
@@ -871,17 +889,13 @@ fn stop_record(daemon: &Daemon, record: ContainerRecord, timeout_secs: i64) -> R
     let record = current(daemon, record);
     if record.state == ContainerState::Created && !record.has_shim() {
         // Nothing runs yet: it just never will.
-        transition(daemon, &record.id, |r| {
-            if r.state != ContainerState::Created {
-                return Vec::new();
-            }
-            r.state = ContainerState::Exited;
-            r.exit_code = STOPPED_UNSTARTED_EXIT_CODE;
-            r.finished_at_ns = crate::timing::now_ns();
-            r.reason = "Error".into();
-            r.message = "stopped before it was started".into();
-            vec![EventKind::Stopped]
-        })?;
+        end_unstarted(
+            daemon,
+            &record.id,
+            STOPPED_UNSTARTED_EXIT_CODE,
+            "Error",
+            "stopped before it was started".into(),
+        )?;
         return Ok(());
     }
     let dir = shim_dir(daemon, &record.id);
