@@ -161,6 +161,15 @@ impl Fixture {
         container::start(&self.daemon, &guard)
     }
 
+    /// RemoveImage: the record, then the garbage collection it queues.
+    fn remove_image(&self, reference: &str) -> Option<ImageRecord> {
+        let removed = self.daemon.images.forget(reference).unwrap();
+        self.rt
+            .block_on(self.daemon.images.collect_garbage())
+            .unwrap();
+        removed
+    }
+
     fn container(&self, id: &str) -> ContainerRecord {
         self.daemon
             .store
@@ -746,7 +755,7 @@ fn an_image_used_as_a_volume_keeps_its_snapshots_until_its_container_goes() {
     f.create(&pod, "app", with_image_volume("app", DATA_IMAGE, ""))
         .unwrap();
     // As for a container's own image: the record goes, the files stay.
-    let removed = f.rt.block_on(f.daemon.images.remove(DATA_IMAGE)).unwrap();
+    let removed = f.remove_image(DATA_IMAGE);
     assert_eq!(removed.map(|i| i.id), Some(image.id.clone()));
     assert!(f.daemon.images.resolve(DATA_IMAGE).unwrap().is_none());
     for dir in f.daemon.images.lower_dirs(&image) {
@@ -779,7 +788,7 @@ fn snapshots_held_by_a_create_outlive_garbage_collection_until_released() {
         .images
         .hold_snapshots(image.chain_ids.clone())
         .unwrap();
-    f.rt.block_on(f.daemon.images.remove(DATA_IMAGE)).unwrap();
+    f.remove_image(DATA_IMAGE);
     for dir in f.daemon.images.lower_dirs(&image) {
         assert!(dir.is_dir(), "{} was collected while held", dir.display());
     }

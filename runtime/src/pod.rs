@@ -47,14 +47,7 @@ pub fn update_resources(
 ) -> Result<()> {
     let record = sandbox::get(daemon, &pod.sandbox_id)?;
     tracing::Span::current().record("pod_id", record.id.as_str());
-    if record.state != SandboxState::Ready {
-        return Err(Error::WrongState {
-            kind: "pod sandbox",
-            id: record.id.clone(),
-            state: "not ready".into(),
-            wanted: "resources are updated only while it is ready",
-        });
-    }
+    sandbox::require_ready(&record, "resources are updated only while it is ready")?;
     let Some(wanted) = pod_limits(overhead.unwrap_or_default(), resources) else {
         return Ok(());
     };

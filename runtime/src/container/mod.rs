@@ -30,7 +30,7 @@ use crate::locks::{ContainerGuard, SandboxShared};
 use crate::names;
 use crate::oci;
 use crate::sandbox::{self, SandboxContext, namespaces::Kind};
-use crate::store::{ContainerRecord, ContainerState, ImageRecord, KeyValue, SandboxState};
+use crate::store::{ContainerRecord, ContainerState, ImageRecord, KeyValue};
 use crate::undo::Undo;
 
 /// How long berthd waits for a shim to answer an ordinary request.
@@ -170,14 +170,10 @@ fn check_create(daemon: &Daemon, config: &ContainerConfig) -> Result<CreateReque
 /// in reverse and nothing is left.
 pub fn create(daemon: &Daemon, pod: &SandboxShared, config: ContainerConfig) -> Result<String> {
     let sandbox = sandbox::context(daemon, sandbox::get(daemon, &pod.sandbox_id)?)?;
-    if sandbox.record.state != SandboxState::Ready {
-        return Err(Error::WrongState {
-            kind: "pod sandbox",
-            id: sandbox.record.id.clone(),
-            state: "not ready".into(),
-            wanted: "containers are created only in a ready pod",
-        });
-    }
+    sandbox::require_ready(
+        &sandbox.record,
+        "containers are created only in a ready pod",
+    )?;
     let request = check_create(daemon, &config)?;
     // Until the record keeps them, garbage collection (a RemoveImage of
     // one of these images meanwhile) must not delete its snapshots.
@@ -722,15 +718,10 @@ pub fn start(daemon: &Daemon, guard: &ContainerGuard) -> Result<()> {
         // A record from before shims were launched at start.
         None
     } else {
-        let pod = sandbox::get(daemon, &record.sandbox_id)?;
-        if pod.state != SandboxState::Ready {
-            return Err(Error::WrongState {
-                kind: "pod sandbox",
-                id: pod.id,
-                state: "not ready".into(),
-                wanted: "containers are started only in a ready pod",
-            });
-        }
+        sandbox::require_ready(
+            &sandbox::get(daemon, &record.sandbox_id)?,
+            "containers are started only in a ready pod",
+        )?;
         let mut phases = crate::timing::Phases::start("StartContainer");
         let shim = launch_shim(daemon, &record.id).or_else(|e| start_failed(daemon, &record, e))?;
         phases.mark("shim");

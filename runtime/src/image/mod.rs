@@ -566,15 +566,6 @@ impl Images {
         Ok(Some(image))
     }
 
-    /// [`Images::forget`], then the garbage collection.
-    pub async fn remove(&self, reference: &str) -> Result<Option<ImageRecord>> {
-        let image = self.forget(reference)?;
-        if image.is_some() {
-            self.collect_garbage().await?;
-        }
-        Ok(image)
-    }
-
     /// Whether a garbage collection should be queued: not while one queued
     /// earlier has not begun (it sees every change made before it begins).
     pub fn queue_garbage_collection(&self) -> bool {

@@ -550,6 +550,19 @@ pub fn get(daemon: &Daemon, id: &str) -> Result<SandboxRecord> {
         })
 }
 
+/// WrongState unless the pod is READY; `wanted` says what needs it.
+pub fn require_ready(record: &SandboxRecord, wanted: &'static str) -> Result<()> {
+    if record.state == SandboxState::Ready {
+        return Ok(());
+    }
+    Err(Error::WrongState {
+        kind: "pod sandbox",
+        id: record.id.clone(),
+        state: "not ready".into(),
+        wanted,
+    })
+}
+
 pub fn context(daemon: &Daemon, record: SandboxRecord) -> Result<SandboxContext> {
     let config: PodSandboxConfig =
         serde_json::from_str(&record.config_json).map_err(|source| Error::Json {

@@ -14,7 +14,6 @@ use crate::container;
 use crate::daemon::Daemon;
 use crate::error::{Error, Result};
 use crate::sandbox;
-use crate::store::SandboxState;
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -48,14 +47,7 @@ impl Backend for DaemonBackend {
 /// The network namespace of a ready pod (`None`: the host's).
 fn ready_sandbox(daemon: &Daemon, id: &str) -> Result<Option<PathBuf>> {
     let record = sandbox::find(daemon, id)?;
-    if record.state != SandboxState::Ready {
-        return Err(Error::WrongState {
-            kind: "pod sandbox",
-            id: record.id,
-            state: "not ready".into(),
-            wanted: "it must be ready to forward its ports",
-        });
-    }
+    sandbox::require_ready(&record, "it must be ready to forward its ports")?;
     let ctx = sandbox::context(daemon, record)?;
     Ok(ctx.namespace_path(sandbox::namespaces::Kind::Net))
 }
